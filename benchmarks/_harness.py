@@ -1,0 +1,203 @@
+"""Shared benchmark harness: timing, copy bandwidth, effective bandwidth, result files.
+
+Effective bandwidth = ideal bytes / median time, reported in GB/s and as % of the device copy
+bandwidth measured in the same run (a copy of 1 GiB, counting read + write). Each bench_<op>.py
+builds its cases with an explicit ideal-bytes formula and calls `run_case` per provider.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class Result:
+    op: str
+    case: str
+    mode: str          # "fwd", "fwdbwd", "eval", ...
+    provider: str
+    dtype: str
+    layout: str
+    ms: Optional[float]
+    gbs: Optional[float]
+    pct_copy: Optional[float]
+    ideal_bytes: int
+    error: str = ""
+
+
+@dataclass
+class Run:
+    device: torch.device
+    copy_gbs: float
+    results: list[Result] = field(default_factory=list)
+    quick: bool = False
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, grad_to_none=None,
+            quick: bool = False) -> float:
+    """Median milliseconds per call: triton.testing.do_bench on CUDA (warmup 25 ms, rep 100 ms, as
+    the anchor table), a wall-clock median on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3 if quick else 10):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, quick: bool = False) -> float:
+    """Device copy bandwidth in GB/s, counting read + write, from a copy of 1 GiB of bf16 (64 MiB
+    on CPU)."""
+    numel = (64 if device.type == "cpu" else 1024) * 2**20 // 2
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, quick=quick)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def forward_backward(fn: Callable[[], torch.Tensor], dy: torch.Tensor) -> Callable[[], None]:
+    """A closure running forward then backward with a fixed upstream gradient."""
+    def run():
+        fn().backward(dy)
+    return run
+
+
+def run_case(run: Run, *, op: str, case: str, mode: str, provider: str, dtype: torch.dtype,
+             layout: str, ideal_bytes: int, fn: Callable[[], Any],
+             grad_to_none=None) -> Result:
+    """Times one provider on one case and records the result (errors are recorded, not raised:
+    one provider failing must not hide the others)."""
+    try:
+        ms = time_ms(fn, run.device, grad_to_none=grad_to_none, quick=run.quick)
+        gbs = ideal_bytes / (ms * 1e-3) / 1e9
+        result = Result(op, case, mode, provider, str(dtype).replace("torch.", ""), layout, ms,
+                        gbs, 100 * gbs / run.copy_gbs, ideal_bytes)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        result = Result(op, case, mode, provider, str(dtype).replace("torch.", ""), layout, None,
+                        None, None, ideal_bytes, error=msg)
+    run.results.append(result)
+    return result
+
+
+def metadata(run: Run) -> dict:
+    import triton
+
+    return {
+        "device": device_name(run.device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "copy_gbs": run.copy_gbs,
+        "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)"
+                 if run.device.type == "cuda" else "wall-clock median",
+    }
+
+
+def write_results(run: Run, out_dir: str, name: str) -> tuple[str, str]:
+    """Writes <out_dir>/<name>.csv and <name>.json (metadata + rows)."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [asdict(r) for r in run.results]
+    csv_path = os.path.join(out_dir, f"{name}.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(Result.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    with open(json_path, "w") as f:
+        json.dump({"meta": metadata(run), "results": rows}, f, indent=1)
+    return csv_path, json_path
+
+
+def format_table(run: Run) -> str:
+    """One line per (case, mode): GB/s and % of copy per provider, and fastnorm's speedup over
+    the best other provider."""
+    providers: list[str] = []
+    for r in run.results:
+        if r.provider not in providers:
+            providers.append(r.provider)
+    keys: list[tuple] = []
+    for r in run.results:
+        key = (r.op, r.case, r.dtype, r.layout, r.mode)
+        if key not in keys:
+            keys.append(key)
+    header = ["op", "case", "dtype", "layout", "mode"] + providers + ["fastnorm/best-other"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for key in keys:
+        cells = list(key)
+        by_provider = {r.provider: r for r in run.results
+                       if (r.op, r.case, r.dtype, r.layout, r.mode) == key}
+        for p in providers:
+            r = by_provider.get(p)
+            if r is None:
+                cells.append("")
+            elif r.gbs is None:
+                cells.append("error")
+            else:
+                cells.append(f"{r.gbs:.0f} ({r.pct_copy:.0f}%)")
+        ours = [r.gbs for p, r in by_provider.items() if p.startswith("fastnorm") and r.gbs]
+        others = [r.gbs for p, r in by_provider.items() if not p.startswith("fastnorm") and r.gbs]
+        cells.append(f"{max(ours) / max(others):.2f}x" if ours and others else "")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def errors(run: Run) -> list[str]:
+    return [f"{r.provider} {r.op} {r.case} {r.mode}: {r.error}" for r in run.results if r.error]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_results"),
+                   help="folder for the CSV/JSON results (default $OUT or bench_results)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes and few repeats (the default on a CPU)")
+    p.add_argument("--providers", default="",
+                   help="comma-separated subset of providers to run (default: all available)")
+    return p
+
+
+def start(args: argparse.Namespace) -> Run:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    return Run(device=device, copy_gbs=copy_bandwidth_gbs(device, quick), quick=quick)
+
+
+def wanted(args: argparse.Namespace, provider: str) -> bool:
+    return not args.providers or provider in args.providers.split(",")
+
+
+def finish(run: Run, args: argparse.Namespace, name: str) -> None:
+    csv_path, json_path = write_results(run, args.out, name)
+    meta = metadata(run)
+    print(f"# {name} on {meta['device']}, {meta['date']}; torch {meta['torch']}, triton "
+          f"{meta['triton']}; copy bandwidth {run.copy_gbs:.0f} GB/s; {meta['timer']}")
+    print(format_table(run))
+    for line in errors(run):
+        print("error:", line)
+    print(f"wrote {csv_path} and {json_path}")

@@ -1,0 +1,101 @@
+"""Functional normalization ops with torch.nn.functional's signatures and semantics.
+
+Each function validates its arguments (with messages like torch's), picks the backend, reshapes the
+input to the op's canonical view *before* entering the custom op, and reshapes the result back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend
+from . import ops as _ops  # noqa: F401  (registers the custom ops)
+
+_shape_t = Union[int, Sequence[int], torch.Size]
+
+
+def _check_float_input(name: str, input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fastnorm.{name}: expected a Tensor as input, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"fastnorm.{name}: expected a floating-point input (float16, bfloat16, "
+                        f"float32 or float64), got {input.dtype}")
+
+
+def _check_param(name: str, what: str, param: Optional[Tensor], input: Tensor,
+                 shape: Sequence[int], shape_name: str) -> None:
+    if param is None:
+        return
+    if tuple(param.shape) != tuple(shape):
+        raise RuntimeError(f"Expected {what} to be of same shape as {shape_name}, but got {what} "
+                           f"of shape {list(param.shape)} and {shape_name} = {list(shape)}")
+    if param.device != input.device:
+        raise RuntimeError(f"fastnorm.{name}: expected input and {what} on the same device, but "
+                           f"input is on {input.device} and {what} on {param.device}")
+    if not param.is_floating_point():
+        raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {param.dtype}")
+
+
+def _normalized_rows(name: str, input: Tensor, normalized_shape: _shape_t) -> tuple[tuple[int, ...], int]:
+    """Checks `normalized_shape` against the input's trailing dims; returns it and its numel."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(int(s) for s in normalized_shape)
+    if len(shape) == 0:
+        raise RuntimeError(f"fastnorm.{name}: normalized_shape must have at least one dimension, "
+                           "got []")
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
+                           f"[*, {', '.join(str(s) for s in shape)}], but got input of size"
+                           f"{list(input.shape)}")
+    return shape, math.prod(shape)
+
+
+def _rows_view(input: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
+    """The input as (M, n) rows with unit column stride (a view when possible, else a copy)."""
+    x2d = input.reshape(math.prod(input.shape[:input.dim() - len(shape)]), n)
+    if x2d.stride(-1) != 1 and x2d.numel() > 0:
+        x2d = x2d.contiguous()
+    return x2d
+
+
+def _flat(param: Optional[Tensor]) -> Optional[Tensor]:
+    return None if param is None else param.reshape(-1).contiguous()
+
+
+def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """Layer normalization over the trailing `normalized_shape` dims, as
+    `torch.nn.functional.layer_norm`.
+
+    Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype, and
+    weight/bias may be fp32 with a low-precision input.
+    """
+    _check_float_input("layer_norm", input)
+    shape, n = _normalized_rows("layer_norm", input, normalized_shape)
+    _check_param("layer_norm", "weight", weight, input, shape, "normalized_shape")
+    _check_param("layer_norm", "bias", bias, input, shape, "normalized_shape")
+    if _backend.resolve(input, "layer_norm") == "torch":
+        return F.layer_norm(input, shape, weight, bias, eps)
+    y, _mean, _rstd = torch.ops.fastnorm.layer_norm_fwd(
+        _rows_view(input, shape, n), _flat(weight), _flat(bias), float(eps))
+    return y.view(input.shape)
+
+
+def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """Root-mean-square normalization over the trailing `normalized_shape` dims, as
+    `torch.nn.functional.rms_norm`; `eps=None` means `torch.finfo(input.dtype).eps`."""
+    _check_float_input("rms_norm", input)
+    shape, n = _normalized_rows("rms_norm", input, normalized_shape)
+    _check_param("rms_norm", "weight", weight, input, shape, "normalized_shape")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if _backend.resolve(input, "rms_norm") == "torch":
+        return F.rms_norm(input, shape, weight, eps)
+    y, _rstd = torch.ops.fastnorm.rms_norm_fwd(_rows_view(input, shape, n), _flat(weight), float(eps))
+    return y.view(input.shape)

@@ -1,0 +1,294 @@
+"""LayerNorm and RMSNorm in Triton, forward and backward, on a 2-D view (M rows of N features).
+
+Paths, chosen by the launchers from N:
+- fused: a tile of BLOCK_M whole rows is loaded once, statistics are computed from the
+  registers (two-pass: mean, then sum of squared deviations, so large means lose nothing) and y
+  is written: one read of x, one write of y.
+- chunked (large N): one program per row walks the row twice in chunks. The first walk merges
+  per-chunk (count, mean, M2) with Chan's formula; the second normalizes. The second walk reads
+  the row back from L2 rather than HBM because only ~one row per SM is in flight.
+
+Backward: dx = rstd * (w*dy - (x_hat * c1 + c2)), c1 = mean(x_hat * w*dy), c2 = mean(w*dy)
+(c2 = 0 for RMSNorm). dW = sum over rows of dy * x_hat and dB = sum of dy are accumulated per
+program in fp32 registers, written as [programs, N] partial sums, then reduced in a fixed order by
+a second kernel (`column_sum`): deterministic and bitwise repeatable, no atomics. When a row is
+too wide for dW/dB accumulators to stay in registers, a first kernel computes (c1, c2) per row and
+the main kernel splits the columns into chunks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, column_sum, num_parallel_programs, tl_acc_dtype
+
+# Widest row (in elements) kept whole in registers. Forward holds x only; backward also holds dy
+# and the dW/dB accumulators, so it switches to the column-chunked path sooner. fp64 halves both.
+MAX_FUSED_N_FWD = 16384
+MAX_FUSED_N_BWD = 8192
+CHUNK_N = 4096
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, stride_x, stride_y, eps,
+                           IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(Mean + rows, mean, mask=row_mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+    y = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y, eps,
+                                   IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                                   BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    y_row = Y + row * stride_y
+    mean = tl.full([], 0.0, ACC)
+    m2 = tl.full([], 0.0, ACC)
+    count = tl.full([], 0.0, ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        if IS_RMS:
+            m2 += tl.sum(x * x)
+        else:
+            n_chunk = tl.minimum(N - start, BLOCK_N).to(ACC)
+            chunk_mean = tl.sum(x) / n_chunk
+            dev = tl.where(mask, x - chunk_mean, 0.0)
+            # Chan et al.: merge (count, mean, M2) of the chunk into the running row statistics.
+            delta = chunk_mean - mean
+            total = count + n_chunk
+            mean += delta * (n_chunk / total)
+            m2 += tl.sum(dev * dev) + delta * delta * (count * n_chunk / total)
+            count = total
+    rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    tl.store(Rstd + row, rstd)
+    if not IS_RMS:
+        tl.store(Mean + row, mean)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        if IS_RMS:
+            y = x * rstd
+        else:
+            y = (x - mean) * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, stride_dy,
+                                     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                     ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per row: c1 = mean(x_hat * w*dy) and c2 = mean(w*dy), for the column-chunked backward."""
+    row = tl.program_id(0).to(tl.int64)
+    rstd = tl.load(Rstd + row).to(ACC)
+    if not IS_RMS:
+        mean = tl.load(Mean + row).to(ACC)
+    sum1 = tl.zeros([BLOCK_N], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_N], dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
+        wdy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            wdy = wdy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        if IS_RMS:
+            x_hat = x * rstd
+        else:
+            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        sum1 += x_hat * wdy
+        sum2 += wdy
+    tl.store(C1 + row, tl.sum(sum1) / N)
+    if not IS_RMS:
+        tl.store(C2 + row, tl.sum(sum2) / N)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial,
+                           M, N, stride_x, stride_dy, stride_dx, rows_per_program,
+                           IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           ROW_STATS_IN_TILE: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (column blocks, row groups). Each program owns rows [g*rows_per_program, ...) of one
+    column block: writes dx there and one row of the dW/dB partial sums.
+
+    ROW_STATS_IN_TILE: the column block is the whole row, so c1/c2 come from the tile itself;
+    otherwise they were computed by _layer_norm_bwd_row_stats_kernel.
+    """
+    col_block = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    row_start = group * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for first_row in range(row_start, row_end, BLOCK_M):
+        rows = first_row + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask,
+                     other=0.0).to(ACC)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0).to(ACC)
+        if IS_RMS:
+            x_hat = x * rstd[:, None]
+        else:
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0).to(ACC)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_WEIGHT:
+            wdy = dy * w[None, :]
+        else:
+            wdy = dy
+        if ROW_STATS_IN_TILE:
+            c1 = tl.sum(x_hat * wdy, axis=1) / N
+            if not IS_RMS:
+                c2 = tl.sum(wdy, axis=1) / N
+        else:
+            c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)
+            if not IS_RMS:
+                c2 = tl.load(C2 + rows, mask=row_mask, other=0.0)
+        if IS_RMS:
+            dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
+        else:
+            dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=mask)
+        if HAS_WEIGHT:
+            dw_acc += dy * x_hat
+        if HAS_BIAS:
+            db_acc += dy
+    if HAS_WEIGHT:
+        tl.store(DW_partial + group * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB_partial + group * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+def _row_tile(block_n: int, target_elems: int = 4096, max_rows: int = 64) -> int:
+    """Rows per tile so that small rows still give each program a few thousand elements."""
+    return max(1, min(max_rows, target_elems // block_n))
+
+
+def _num_warps(tile_elems: int) -> int:
+    return max(1, min(16, tile_elems // 512))
+
+
+def _fused_limit(limit: int, dtype: torch.dtype) -> int:
+    return limit // 2 if dtype == torch.float64 else limit
+
+
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, mean, rstd for a 2-D x (rows of N features, unit column stride). For RMSNorm `mean`
+    is empty. mean/rstd are fp32 (fp64 for fp64 x)."""
+    M, N = x.shape
+    stats_dtype = acc_dtype(x.dtype)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(M, dtype=stats_dtype, device=x.device)
+    mean = torch.empty(0 if is_rms else M, dtype=stats_dtype, device=x.device)
+    if M == 0 or N == 0:
+        if N == 0:  # like torch: no features means NaN statistics
+            rstd.fill_(float("nan"))
+            mean.fill_(float("nan"))
+        return y, mean, rstd
+    flags = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 ACC=tl_acc_dtype(x.dtype))
+    # Unused pointers still need a tensor argument; rstd stands in for them.
+    w = weight if weight is not None else rstd
+    b = bias if bias is not None else rstd
+    mean_arg = rstd if is_rms else mean
+    block_n = triton.next_power_of_2(N)
+    if block_n <= _fused_limit(MAX_FUSED_N_FWD, x.dtype):
+        block_m = _row_tile(block_n)
+        _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+            x, y, w, b, mean_arg, rstd, M, N, x.stride(0), y.stride(0), eps, **flags,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n))
+    else:
+        chunk = _fused_limit(CHUNK_N, x.dtype)
+        _layer_norm_fwd_chunked_kernel[(M,)](
+            x, y, w, b, mean_arg, rstd, N, x.stride(0), y.stride(0), eps, **flags,
+            BLOCK_N=chunk, num_warps=8)
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                   is_rms: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """dx, dweight, dbias (None where there is no weight / bias) for a 2-D x and dy.
+    Only the dtype of `bias` is used: dbias comes back in it."""
+    M, N = x.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    has_weight = weight is not None
+    has_bias = bias is not None
+    partial_dtype = acc_dtype(x.dtype)
+
+    block_n = triton.next_power_of_2(max(N, 1))
+    whole_row = block_n <= _fused_limit(MAX_FUSED_N_BWD, x.dtype)
+    if not whole_row:
+        block_n = _fused_limit(CHUNK_N, x.dtype)
+    block_m = _row_tile(block_n, target_elems=2048, max_rows=16)
+    col_blocks = triton.cdiv(N, block_n)
+    # Enough row groups to fill the device; each group leaves one row of dW/dB partial sums.
+    groups = max(1, min(triton.cdiv(M, block_m),
+                        triton.cdiv(4 * num_parallel_programs(x.device), col_blocks)))
+    rows_per_program = triton.cdiv(max(M, 1), groups)
+    dw_partial = torch.zeros((groups, N) if has_weight else (0,), dtype=partial_dtype,
+                             device=x.device)
+    db_partial = torch.zeros((groups, N) if has_bias else (0,), dtype=partial_dtype,
+                             device=x.device)
+    if M > 0 and N > 0:
+        flags = dict(IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+                     ACC=tl_acc_dtype(x.dtype))
+        w = weight if has_weight else rstd
+        mean_arg = rstd if is_rms else mean
+        c1 = c2 = rstd  # placeholders, read only when the row stats come from a first kernel
+        if not whole_row:
+            c1 = torch.empty(M, dtype=partial_dtype, device=x.device)
+            c2 = c1 if is_rms else torch.empty(M, dtype=partial_dtype, device=x.device)
+            _layer_norm_bwd_row_stats_kernel[(M,)](
+                x, w, dy, mean_arg, rstd, c1, c2, N, x.stride(0), dy.stride(0),
+                IS_RMS=is_rms, HAS_WEIGHT=has_weight, ACC=flags["ACC"], BLOCK_N=block_n,
+                num_warps=8)
+        _layer_norm_bwd_kernel[(col_blocks, groups)](
+            x, w, dy, dx, mean_arg, rstd, c1, c2,
+            dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
+            M, N, x.stride(0), dy.stride(0), dx.stride(0), rows_per_program, **flags,
+            ROW_STATS_IN_TILE=whole_row, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=_num_warps(block_m * block_n))
+    dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
+    dbias = column_sum(db_partial, bias.dtype) if has_bias else None
+    return dx, dweight, dbias

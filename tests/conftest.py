@@ -1,0 +1,29 @@
+"""Test setup. Without a CUDA device the Triton kernels run on CPU tensors through Triton's
+interpreter, which must be switched on before any kernel is defined, i.e. before fastnorm is
+imported. On a CUDA machine the same tests run on the GPU, compiled."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastnorm  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running under the Triton CPU interpreter")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def triton_backend():
+    """Run the test body with fastnorm's Triton kernels forced (the interpreter on CPU)."""
+    with fastnorm.use_backend("triton"):
+        yield
