@@ -15,6 +15,9 @@ import fastnorm  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running under the Triton CPU interpreter")
+    # Triton's interpreter converts 1-element arrays to ints, which numpy 1.25+ deprecates.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 @pytest.fixture

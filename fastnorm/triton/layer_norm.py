@@ -2,10 +2,10 @@
 
 Paths, chosen by the launchers from N:
 - fused: a tile of BLOCK_M whole rows is loaded once, statistics are computed from the
-  registers (two-pass: mean, then sum of squared deviations, so large means lose nothing) and y
-  is written: one read of x, one write of y.
+  registers (mean refined by one correction pass, then the sum of squared deviations, so large
+  means lose nothing) and y is written: one read of x, one write of y.
 - chunked (large N): one program per row walks the row twice in chunks. The first walk merges
-  per-chunk (count, mean, M2) with Chan's formula; the second normalizes. The second walk reads
+  per-chunk (count, mean, M2), taken about a shift, with Chan's formula; the second normalizes. The second walk reads
   the row back from L2 rather than HBM because only ~one row per SM is in flight.
 
 Backward: dx = rstd * (w*dy - (x_hat * c1 + c2)), c1 = mean(x_hat * w*dy), c2 = mean(w*dy)
@@ -46,6 +46,9 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, stride_x, stride_y, eps
         xc = x
     else:
         mean = tl.sum(x, axis=1) / N
+        # One correction step: the plain fp32 sum of a row with a large mean is off by many
+        # ulps; the sum of deviations from the first estimate is small and nearly exact.
+        mean += tl.sum(tl.where(mask, x - mean[:, None], 0.0), axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         tl.store(Mean + rows, mean, mask=row_mask)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
@@ -66,6 +69,15 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     y_row = Y + row * stride_y
+    # Statistics relative to a shift (the first chunk's mean): with means like 1e4 a running
+    # mean in fp32 would round at every merge; the relative mean stays O(std), and the merged
+    # M2 is a sum of non-negative terms (Chan et al.), so an outlier shift costs no precision.
+    if IS_RMS:
+        shift = tl.full([], 0.0, ACC)
+    else:
+        first = tl.arange(0, BLOCK_N) < N
+        x0 = tl.load(x_row + tl.arange(0, BLOCK_N), mask=first, other=0.0).to(ACC)
+        shift = tl.sum(x0) / tl.minimum(N, BLOCK_N)
     mean = tl.full([], 0.0, ACC)
     m2 = tl.full([], 0.0, ACC)
     count = tl.full([], 0.0, ACC)
@@ -76,10 +88,10 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
         if IS_RMS:
             m2 += tl.sum(x * x)
         else:
+            x = tl.where(mask, x - shift, 0.0)
             n_chunk = tl.minimum(N - start, BLOCK_N).to(ACC)
             chunk_mean = tl.sum(x) / n_chunk
             dev = tl.where(mask, x - chunk_mean, 0.0)
-            # Chan et al.: merge (count, mean, M2) of the chunk into the running row statistics.
             delta = chunk_mean - mean
             total = count + n_chunk
             mean += delta * (n_chunk / total)
@@ -88,7 +100,7 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
     rstd = 1.0 / tl.sqrt(m2 / N + eps)
     tl.store(Rstd + row, rstd)
     if not IS_RMS:
-        tl.store(Mean + row, mean)
+        tl.store(Mean + row, shift + mean)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = cols < N
@@ -96,7 +108,7 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
         if IS_RMS:
             y = x * rstd
         else:
-            y = (x - mean) * rstd
+            y = ((x - shift) - mean) * rstd
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
         if HAS_BIAS:
