@@ -159,7 +159,7 @@ def format_table(run: Run) -> str:
             elif r.gbs is None:
                 cells.append("error")
             else:
-                cells.append(f"{r.gbs:.0f} ({r.pct_copy:.0f}%)")
+                cells.append(f"{r.gbs:.4g} ({r.pct_copy:.3g}%)")
         ours = [r.gbs for p, r in by_provider.items() if p.startswith("fastnorm") and r.gbs]
         others = [r.gbs for p, r in by_provider.items() if not p.startswith("fastnorm") and r.gbs]
         cells.append(f"{max(ours) / max(others):.2f}x" if ours and others else "")

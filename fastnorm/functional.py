@@ -5,6 +5,7 @@ input to the op's canonical view *before* entering the custom op, and reshapes t
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional, Sequence, Union
 
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from . import ops as _ops  # noqa: F401  (registers the custom ops)
+
+if importlib.util.find_spec("triton") is not None:
+    from . import ops as _ops  # noqa: F401  (registers the custom ops; needs triton)
 
 _shape_t = Union[int, Sequence[int], torch.Size]
 

@@ -1,0 +1,29 @@
+# The two commands of the README:  make run  (the main job)   make test  (the test suite)
+# Each sets up its own virtual environment on first use (only Python and pip needed).
+PYTHON ?= python3
+VENV ?= .venv
+# torch 2.13.0 is the CPU wheel on our machines' local disk (a CUDA build on PyPI elsewhere);
+# triton 3.6.0 is the version the GPU machine runs and whose CPU interpreter the tests use.
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.6.0
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)" "$(TRITON)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m fastnorm
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(VENV)/.installed
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench_results

@@ -1,0 +1,141 @@
+"""LayerNorm / RMSNorm effective bandwidth: fastnorm-triton vs torch eager, torch.compile, and
+Liger / Apex / QuACK when importable.
+
+Ideal bytes (weights, biases, mean/rstd ignored, as in ../shared/perf/anchors-h100.md):
+  forward          read x + write y                         = 2 * numel * elem_size
+  forward+backward forward + read x + read dy + write dx    = 5 * numel * elem_size
+
+    python benchmarks/bench_layer_norm.py            # anchor shapes on a GPU, tiny ones on CPU
+    python benchmarks/bench_layer_norm.py --quick --out /tmp/bench
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
+
+import fastnorm  # noqa: E402
+
+# (kind, M, N, dtype): the anchor table's LayerNorm/RMSNorm rows.
+GPU_CASES = [
+    ("layer_norm", 32768, 1024, torch.bfloat16),
+    ("layer_norm", 16384, 4096, torch.bfloat16),
+    ("layer_norm", 16384, 5120, torch.bfloat16),
+    ("layer_norm", 8192, 8192, torch.bfloat16),
+    ("layer_norm", 4096, 16384, torch.bfloat16),
+    ("layer_norm", 1024, 65536, torch.bfloat16),
+    ("layer_norm", 16384, 4096, torch.float32),
+    ("rms_norm", 32768, 1024, torch.bfloat16),
+    ("rms_norm", 16384, 4096, torch.bfloat16),
+    ("rms_norm", 8192, 8192, torch.bfloat16),
+    ("rms_norm", 4096, 16384, torch.bfloat16),
+    ("rms_norm", 1024, 65536, torch.bfloat16),
+]
+CPU_CASES = [
+    ("layer_norm", 256, 1024, torch.float32),
+    ("rms_norm", 256, 1024, torch.float32),
+    ("layer_norm", 64, 4096, torch.bfloat16),
+]
+
+
+def _torch_fn(kind: str) -> Callable:
+    if kind == "layer_norm":
+        return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)
+    return lambda x, w, b: F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+
+
+def _fastnorm_fn(kind: str) -> Callable:
+    def fn(x, w, b):
+        with fastnorm.use_backend("triton"):
+            if kind == "layer_norm":
+                return fastnorm.layer_norm(x, (x.shape[-1],), w, b)
+            return fastnorm.rms_norm(x, (x.shape[-1],), w, 1e-6)
+    return fn
+
+
+def _liger_fn(kind: str) -> Optional[Callable]:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    if kind == "layer_norm":
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+        return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, 1e-5)
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    return lambda x, w, b: LigerRMSNormFunction.apply(x, w, 1e-6)
+
+
+def _apex_fn(kind: str) -> Optional[Callable]:
+    if importlib.util.find_spec("apex") is None:
+        return None
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+
+    if kind == "layer_norm":
+        return lambda x, w, b: fused_layer_norm_affine(x, w, b, (x.shape[-1],), 1e-5)
+    return lambda x, w, b: fused_rms_norm_affine(x, w, (x.shape[-1],), 1e-6)
+
+
+def _quack_fn(kind: str) -> Optional[Callable]:
+    # QuACK's API moves between releases; a mismatch is recorded as that provider's error.
+    if importlib.util.find_spec("quack") is None:
+        return None
+    import quack.rmsnorm as quack_norm
+
+    if kind == "layer_norm":
+        return lambda x, w, b: quack_norm.layernorm(x, w, bias=b, eps=1e-5)
+    return lambda x, w, b: quack_norm.rmsnorm(x, w, eps=1e-6)
+
+
+def providers(kind: str, device: torch.device) -> dict[str, Callable]:
+    """Name -> fn(x, weight, bias), for the providers available here."""
+    out: dict[str, Callable] = {"torch": _torch_fn(kind)}
+    triton_ok = "triton" in fastnorm.available_backends()
+    if triton_ok:
+        out["fastnorm-triton"] = _fastnorm_fn(kind)
+    if device.type == "cuda":
+        out["torch.compile"] = torch.compile(_torch_fn(kind), dynamic=False)
+        for name, make in (("liger", _liger_fn), ("apex", _apex_fn), ("quack", _quack_fn)):
+            fn = make(kind)
+            if fn is not None:
+                out[name] = fn
+    return out
+
+
+def main(argv=None) -> _harness.Run:
+    args = _harness.parser(__doc__.splitlines()[0]).parse_args(argv)
+    run = _harness.start(args)
+    device = run.device
+    cases = CPU_CASES if run.quick and device.type == "cpu" else GPU_CASES
+    for kind, m, n, dtype in cases:
+        torch.manual_seed(0)
+        x = torch.randn(m, n, device=device, dtype=dtype)
+        w = torch.randn(n, device=device, dtype=dtype)
+        b = torch.randn(n, device=device, dtype=dtype) if kind == "layer_norm" else None
+        dy = torch.randn(m, n, device=device, dtype=dtype)
+        size = x.numel() * x.element_size()
+        for name, fn in providers(kind, device).items():
+            if not _harness.wanted(args, name):
+                continue
+            case = f"{m}x{n}"
+            _harness.run_case(run, op=kind, case=case, mode="fwd", provider=name, dtype=dtype,
+                              layout="", ideal_bytes=2 * size, fn=lambda: fn(x, w, b))
+            leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+            xg, wg = leaves[0], leaves[1]
+            bg = leaves[2] if b is not None else None
+            _harness.run_case(run, op=kind, case=case, mode="fwdbwd", provider=name, dtype=dtype,
+                              layout="", ideal_bytes=5 * size,
+                              fn=_harness.forward_backward(lambda: fn(xg, wg, bg), dy),
+                              grad_to_none=leaves)
+    _harness.finish(run, args, "layer_norm")
+    return run
+
+
+if __name__ == "__main__":
+    main()
