@@ -115,14 +115,17 @@ class _TorchBlocks:
         return dx.to(x.dtype)
 
 
-def _global_stats(x: Tensor, group: Any, blocks: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, biased var, count) over the group's whole batch, in fp64; ONE all_reduce."""
+def _global_stats(x: Tensor, group: Optional[Any], blocks: Any
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased var, count) over the group's whole batch, in fp64; ONE all_reduce (none
+    for group=None)."""
     mean, var = blocks.batch_norm_stats(x)
     n = x.shape[0] * x.shape[2]
     mean64, var64 = mean.double(), var.double()
     count = torch.full((1,), n, dtype=torch.float64, device=x.device)
     packed = torch.cat([count, mean64 * n, (var64 + mean64 * mean64) * n])
-    dist.all_reduce(packed, group=group)
+    if group is not None:
+        dist.all_reduce(packed, group=group)
     c = mean.numel()
     total = packed[:1]
     global_mean = packed[1:c + 1] / total
@@ -131,7 +134,8 @@ def _global_stats(x: Tensor, group: Any, blocks: Any) -> tuple[Tensor, Tensor, T
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """x is the (N, C, S) view; the collectives run inside forward and backward."""
+    """x is the (N, C, S) view; the collectives run inside forward and backward. group=None
+    runs the same chain without communication (the per-GPU path, for benchmarks)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group, relu,
@@ -153,7 +157,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                                                                 ctx.eps, ctx.relu)
         # Every rank joins the collective, whatever its batch or its needs_input_grad.
         packed = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(packed, group=ctx.group)
+        if ctx.group is not None:
+            dist.all_reduce(packed, group=ctx.group)
         c = sum_dy.numel()
         dx = None
         if ctx.needs_input_grad[0]:
