@@ -140,7 +140,7 @@ def _bn_specs():
                           {"Partial1": f"*{stat}", "Partial2": f"*{stat}", "X": f"*{dt}",
                            "Out1": f"*{stat}", "Out2": f"*{stat}", "num_partials": "i32",
                            "C": "i32", "shift_stride": "i32", "count": "fp32"},
-                          {"BACKWARD": backward, "ACC": acc, "BLOCK_P": 16, "BLOCK_C": 128}, 4))
+                          {"BACKWARD": backward, "ACC": acc, "BLOCK_P": 128, "BLOCK_C": 32}, 4))
     return specs
 
 

@@ -39,6 +39,8 @@ TILE_ELEMS = 4096
 ELEMWISE_TILE_ELEMS = 4096
 # Programs per SM for the reductions: enough partials in flight to cover memory latency.
 PROGRAMS_PER_SM = 8
+COMBINE_BLOCK_P = 128
+COMBINE_BLOCK_C = 32
 # The grid's second dimension is limited to 65535 programs.
 MAX_GROUPS = 65535
 
@@ -362,10 +364,13 @@ def _reduce(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor | None,
         _batch_norm_reduce_cf_kernel[(c, groups)](
             *args, partial1, partial2, n, c, s, chunks_per_program, eps, **flags,
             BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_num_warps(block_n * block_s))
-    block_c = 128
+    # Narrow channel blocks and tall tiles: few channels still get several programs, and each
+    # walks its ~PROGRAMS_PER_SM * SMs partial rows in a handful of iterations.
+    block_c = min(triton.next_power_of_2(c), COMBINE_BLOCK_C)
     _batch_norm_combine_kernel[(triton.cdiv(c, block_c),)](
         partial1, partial2, x, out1, out2, groups, c, 1 if channels_last else s, float(n * s),
-        BACKWARD=backward, ACC=flags["ACC"], BLOCK_P=16, BLOCK_C=block_c)
+        BACKWARD=backward, ACC=flags["ACC"], BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=block_c,
+        num_warps=4)
     return out1, out2
 
 
