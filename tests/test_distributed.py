@@ -148,6 +148,21 @@ def _check_against_single_process(rank, batches, channels_last, momentum, relu, 
         counter.restore()
 
 
+def _check_outside_group(rank, group):
+    """A rank outside the module's process group normalizes its own batch, without
+    communication, as torch's SyncBatchNorm does."""
+    device = _device()
+    x = torch.randn(4, C, *SPATIAL, generator=torch.Generator().manual_seed(rank)).to(device)
+    ours = fastnorm.nn.SyncBatchNorm(C, process_group=group).to(device)
+    counter = _CollectiveCounter()
+    try:
+        y = ours(x)
+        assert counter.take() == 0
+    finally:
+        counter.restore()
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+
+
 def _worker(rank, world_size, port, scenarios):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
@@ -159,6 +174,7 @@ def _worker(rank, world_size, port, scenarios):
                 # Every rank creates every group, members or not.
                 group = dist.new_group(members)
                 if rank not in members:
+                    _check_outside_group(rank, group)
                     continue
             with fastnorm.use_backend(backend):
                 _check_against_single_process(rank, group=group, members=members, **kwargs)
