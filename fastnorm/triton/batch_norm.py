@@ -462,8 +462,9 @@ def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: t
                    weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                    relu: bool, training: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, sum g (dbias), sum g*x_hat (dweight), in fp32 (fp64 for fp64 x): 2 passes over x, dy
-    (one when eval mode needs no weight/bias gradient is not worth a special case)."""
+    """dx, sum g (dbias) and sum g*x_hat (dweight) in fp32 (fp64 for fp64 x): a reduce pass, then
+    the dx pass, each reading x and dy. Eval mode needs the sums only for dweight/dbias; they are
+    computed regardless, which keeps one code path."""
     sum_dy, sum_dy_xhat = batch_norm_backward_reduce(dy, x, mean, var, weight, bias, eps, relu)
     if training:
         n, _c, s = x.shape
