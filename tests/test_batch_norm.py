@@ -118,12 +118,23 @@ def test_mixed_layout_upstream_gradient(fmt, device, triton_backend):
     _check_against_reference(x, _params(3, device), True, False, dy)
 
 
-@pytest.mark.parametrize("shape", [(4, 1, 3, 3), (3, 70), (130, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 1, 3, 3), (3, 70), (130, 3), (2, 2, 13, 23),
+                                   (1, 2, 64, 300), (140000, 1)], ids=str)
 def test_odd_shapes(shape, device, triton_backend):
-    """One channel, more channels than a tile row, more rows than one program."""
+    """One channel; more channels than a tile row; rows of 299 positions over several blocks;
+    several chunks (NCHW) or row tiles (NC) per reduction program."""
     x = _make_input(shape, None, torch.float32, device)
     dy = _make_input(shape, None, torch.float32, device, seed=2)
     _check_against_reference(x, _params(shape[1], device), True, True, dy)
+
+
+def test_non_contiguous_input(device, triton_backend):
+    """Neither layout (a strided slice): computed on a contiguous copy, same values."""
+    base = _make_input((3, 4, 6, 10), None, torch.float32, device)
+    x = base[:, :, 1:, ::3]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    dy = _make_input(tuple(x.shape), None, torch.float32, device, seed=2)
+    _check_against_reference(x, _params(4, device), True, False, dy)
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "NHWC"])

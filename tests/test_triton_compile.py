@@ -105,7 +105,7 @@ def _bn_specs():
         ptr_sig = {"X": f"*{dt}", "DY": f"*{dt}", "Mean": f"*{stat}", "Var": f"*{stat}",
                    "W": "*fp32", "B": "*fp32"}
         cl_tiles = ((16, 256), (64, 64), (4096, 1)) if dt == "fp32" else ((16, 256),)
-        cf_tiles = ((2, 2048), (16, 256), (64, 64)) if dt == "fp32" else ((16, 256),)
+        cf_tiles = ((2, 2048), (32, 128), (64, 64)) if dt == "fp32" else ((16, 256),)
         for backward, affine, relu in ((False, False, False), (True, True, True),
                                        (True, False, False)):
             flags = {"BACKWARD": backward, "HAS_WEIGHT": affine, "HAS_BIAS": affine,
@@ -132,9 +132,10 @@ def _bn_specs():
             specs.append(("batch_norm", "_batch_norm_elementwise_cl_kernel",
                           {**sig, "M": "i32", "C": "i32", "eps": "fp32"},
                           {**flags, "BLOCK_M": 16, "BLOCK_C": 256}, 8))
-            specs.append(("batch_norm", "_batch_norm_elementwise_cf_kernel",
-                          {**sig, "R": "i32", "C": "i32", "S": "i32", "eps": "fp32"},
-                          {**flags, "BLOCK_R": 16, "BLOCK_S": 256}, 8))
+            for block_r, block_s in ((16, 256), (32, 128)):
+                specs.append(("batch_norm", "_batch_norm_elementwise_cf_kernel",
+                              {**sig, "R": "i32", "C": "i32", "S": "i32", "eps": "fp32"},
+                              {**flags, "BLOCK_R": block_r, "BLOCK_S": block_s}, 8))
         for backward in (False, True):
             specs.append(("batch_norm", "_batch_norm_combine_kernel",
                           {"Partial1": f"*{stat}", "Partial2": f"*{stat}", "X": f"*{dt}",

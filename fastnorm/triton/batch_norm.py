@@ -320,7 +320,13 @@ def _cl_tile(c: int, tile_elems: int) -> tuple[int, int]:
 
 
 def _cf_tile(n: int, s: int, tile_elems: int) -> tuple[int, int]:
-    block_s = min(triton.next_power_of_2(s), 2048)
+    """[rows, positions] for contiguous rows of s values: the BLOCK_S of 128..2048 that pads s
+    least (ties: the wider), e.g. 128 for 56*56 = 3136 where 2048 would idle 23 % of the lanes;
+    rows fill the tile. Short rows (s <= 128) take one block each."""
+    if s <= 128:
+        block_s = triton.next_power_of_2(s)
+    else:
+        block_s = min((128, 256, 512, 1024, 2048), key=lambda b: (triton.cdiv(s, b) * b, -b))
     return max(1, min(triton.next_power_of_2(n), tile_elems // block_s)), block_s
 
 
