@@ -54,8 +54,8 @@ def _fastnorm_bn(x, w, b, rm, rv, training):
 def _fastnorm_sync_chain(x, w, b, rm, rv, training):
     """fastnorm's SyncBatchNorm function with no process group: stats -> apply, reduce -> elemt,
     exactly the per-GPU work of a synchronized step."""
-    y = distributed._SyncBatchNormFunction.apply(_batch_norm_view(x), w, b, rm, rv, MOMENTUM, EPS, None, False,
-                                                 torch.ops.fastnorm)
+    y = distributed._SyncBatchNormFunction.apply(_batch_norm_view(x), w, b, rm, rv, MOMENTUM,
+                                                 EPS, None, False, torch.ops.fastnorm)
     return y.view(x.shape)
 
 

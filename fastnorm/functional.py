@@ -187,6 +187,6 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if running_mean is not None and count > 0:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
-        y = torch.ops.fastnorm.batch_norm_apply(x, _flat(running_mean), _flat(running_var), _flat(weight),
-                                                _flat(bias), float(eps), relu)
+        y = torch.ops.fastnorm.batch_norm_apply(x, _flat(running_mean), _flat(running_var),
+                                                _flat(weight), _flat(bias), float(eps), relu)
     return y.view(input.shape)

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastnorm
 from fastnorm import distributed
-from helpers import ALL_DTYPES, TOLERANCES, assert_close_ref
+from helpers import ALL_DTYPES, assert_close_ref
 
 # (shape, memory format): every input rank, both layouts.
 LAYOUTS = [
