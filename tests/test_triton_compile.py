@@ -106,8 +106,7 @@ def _bn_specs():
                    "W": "*fp32", "B": "*fp32"}
         cl_tiles = ((16, 256), (64, 64), (4096, 1)) if dt == "fp32" else ((16, 256),)
         cf_tiles = ((2, 2048), (32, 128), (64, 64)) if dt == "fp32" else ((16, 256),)
-        for backward, affine, relu in ((False, False, False), (True, True, True),
-                                       (True, False, False)):
+        for backward, affine, relu in ((False, False, False), (True, True, True)):
             flags = {"BACKWARD": backward, "HAS_WEIGHT": affine, "HAS_BIAS": affine,
                      "RELU": relu, "ACC": acc}
             cl_sig = {**ptr_sig, "Partial1": f"*{stat}", "Partial2": f"*{stat}", "M": "i32",
@@ -121,10 +120,8 @@ def _bn_specs():
                 specs.append(("batch_norm", "_batch_norm_reduce_cf_kernel", cf_sig,
                               {**flags, "BLOCK_N": block_n, "BLOCK_S": block_s}, 8))
         for backward, training, affine, relu in ((False, False, True, True),
-                                                 (False, False, False, False),
                                                  (True, True, True, True),
-                                                 (True, True, False, False),
-                                                 (True, False, True, True)):
+                                                 (True, False, False, False)):
             flags = {"BACKWARD": backward, "TRAINING": training, "HAS_WEIGHT": affine,
                      "HAS_BIAS": affine, "RELU": relu, "ACC": acc}
             sig = {**ptr_sig, "Out": f"*{dt}", "SumDy": f"*{stat}", "SumDyXhat": f"*{stat}",
