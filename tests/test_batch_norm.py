@@ -189,9 +189,10 @@ def test_torch_backend_matches(device):
 def _module_pair(cls, fast_cls, *args, device, **kwargs):
     torch.manual_seed(0)
     ref = cls(*args, **kwargs).to(device)
-    if ref.weight is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if ref.weight is not None:
             ref.weight.uniform_(0.5, 1.5)
+        if ref.bias is not None:
             ref.bias.normal_()
     ours = copy.deepcopy(ref)
     ours.__class__ = fast_cls
@@ -208,9 +209,10 @@ def _run_steps(ref, ours, shape, fmt, device, steps=3):
         yo.backward(dy)
         torch.testing.assert_close(yo, yr, atol=1e-5, rtol=1e-5, msg=f"output, step {step}")
         torch.testing.assert_close(xo.grad, xr.grad, atol=1e-5, rtol=1e-5)
-        if ref.weight is not None:
-            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
-            torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-5)
+        for name in ("weight", "bias"):
+            if getattr(ref, name) is not None:
+                torch.testing.assert_close(getattr(ours, name).grad, getattr(ref, name).grad,
+                                           atol=1e-4, rtol=1e-5, msg=name)
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
     assert list(ours.state_dict()) == list(ref.state_dict())
@@ -231,10 +233,11 @@ def test_modules_running_stats_over_steps(cls, fast_cls, shape, fmt, momentum, d
     _run_steps(ref, ours, shape, fmt, device, steps=1)
 
 
-@pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
-def test_modules_affine_and_tracking_options(affine, track, device, triton_backend):
+@pytest.mark.parametrize("affine,track,bias", [(False, True, True), (True, False, True),
+                                               (False, False, True), (True, True, False)])
+def test_modules_affine_and_tracking_options(affine, track, bias, device, triton_backend):
     ref, ours = _module_pair(nn.BatchNorm2d, fastnorm.nn.BatchNorm2d, 3, affine=affine,
-                             track_running_stats=track, device=device)
+                             track_running_stats=track, bias=bias, device=device)
     _run_steps(ref, ours, (3, 3, 2, 4), None, device, steps=2)
     ref.eval()
     ours.eval()  # without running stats, eval normalizes with the batch statistics as torch
