@@ -9,7 +9,7 @@ from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .functional import layer_norm, rms_norm
 from .nn import convert
-from .functional import batch_norm  # noqa: E402
+from .functional import batch_norm
 
 __version__ = "0.1.0"
 

@@ -100,7 +100,8 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
 class SyncBatchNorm(nn.SyncBatchNorm):
     """`torch.nn.SyncBatchNorm` with fastnorm's kernels and one collective per direction (see
     `fastnorm.distributed.sync_batch_norm`). Unlike torch's, it also runs on CPU tensors with a
-    gloo process group, and never synchronizes the host with the device."""
+    gloo process group, and a synchronized step never synchronizes the host with the device
+    (momentum=None included)."""
 
     def forward(self, input: Tensor) -> Tensor:
         from . import distributed
