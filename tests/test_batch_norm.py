@@ -355,9 +355,11 @@ def test_gradcheck_float64(training, relu, device, triton_backend):
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
 
-def test_torch_compile_training(device, triton_backend):
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_compile_training(momentum, device, triton_backend):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.ReLU()).to(device)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=momentum),
+                          nn.ReLU()).to(device)
     ref = copy.deepcopy(model)
     fastnorm.convert(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
