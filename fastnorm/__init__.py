@@ -9,8 +9,10 @@ from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .functional import layer_norm, rms_norm
 from .nn import convert
+from .functional import batch_norm
 
 __version__ = "0.1.0"
 
 __all__ = ["layer_norm", "rms_norm", "nn", "convert", "set_backend", "get_backend",
            "use_backend", "available_backends", "__version__"]
+__all__ += ["batch_norm"]

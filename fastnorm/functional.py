@@ -102,3 +102,94 @@ def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor]
         return F.rms_norm(input, shape, weight, eps)
     y, _rstd = torch.ops.fastnorm.rms_norm_fwd(_rows_view(input, shape, n), _flat(weight), float(eps))
     return y.view(input.shape)
+
+
+# --- BatchNorm -----------------------------------------------------------------------------------
+
+def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], weight: Optional[Tensor],
+                           bias: Optional[Tensor], activation: Optional[str]) -> bool:
+    """Validates BatchNorm arguments (torch's messages where torch has one); returns whether a
+    ReLU is fused."""
+    _check_float_input(name, input)
+    if input.dim() < 2:
+        raise ValueError(f"fastnorm.{name}: expected an input with at least 2 dims (N, C, ...), "
+                         f"got {input.dim()}-D input")
+    if activation not in (None, "relu"):
+        raise ValueError(f"fastnorm.{name}: activation must be None or 'relu', got {activation!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         "None")
+    channels = input.shape[1]
+    for what, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.numel() != channels:
+            raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
+        if t.device != input.device:
+            raise RuntimeError(f"fastnorm.{name}: expected input and {what} on the same device, "
+                               f"but input is on {input.device} and {what} on {t.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {t.dtype}")
+    return activation == "relu"
+
+
+def _batch_norm_view(input: Tensor) -> Tensor:
+    """The input as (N, C, S), S = prod(spatial dims), contiguous or channels-last (a view when
+    possible, else a copy), the two layouts the kernels take."""
+    n, c = input.shape[:2]
+    x = input.reshape(n, c, math.prod(input.shape[2:]))
+    if not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
+        x = x.contiguous()
+    return x
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                          count: Union[int, Tensor], momentum: Union[float, Tensor]) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance;
+    all on the device (count and momentum may be tensors), so no host sync."""
+    with torch.no_grad():
+        if isinstance(momentum, Tensor):
+            momentum = momentum.to(running_mean.dtype)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               training: bool = False, momentum: Union[float, Tensor] = 0.1, eps: float = 1e-5,
+               *, activation: Optional[str] = None) -> Tensor:
+    """Batch normalization over all dims but the channel dim 1, as
+    `torch.nn.functional.batch_norm`, optionally followed by a fused ReLU (`activation="relu"`).
+
+    Training normalizes with the batch statistics and, when running stats are given, updates them
+    in place with the unbiased batch variance; eval normalizes with the running stats in one pass.
+    `momentum` may be a 0-dim tensor (the modules pass 1/num_batches_tracked for momentum=None,
+    which then needs no host sync). The output keeps the input's memory format.
+    """
+    relu = _check_batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias,
+                                  activation)
+    channels = input.shape[1]
+    if training:
+        count = input.numel() // channels if channels else 0
+        if count == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {input.size()}")
+    elif running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if _backend.resolve(input, "batch_norm") == "torch":
+        if isinstance(momentum, Tensor):
+            momentum = float(momentum)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(y) if relu else y
+    x = _batch_norm_view(input)
+    if training:
+        y, mean, var = torch.ops.fastnorm.batch_norm_fwd(x, _flat(weight), _flat(bias),
+                                                         float(eps), relu)
+        if running_mean is not None and count > 0:
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        y = torch.ops.fastnorm.batch_norm_apply(x, _flat(running_mean), _flat(running_var),
+                                                _flat(weight), _flat(bias), float(eps), relu)
+    return y.view(input.shape)

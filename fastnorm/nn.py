@@ -3,12 +3,15 @@ only, so constructor arguments, defaults, parameters and state_dict keys are tor
 `convert(model)` swaps a model's torch.nn norm layers for these in place."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 from torch import Tensor, nn
 
 from . import functional as F_fast
 
 __all__ = ["LayerNorm", "RMSNorm", "convert"]
+__all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -30,14 +33,116 @@ class RMSNorm(nn.RMSNorm):
 _SWAPS: dict[type, type] = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm}
 
 
-def convert(module: nn.Module) -> nn.Module:
-    """Swap every `torch.nn.LayerNorm` / `torch.nn.RMSNorm` in `module` (itself included) for
-    the fastnorm one, in place, and return `module`. Idempotent.
+def convert(module: nn.Module, sync_batchnorm: bool = False,
+            process_group: Optional[Any] = None) -> nn.Module:
+    """Swap every torch.nn norm layer in `module` (itself included) that fastnorm implements
+    (LayerNorm, RMSNorm, BatchNorm1d/2d/3d, SyncBatchNorm) for the fastnorm one, in place, and
+    return `module`. Idempotent.
 
     The layers keep their identity: only their class changes, so Parameter objects, buffers,
-    hooks and optimizer state stay as they were (the fastnorm classes add no state)."""
+    hooks and optimizer state stay as they were (the fastnorm classes add no state).
+
+    sync_batchnorm=True also replaces BatchNorm1d/2d/3d (torch's or fastnorm's) by new
+    `fastnorm.nn.SyncBatchNorm` modules on `process_group` (default: the whole world), like
+    `torch.nn.SyncBatchNorm.convert_sync_batchnorm`: they share the Parameter and buffer
+    objects, so an optimizer built before still works. When `module` itself is replaced, the
+    new module is returned."""
     for sub in module.modules():
         new_cls = _SWAPS.get(type(sub))
         if new_cls is not None:
             sub.__class__ = new_cls
+    if sync_batchnorm:
+        module = _to_sync_batchnorm(module, process_group)
     return module
+
+
+# --- BatchNorm -----------------------------------------------------------------------------------
+
+def _batch_norm_args(module: nn.modules.batchnorm._BatchNorm
+                     ) -> tuple[Optional[Tensor], Optional[Tensor], bool, Any]:
+    """torch's _BatchNorm.forward bookkeeping: (running_mean, running_var, bn_training,
+    exponential_average_factor). For momentum=None the factor 1/num_batches_tracked stays a
+    tensor, so the cumulative average needs no host sync."""
+    factor: Any = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            factor = 1.0 / module.num_batches_tracked
+    bn_training = module.training or (module.running_mean is None and module.running_var is None)
+    # Buffers are passed only when they are updated (training, tracked) or used (eval).
+    use_buffers = not module.training or module.track_running_stats
+    return (module.running_mean if use_buffers else None,
+            module.running_var if use_buffers else None, bn_training, factor)
+
+
+class _BatchNormForward:
+    """forward() shared by the BatchNorm{1,2,3}d subclasses (the input-rank check is torch's)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, bn_training, factor = _batch_norm_args(self)
+        return F_fast.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                 bn_training, factor, self.eps)
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """`torch.nn.BatchNorm1d` computed by fastnorm's kernels (see `fastnorm.batch_norm`)."""
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """`torch.nn.BatchNorm2d` computed by fastnorm's kernels (see `fastnorm.batch_norm`)."""
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """`torch.nn.BatchNorm3d` computed by fastnorm's kernels (see `fastnorm.batch_norm`)."""
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """`torch.nn.SyncBatchNorm` with fastnorm's kernels and one collective per direction (see
+    `fastnorm.distributed.sync_batch_norm`). Unlike torch's, it also runs on CPU tensors with a
+    gloo process group, and a synchronized step never synchronizes the host with the device
+    (momentum=None included)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        from . import distributed
+
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        running_mean, running_var, bn_training, factor = _batch_norm_args(self)
+        # Like torch: statistics are synchronized in training mode only.
+        group = distributed.sync_group(self.process_group) if bn_training and self.training \
+            else None
+        if group is None:
+            return F_fast.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                     bn_training, factor, self.eps)
+        return distributed.sync_batch_norm(input, running_mean, running_var, self.weight,
+                                           self.bias, factor, self.eps, group)
+
+
+_SWAPS.update({nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+               nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm})
+
+_SYNC_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d,
+                 BatchNorm3d)
+
+
+def _to_sync_batchnorm(module: nn.Module, process_group: Optional[Any]) -> nn.Module:
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm for exact BatchNorm{1,2,3}d types, building
+    fastnorm SyncBatchNorm modules that share the original Parameters and buffers."""
+    out = module
+    if type(module) in _SYNC_SOURCES:
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group,
+                            bias=module.bias is not None)
+        with torch.no_grad():
+            out.weight = module.weight
+            out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+    for name, child in module.named_children():
+        out.add_module(name, _to_sync_batchnorm(child, process_group))
+    return out

@@ -93,3 +93,53 @@ def test_kernels_compile_for_gpu(cc):
     assert proc.returncode == 0, proc.stderr[-4000:]
     failures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(failures)
+
+
+def _bn_specs():
+    """BatchNorm: every kernel in both directions, both layouts, each input dtype, with and
+    without weight/bias/ReLU; tile shapes the launchers pick (extra ones for fp32)."""
+    specs = []
+    for dt, acc in (("bf16", "float32"), ("fp32", "float32"), ("fp16", "float32"),
+                    ("fp64", "float64")):
+        stat = "fp64" if dt == "fp64" else "fp32"
+        ptr_sig = {"X": f"*{dt}", "DY": f"*{dt}", "Mean": f"*{stat}", "Var": f"*{stat}",
+                   "W": "*fp32", "B": "*fp32"}
+        cl_tiles = ((16, 256), (64, 64), (4096, 1)) if dt == "fp32" else ((16, 256),)
+        cf_tiles = ((2, 2048), (32, 128), (64, 64)) if dt == "fp32" else ((16, 256),)
+        for backward, affine, relu in ((False, False, False), (True, True, True)):
+            flags = {"BACKWARD": backward, "HAS_WEIGHT": affine, "HAS_BIAS": affine,
+                     "RELU": relu, "ACC": acc}
+            cl_sig = {**ptr_sig, "Partial1": f"*{stat}", "Partial2": f"*{stat}", "M": "i32",
+                      "C": "i32", "rows_per_program": "i32", "eps": "fp32"}
+            for block_m, block_c in cl_tiles:
+                specs.append(("batch_norm", "_batch_norm_reduce_cl_kernel", cl_sig,
+                              {**flags, "BLOCK_M": block_m, "BLOCK_C": block_c}, 8))
+            cf_sig = {**ptr_sig, "Partial1": f"*{stat}", "Partial2": f"*{stat}", "N": "i32",
+                      "C": "i32", "S": "i32", "chunks_per_program": "i32", "eps": "fp32"}
+            for block_n, block_s in cf_tiles:
+                specs.append(("batch_norm", "_batch_norm_reduce_cf_kernel", cf_sig,
+                              {**flags, "BLOCK_N": block_n, "BLOCK_S": block_s}, 8))
+        for backward, training, affine, relu in ((False, False, True, True),
+                                                 (True, True, True, True),
+                                                 (True, False, False, False)):
+            flags = {"BACKWARD": backward, "TRAINING": training, "HAS_WEIGHT": affine,
+                     "HAS_BIAS": affine, "RELU": relu, "ACC": acc}
+            sig = {**ptr_sig, "Out": f"*{dt}", "SumDy": f"*{stat}", "SumDyXhat": f"*{stat}",
+                   "Count": f"*{stat}"}
+            specs.append(("batch_norm", "_batch_norm_elementwise_cl_kernel",
+                          {**sig, "M": "i32", "C": "i32", "eps": "fp32"},
+                          {**flags, "BLOCK_M": 16, "BLOCK_C": 256}, 8))
+            for block_r, block_s in ((16, 256), (32, 128)):
+                specs.append(("batch_norm", "_batch_norm_elementwise_cf_kernel",
+                              {**sig, "R": "i32", "C": "i32", "S": "i32", "eps": "fp32"},
+                              {**flags, "BLOCK_R": block_r, "BLOCK_S": block_s}, 8))
+        for backward in (False, True):
+            specs.append(("batch_norm", "_batch_norm_combine_kernel",
+                          {"Partial1": f"*{stat}", "Partial2": f"*{stat}", "X": f"*{dt}",
+                           "Out1": f"*{stat}", "Out2": f"*{stat}", "num_partials": "i32",
+                           "C": "i32", "shift_stride": "i32", "count": "fp32"},
+                          {"BACKWARD": backward, "ACC": acc, "BLOCK_P": 128, "BLOCK_C": 32}, 4))
+    return specs
+
+
+SPECS += _bn_specs()

@@ -1,0 +1,167 @@
+"""Custom ops for BatchNorm on an (N, C, S) view that is contiguous or channels-last
+(strides (S*C, 1, C)); outputs keep the input's strides. Statistics are fp32 (fp64 for fp64 x);
+`var` is always the biased batch (or running) variance, and rstd = 1/sqrt(var + eps) is
+recomputed by the kernels.
+
+Single-device training, with autograd:
+  fastnorm::batch_norm_fwd(x, weight?, bias?, eps, relu) -> (y, mean, var)
+  fastnorm::batch_norm_bwd(dy, x, weight?, bias?, mean, var, eps, relu, training)
+      -> (dx, dweight, dbias)
+Eval mode (running statistics) is `batch_norm_apply`, also differentiable.
+
+The building blocks SyncBatchNorm chains around its collectives (fastnorm.distributed):
+  fastnorm::batch_norm_stats(x) -> (mean, var)                      local statistics
+  fastnorm::batch_norm_apply(x, mean, var, weight?, bias?, eps, relu) -> y
+  fastnorm::batch_norm_backward_reduce(dy, x, mean, var, weight?, bias?, eps, relu)
+      -> (sum_dy, sum_dy_xhat)                                      after the ReLU mask
+  fastnorm::batch_norm_backward_elemt(dy, x, mean, var, weight?, bias?, sum_dy, sum_dy_xhat,
+      count, eps, relu) -> dx                                       count: 1-element tensor
+
+A gradient whose parameter is absent comes back as an empty tensor (a custom op cannot return
+None).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..triton import batch_norm as kernels
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_stats_like(x: Tensor) -> tuple[Tensor, Tensor]:
+    c = x.shape[1]
+    return x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
+
+
+def _param_grad_like(param: Optional[Tensor], x: Tensor) -> Tensor:
+    return x.new_empty(0) if param is None else torch.empty_like(param)
+
+
+def _cast_grad(sum_: Tensor, param: Optional[Tensor], x: Tensor) -> Tensor:
+    return x.new_empty(0) if param is None else sum_.to(param.dtype)
+
+
+def _dy_like(dy: Tensor, x: Tensor) -> Tensor:
+    """The upstream gradient in x's layout, which the elementwise kernels share with x."""
+    return kernels.as_layout(dy, kernels.is_channels_last(x))
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fastnorm::batch_norm_stats", mutates_args=())
+def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    return kernels.batch_norm_stats(x)
+
+
+@batch_norm_stats.register_fake
+def _(x):
+    return _channel_stats_like(x)
+
+
+@torch.library.custom_op("fastnorm::batch_norm_apply", mutates_args=())
+def batch_norm_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                     bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
+    return kernels.batch_norm_apply(x, mean, var, weight, bias, eps, relu)
+
+
+@batch_norm_apply.register_fake
+def _(x, mean, var, weight, bias, eps, relu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastnorm::batch_norm_backward_reduce", mutates_args=())
+def batch_norm_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
+                               weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                               relu: bool) -> tuple[Tensor, Tensor]:
+    return kernels.batch_norm_backward_reduce(_dy_like(dy, x), x, mean, var, weight, bias, eps,
+                                              relu)
+
+
+@batch_norm_backward_reduce.register_fake
+def _(dy, x, mean, var, weight, bias, eps, relu):
+    return _channel_stats_like(x)
+
+
+@torch.library.custom_op("fastnorm::batch_norm_backward_elemt", mutates_args=())
+def batch_norm_backward_elemt(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
+                              weight: Optional[Tensor], bias: Optional[Tensor], sum_dy: Tensor,
+                              sum_dy_xhat: Tensor, count: Tensor, eps: float,
+                              relu: bool) -> Tensor:
+    return kernels.batch_norm_backward_elemt(_dy_like(dy, x), x, mean, var, weight, bias, sum_dy,
+                                             sum_dy_xhat, count, eps, relu)
+
+
+@batch_norm_backward_elemt.register_fake
+def _(dy, x, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, relu):
+    return torch.empty_like(x)
+
+
+# --- single-device training forward / backward -------------------------------------------------
+
+@torch.library.custom_op("fastnorm::batch_norm_fwd", mutates_args=())
+def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.batch_norm_fwd(x, weight, bias, eps, relu)
+
+
+@batch_norm_fwd.register_fake
+def _(x, weight, bias, eps, relu):
+    return (torch.empty_like(x), *_channel_stats_like(x))
+
+
+@torch.library.custom_op("fastnorm::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   mean: Tensor, var: Tensor, eps: float, relu: bool,
+                   training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx, sum_dy, sum_dy_xhat = kernels.batch_norm_bwd(_dy_like(dy, x), x, mean, var, weight, bias,
+                                                     eps, relu, training)
+    return dx, _cast_grad(sum_dy_xhat, weight, x), _cast_grad(sum_dy, bias, x)
+
+
+@batch_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, var, eps, relu, training):
+    return torch.empty_like(x), _param_grad_like(weight, x), _param_grad_like(bias, x)
+
+
+def _param_grads(ctx, dw: Tensor, db: Tensor, weight_index: int) -> tuple:
+    return (dw if ctx.needs_input_grad[weight_index] else None,
+            db if ctx.needs_input_grad[weight_index + 1] else None)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, relu = inputs
+    _y, mean, var = output
+    ctx.save_for_backward(x, weight, bias, mean, var)
+    ctx.eps, ctx.relu = eps, relu
+
+
+def _fwd_backward(ctx, dy, _dmean, _dvar):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
+    return (dx if ctx.needs_input_grad[0] else None, *_param_grads(ctx, dw, db, 1), None, None)
+
+
+batch_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _apply_setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, eps, relu = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias)
+    ctx.eps, ctx.relu = eps, relu
+
+
+def _apply_backward(ctx, dy):
+    """Eval mode: mean and var are constants (running statistics, not differentiated)."""
+    x, mean, var, weight, bias = ctx.saved_tensors
+    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, False)
+    return (dx if ctx.needs_input_grad[0] else None, None, None, *_param_grads(ctx, dw, db, 3),
+            None, None)
+
+
+batch_norm_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)

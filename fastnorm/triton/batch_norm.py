@@ -1,0 +1,483 @@
+"""BatchNorm in Triton: per-channel statistics, normalize + affine (+ReLU), backward reduce and
+elementwise dx, for inputs viewed as (N, C, S) with S = the product of the spatial dims.
+
+Two memory layouts, each with its own pair of kernels:
+- channels-last (CL): strides (S*C, 1, C), i.e. x is an (M = N*S, C) row-major matrix. Tiles are
+  [BLOCK_M rows, BLOCK_C channels], contiguous along C. (N, C) inputs always take this path.
+- channels-first (CF): contiguous (N, C, S). Reductions tile [BLOCK_N images, BLOCK_S positions]
+  of one channel; elementwise passes see x as N*C contiguous rows of S, channel = row % C.
+
+Passes (each is one read of its inputs; the ideal training step is 3 passes forward, 5 backward):
+- reduce (forward): per program, sums of d = x - shift and d*d over its share of one channel block,
+  where shift = the channel's first element. Summing about a sample of the channel keeps the
+  fp32 variance accurate when |mean| >> std (mean 1e4, std 1 loses nothing), without Welford's
+  per-element division.
+- reduce (backward): per program, sums of g and g*x_hat, g = dy masked by the ReLU (recomputed
+  from x with the same expression as the forward, so the mask matches bit for bit).
+- combine: a fixed-order sum of the per-program partials ([programs, C] in fp32) per channel,
+  which for the forward also turns (shift, sums) into (mean, biased var). No atomics anywhere, so
+  results are bitwise repeatable.
+- elementwise: y = act((x - mean) * rstd * w + b), or dx = w * rstd * (g - sum_g/count -
+  x_hat * sum_gx/count) (training) / w * rstd * g (eval), rstd = 1/sqrt(var + eps) recomputed
+  per program from the per-channel var.
+
+Reductions fill the GPU: the N*S elements of a channel block are split over `groups` programs so
+that (channel blocks x groups) is several times the SM count. Outputs are allocated with the
+input's strides, so they keep its memory format. The launchers return per-channel statistics in
+fp32 (fp64 for fp64 input); SyncBatchNorm combines them across ranks (fastnorm.distributed).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, num_parallel_programs, tl_acc_dtype
+
+# Elements per tile: a few thousand keeps loads wide and registers bounded (fp32 accumulators).
+TILE_ELEMS = 4096
+ELEMWISE_TILE_ELEMS = 4096
+# Programs per SM for the reductions: enough partials in flight to cover memory latency.
+PROGRAMS_PER_SM = 8
+COMBINE_BLOCK_P = 128
+COMBINE_BLOCK_C = 32
+# The grid's second dimension is limited to 65535 programs.
+MAX_GROUPS = 65535
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when the (N, C, S) view x has channels-last strides (S*C, 1, C)."""
+    return x.transpose(1, 2).is_contiguous()
+
+
+def as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t, an (N, C, S) tensor, in the given layout (a no-op when it already is)."""
+    if channels_last:
+        return t if is_channels_last(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
+
+
+def _check_layout(x: torch.Tensor) -> bool:
+    if x.dim() != 3:
+        raise ValueError(f"fastnorm batch_norm kernels take an (N, C, S) view, got {x.dim()}-D")
+    if is_channels_last(x):
+        return True
+    if x.is_contiguous():
+        return False
+    raise ValueError("fastnorm batch_norm kernels need a contiguous or channels-last (N, C, S) "
+                     f"view, got strides {x.stride()}")
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+@triton.jit
+def _batch_norm_reduce_cl_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, M, C,
+                                 rows_per_program, eps,
+                                 BACKWARD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (channel blocks, row groups). Partial sums over rows [g*rows_per_program, ...) of an
+    (M, C) row-major x: forward (d, d*d) with d = x - x[0, c]; backward (g, g*x_hat)."""
+    col_block = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    if BACKWARD:
+        mean = tl.load(Mean + cols, mask=col_mask, other=0.0).to(ACC)
+        rstd = 1.0 / tl.sqrt(tl.load(Var + cols, mask=col_mask, other=0.0).to(ACC) + eps)
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
+    else:
+        shift = tl.load(X + cols, mask=col_mask, other=0.0).to(ACC)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+    row_start = group * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for first_row in range(row_start, row_end, BLOCK_M):
+        rows = first_row + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+        if BACKWARD:
+            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+            x_hat = (x - mean[None, :]) * rstd[None, :]
+            if RELU:
+                y = x_hat
+                if HAS_WEIGHT:
+                    y = y * w[None, :]
+                if HAS_BIAS:
+                    y = y + b[None, :]
+                dy = tl.where(y > 0, dy, 0.0)
+            acc1 += dy
+            acc2 += dy * x_hat
+        else:
+            d = tl.where(mask, x - shift[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+    tl.store(Partial1 + group * C + cols, tl.sum(acc1, axis=0), mask=col_mask)
+    tl.store(Partial2 + group * C + cols, tl.sum(acc2, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _batch_norm_reduce_cf_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, N, C, S,
+                                 chunks_per_program, eps,
+                                 BACKWARD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (C, groups). The N*S values of channel c of a contiguous (N, C, S) x are cut into
+    [BLOCK_N, BLOCK_S] chunks; group g sums chunks [g*chunks_per_program, ...)."""
+    c = tl.program_id(0)
+    group = tl.program_id(1)
+    if BACKWARD:
+        mean = tl.load(Mean + c).to(ACC)
+        rstd = 1.0 / tl.sqrt(tl.load(Var + c).to(ACC) + eps)
+        if HAS_WEIGHT:
+            w = tl.load(W + c).to(ACC)
+        if HAS_BIAS:
+            b = tl.load(B + c).to(ACC)
+    else:
+        shift = tl.load(X + c.to(tl.int64) * S).to(ACC)
+    s_blocks = tl.cdiv(S, BLOCK_S)
+    num_chunks = tl.cdiv(N, BLOCK_N) * s_blocks
+    chunk_start = group * chunks_per_program
+    chunk_end = tl.minimum(chunk_start + chunks_per_program, num_chunks)
+    channel_offset = c.to(tl.int64) * S
+    acc1 = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
+    for chunk in range(chunk_start, chunk_end):
+        ns = (chunk // s_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ss = (chunk % s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (ns < N)[:, None] & (ss < S)[None, :]
+        offsets = channel_offset + ns.to(tl.int64)[:, None] * C * S + ss[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+        if BACKWARD:
+            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+            x_hat = (x - mean) * rstd
+            if RELU:
+                y = x_hat
+                if HAS_WEIGHT:
+                    y = y * w
+                if HAS_BIAS:
+                    y = y + b
+                dy = tl.where(y > 0, dy, 0.0)
+            acc1 += dy
+            acc2 += dy * x_hat
+        else:
+            d = tl.where(mask, x - shift, 0.0)
+            acc1 += d
+            acc2 += d * d
+    tl.store(Partial1 + group * C + c, tl.sum(tl.sum(acc1, axis=1), axis=0))
+    tl.store(Partial2 + group * C + c, tl.sum(tl.sum(acc2, axis=1), axis=0))
+
+
+@triton.jit
+def _batch_norm_combine_kernel(Partial1, Partial2, X, Out1, Out2, num_partials, C, shift_stride,
+                               count, BACKWARD: tl.constexpr, ACC: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second stage, fixed order: per channel, the sums of the [num_partials, C] partials.
+    Forward: Out1 = mean = shift + s1/count, Out2 = biased var = s2/count - (s1/count)^2 with
+    shift = X[c * shift_stride] as in the reduce kernels. Backward: Out1, Out2 = the sums."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for start in range(0, num_partials, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < num_partials)[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * C + cols[None, :]
+        acc1 += tl.load(Partial1 + offsets, mask=mask, other=0.0)
+        acc2 += tl.load(Partial2 + offsets, mask=mask, other=0.0)
+    s1 = tl.sum(acc1, axis=0)
+    s2 = tl.sum(acc2, axis=0)
+    if BACKWARD:
+        tl.store(Out1 + cols, s1, mask=col_mask)
+        tl.store(Out2 + cols, s2, mask=col_mask)
+    else:
+        shift = tl.load(X + cols.to(tl.int64) * shift_stride, mask=col_mask, other=0.0).to(ACC)
+        mean_shifted = s1 / count
+        var = tl.maximum(s2 / count - mean_shifted * mean_shifted, 0.0)
+        tl.store(Out1 + cols, shift + mean_shifted, mask=col_mask)
+        tl.store(Out2 + cols, var, mask=col_mask)
+
+
+@triton.jit
+def _batch_norm_elementwise(x, dy, mean, rstd, w, b, mean_dy, mean_dy_xhat,
+                            BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
+                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            RELU: tl.constexpr):
+    """y (forward) or dx (backward) from broadcast per-channel values; shared by both layouts so
+    the forward and the backward's ReLU mask use the same expression."""
+    x_hat = (x - mean) * rstd
+    y = x_hat
+    if HAS_WEIGHT:
+        y = y * w
+    if HAS_BIAS:
+        y = y + b
+    if BACKWARD:
+        g = dy
+        if RELU:
+            g = tl.where(y > 0, dy, 0.0)
+        if TRAINING:
+            g = g - (mean_dy + x_hat * mean_dy_xhat)
+        out = g * rstd
+        if HAS_WEIGHT:
+            out = out * w
+    else:
+        out = y
+        if RELU:
+            out = tl.maximum(y, 0.0)
+    return out
+
+
+@triton.jit
+def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyXhat, Count,
+                                      M, C, eps,
+                                      BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
+                                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                      RELU: tl.constexpr, ACC: tl.constexpr,
+                                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (row blocks, channel blocks) over an (M, C) row-major x: y or dx, see
+    _batch_norm_elementwise."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    mean = tl.load(Mean + cols, mask=col_mask, other=0.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(tl.load(Var + cols, mask=col_mask, other=0.0).to(ACC) + eps)
+    w = mean
+    b = mean
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
+    mean_dy = mean
+    mean_dy_xhat = mean
+    if BACKWARD and TRAINING:
+        count = tl.load(Count).to(ACC)
+        mean_dy = tl.load(SumDy + cols, mask=col_mask, other=0.0).to(ACC) / count
+        mean_dy_xhat = tl.load(SumDyXhat + cols, mask=col_mask, other=0.0).to(ACC) / count
+    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+    dy = x
+    if BACKWARD:
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+    out = _batch_norm_elementwise(x, dy, mean[None, :], rstd[None, :], w[None, :], b[None, :],
+                                  mean_dy[None, :], mean_dy_xhat[None, :], BACKWARD, TRAINING,
+                                  HAS_WEIGHT, HAS_BIAS, RELU)
+    tl.store(Out + offsets, out.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _batch_norm_elementwise_cf_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyXhat, Count,
+                                      R, C, S, eps,
+                                      BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
+                                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                      RELU: tl.constexpr, ACC: tl.constexpr,
+                                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (row blocks, position blocks) over a contiguous (N, C, S) x seen as R = N*C rows of
+    S values; row r holds channel r % C. Several short rows share a tile when S is small."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ss = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_mask = rows < R
+    mask = row_mask[:, None] & (ss < S)[None, :]
+    ch = rows % C
+    mean = tl.load(Mean + ch, mask=row_mask, other=0.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=row_mask, other=0.0).to(ACC) + eps)
+    w = mean
+    b = mean
+    if HAS_WEIGHT:
+        w = tl.load(W + ch, mask=row_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + ch, mask=row_mask, other=0.0).to(ACC)
+    mean_dy = mean
+    mean_dy_xhat = mean
+    if BACKWARD and TRAINING:
+        count = tl.load(Count).to(ACC)
+        mean_dy = tl.load(SumDy + ch, mask=row_mask, other=0.0).to(ACC) / count
+        mean_dy_xhat = tl.load(SumDyXhat + ch, mask=row_mask, other=0.0).to(ACC) / count
+    offsets = rows.to(tl.int64)[:, None] * S + ss[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+    dy = x
+    if BACKWARD:
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+    out = _batch_norm_elementwise(x, dy, mean[:, None], rstd[:, None], w[:, None], b[:, None],
+                                  mean_dy[:, None], mean_dy_xhat[:, None], BACKWARD, TRAINING,
+                                  HAS_WEIGHT, HAS_BIAS, RELU)
+    tl.store(Out + offsets, out.to(Out.dtype.element_ty), mask=mask)
+
+
+# --- launchers ---------------------------------------------------------------------------------
+
+def _num_warps(tile_elems: int) -> int:
+    return max(1, min(8, tile_elems // 256))
+
+
+def _cl_tile(c: int, tile_elems: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(c), 256)
+    return max(1, tile_elems // block_c), block_c
+
+
+def _cf_tile(n: int, s: int, tile_elems: int) -> tuple[int, int]:
+    """[rows, positions] for contiguous rows of s values: the BLOCK_S of 128..2048 that pads s
+    least (ties: the wider), e.g. 128 for 56*56 = 3136 where 2048 would idle 23 % of the lanes;
+    rows fill the tile. Short rows (s <= 128) take one block each."""
+    if s <= 128:
+        block_s = triton.next_power_of_2(s)
+    else:
+        block_s = min((128, 256, 512, 1024, 2048), key=lambda b: (triton.cdiv(s, b) * b, -b))
+    return max(1, min(triton.next_power_of_2(n), tile_elems // block_s)), block_s
+
+
+def _reduce(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor | None,
+            var: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel sums of one reduction pass (forward when dy is None) as two length-C
+    vectors: forward (mean, biased var), backward (sum g, sum g*x_hat). x must be non-empty."""
+    n, c, s = x.shape
+    channels_last = _check_layout(x)
+    dtype = acc_dtype(x.dtype)
+    backward = dy is not None
+    target = PROGRAMS_PER_SM * num_parallel_programs(x.device)
+    out1 = torch.empty(c, dtype=dtype, device=x.device)
+    out2 = torch.empty(c, dtype=dtype, device=x.device)
+    # Unused pointer arguments still need a tensor; out1 stands in for them.
+    args = (x, dy if backward else out1, mean if backward else out1, var if backward else out1,
+            weight if weight is not None else out1, bias if bias is not None else out1)
+    flags = dict(BACKWARD=backward, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 RELU=relu, ACC=tl_acc_dtype(x.dtype))
+    if channels_last:
+        m = n * s
+        block_m, block_c = _cl_tile(c, TILE_ELEMS)
+        col_blocks = triton.cdiv(c, block_c)
+        groups = max(1, min(triton.cdiv(m, block_m), triton.cdiv(target, col_blocks), MAX_GROUPS))
+        rows_per_program = triton.cdiv(triton.cdiv(m, groups), block_m) * block_m
+        groups = triton.cdiv(m, rows_per_program)
+        partial1 = torch.empty((groups, c), dtype=dtype, device=x.device)
+        partial2 = torch.empty((groups, c), dtype=dtype, device=x.device)
+        _batch_norm_reduce_cl_kernel[(col_blocks, groups)](
+            *args, partial1, partial2, m, c, rows_per_program, eps, **flags,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_num_warps(block_m * block_c))
+    else:
+        block_n, block_s = _cf_tile(n, s, TILE_ELEMS)
+        num_chunks = triton.cdiv(n, block_n) * triton.cdiv(s, block_s)
+        groups = max(1, min(num_chunks, triton.cdiv(target, c), MAX_GROUPS))
+        chunks_per_program = triton.cdiv(num_chunks, groups)
+        groups = triton.cdiv(num_chunks, chunks_per_program)
+        partial1 = torch.empty((groups, c), dtype=dtype, device=x.device)
+        partial2 = torch.empty((groups, c), dtype=dtype, device=x.device)
+        _batch_norm_reduce_cf_kernel[(c, groups)](
+            *args, partial1, partial2, n, c, s, chunks_per_program, eps, **flags,
+            BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_num_warps(block_n * block_s))
+    # Narrow channel blocks and tall tiles: few channels still get several programs, and each
+    # walks its ~PROGRAMS_PER_SM * SMs partial rows in a handful of iterations.
+    block_c = min(triton.next_power_of_2(c), COMBINE_BLOCK_C)
+    _batch_norm_combine_kernel[(triton.cdiv(c, block_c),)](
+        partial1, partial2, x, out1, out2, groups, c, 1 if channels_last else s, float(n * s),
+        BACKWARD=backward, ACC=flags["ACC"], BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=block_c,
+        num_warps=4)
+    return out1, out2
+
+
+def _elementwise(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor,
+                 var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 sum_dy: torch.Tensor | None, sum_dy_xhat: torch.Tensor | None,
+                 count: torch.Tensor | None, eps: float, relu: bool) -> torch.Tensor:
+    """y (dy is None) or dx, with x's strides. Backward with sum_dy None is eval mode (the
+    statistics are constants)."""
+    n, c, s = x.shape
+    channels_last = _check_layout(x)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    backward = dy is not None
+    training = sum_dy is not None
+    placeholder = mean
+    args = (x, dy if backward else placeholder, out, mean, var,
+            weight if weight is not None else placeholder,
+            bias if bias is not None else placeholder,
+            sum_dy if training else placeholder, sum_dy_xhat if training else placeholder,
+            count if training else placeholder)
+    flags = dict(BACKWARD=backward, TRAINING=backward and training,
+                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
+                 ACC=tl_acc_dtype(x.dtype))
+    if channels_last:
+        m = n * s
+        block_m, block_c = _cl_tile(c, ELEMWISE_TILE_ELEMS)
+        _batch_norm_elementwise_cl_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
+            *args, m, c, eps, **flags, BLOCK_M=block_m, BLOCK_C=block_c,
+            num_warps=_num_warps(block_m * block_c))
+    else:
+        r = n * c
+        block_r, block_s = _cf_tile(r, s, ELEMWISE_TILE_ELEMS)
+        _batch_norm_elementwise_cf_kernel[(triton.cdiv(r, block_r), triton.cdiv(s, block_s))](
+            *args, r, c, s, eps, **flags, BLOCK_R=block_r, BLOCK_S=block_s,
+            num_warps=_num_warps(block_r * block_s))
+    return out
+
+
+def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased var) of an (N, C, S) x, in fp32 (fp64 for fp64 x). An empty x
+    gives zeros (a rank with no samples contributes nothing to a SyncBatchNorm merge)."""
+    c = x.shape[1]
+    if x.numel() == 0:
+        zeros = torch.zeros(c, dtype=acc_dtype(x.dtype), device=x.device)
+        return zeros, zeros.clone()
+    return _reduce(x, None, None, None, None, None, 0.0, False)
+
+
+def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                     relu: bool) -> torch.Tensor:
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias), with x's layout."""
+    return _elementwise(x, None, mean, var, weight, bias, None, None, None, eps, relu)
+
+
+def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward on batch statistics: y, mean, biased var (3 passes over x)."""
+    mean, var = batch_norm_stats(x)
+    return batch_norm_apply(x, mean, var, weight, bias, eps, relu), mean, var
+
+
+def batch_norm_backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                               var: torch.Tensor, weight: torch.Tensor | None,
+                               bias: torch.Tensor | None, eps: float,
+                               relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (sum g, sum g*x_hat), g = dy after the ReLU mask; dy in x's layout. These are
+    dbias and dweight; zeros for an empty x."""
+    c = x.shape[1]
+    if x.numel() == 0:
+        zeros = torch.zeros(c, dtype=acc_dtype(x.dtype), device=x.device)
+        return zeros, zeros.clone()
+    return _reduce(x, dy, mean, var, weight, bias, eps, relu)
+
+
+def batch_norm_backward_elemt(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                              var: torch.Tensor, weight: torch.Tensor | None,
+                              bias: torch.Tensor | None, sum_dy: torch.Tensor | None,
+                              sum_dy_xhat: torch.Tensor | None, count: torch.Tensor | None,
+                              eps: float, relu: bool) -> torch.Tensor:
+    """dx with x's layout. Training (sums given): the sums are over `count` values (a 1-element
+    tensor, so a global count needs no host sync). Eval (sums None): statistics are constants."""
+    return _elementwise(x, dy, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, relu)
+
+
+def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   relu: bool, training: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, sum g (dbias) and sum g*x_hat (dweight) in fp32 (fp64 for fp64 x): a reduce pass, then
+    the dx pass, each reading x and dy. Eval mode needs the sums only for dweight/dbias; they are
+    computed regardless, which keeps one code path."""
+    sum_dy, sum_dy_xhat = batch_norm_backward_reduce(dy, x, mean, var, weight, bias, eps, relu)
+    if training:
+        n, _c, s = x.shape
+        count = torch.full((1,), n * s, dtype=sum_dy.dtype, device=x.device)
+        dx = batch_norm_backward_elemt(dy, x, mean, var, weight, bias, sum_dy, sum_dy_xhat,
+                                       count, eps, relu)
+    else:
+        dx = batch_norm_backward_elemt(dy, x, mean, var, weight, bias, None, None, None, eps,
+                                       relu)
+    return dx, sum_dy, sum_dy_xhat
