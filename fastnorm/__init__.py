@@ -14,3 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = ["layer_norm", "rms_norm", "nn", "convert", "set_backend", "get_backend",
            "use_backend", "available_backends", "__version__"]
+
+from .functional import group_norm  # noqa: E402
+
+__all__.append("group_norm")

@@ -41,3 +41,32 @@ def convert(module: nn.Module) -> nn.Module:
         if new_cls is not None:
             sub.__class__ = new_cls
     return module
+
+
+class GroupNorm(nn.GroupNorm):
+    """`torch.nn.GroupNorm` computed by fastnorm's kernels (see `fastnorm.group_norm`), with an
+    optional fused activation: `GroupNorm(32, 320, activation="silu")` computes
+    `silu(group_norm(x))` in one kernel. Same parameters and state_dict as torch's."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 activation: str | None = None) -> None:
+        if activation not in (None, "silu"):
+            raise ValueError(f"fastnorm.nn.GroupNorm: unknown activation {activation!r}; "
+                             "expected None or 'silu'")
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        self.activation = activation
+
+    def forward(self, input: Tensor) -> Tensor:
+        # convert() swaps __class__ without running __init__: no attribute means no activation.
+        return F_fast.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                                 activation=getattr(self, "activation", None))
+
+    def extra_repr(self) -> str:
+        activation = getattr(self, "activation", None)
+        extra = f", activation={activation!r}" if activation is not None else ""
+        return super().extra_repr() + extra
+
+
+_SWAPS[nn.GroupNorm] = GroupNorm
+__all__.append("GroupNorm")

@@ -5,3 +5,4 @@ Ops take the canonical view of their family (LayerNorm/RMSNorm: 2-D rows x featu
 functional layer reshapes before calling them, so ranks stay fixed under torch.compile.
 """
 from . import layer_norm  # noqa: F401  (registers fastnorm::layer_norm_* and rms_norm_*)
+from . import group_norm  # noqa: F401,E402  (registers fastnorm::group_norm_*)
