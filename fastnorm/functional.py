@@ -137,5 +137,5 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     # (N, C, HW) is a view for NCHW and channels-last inputs alike; the op handles both layouts.
     x3 = input.reshape(n, c, math.prod(input.shape[2:]))
     y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
-        x3, weight, bias, int(num_groups), float(eps), activation or "none")
+        x3, _flat(weight), _flat(bias), int(num_groups), float(eps), activation or "none")
     return y.view(input.shape)

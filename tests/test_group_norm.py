@@ -177,6 +177,20 @@ def test_non_contiguous_input(triton_backend, device, make):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_strided_weight_and_expanded_grad(triton_backend, device, layout):
+    """A weight that is a strided view, and y.sum().backward()'s zero-stride upstream grad."""
+    x = _to_layout(torch.randn(2, 6, 3, 5, device=device), layout).requires_grad_()
+    w = torch.randn(12, device=device)[::2].requires_grad_()
+    y = fastnorm.group_norm(x, 3, w, None, activation="silu")
+    dx, dw = torch.autograd.grad(y.sum(), (x, w))
+    y_ref = F.silu(F.group_norm(x, 3, w))
+    dx_ref, dw_ref = torch.autograd.grad(y_ref.sum(), (x, w))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(dw, dw_ref)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_no_affine_and_weight_only(triton_backend, device, layout):
     x = _to_layout(torch.randn(2, 6, 3, 5, device=device), layout)
     w, _b = _params(6, torch.float32, device)
