@@ -7,8 +7,8 @@ dy and writing dx (5 * numel * elem_size); weights and statistics are ignored.
 
     python benchmarks/bench_group_norm.py [--quick] [--out DIR] [--providers torch,liger]
 
---quick (the default on a CPU) uses tiny shapes. On a CPU only the providers that can run there
-are timed: fastnorm-triton under TRITON_INTERPRET=1, else torch and torch.compile.
+--quick (the default on a CPU) uses tiny shapes. On a CPU the default providers are
+fastnorm-triton under TRITON_INTERPRET=1, else torch and torch.compile; --providers overrides.
 """
 from __future__ import annotations
 
@@ -55,25 +55,29 @@ def _liger_gn(x, groups, w, b, activation):
 
 def providers(device: torch.device) -> dict[str, GnFn]:
     """The providers that can run on this device, by name."""
-    if device.type == "cpu":
-        if triton_interpreted():
-            return {"fastnorm-triton": _fastnorm_gn}
-        return {"torch": _torch_gn, "torch.compile": torch.compile(_torch_gn)}
-    found: dict[str, GnFn] = {}
+    found: dict[str, GnFn] = {"torch": _torch_gn, "torch.compile": torch.compile(_torch_gn)}
     if "triton" in fastnorm.available_backends():
         found["fastnorm-triton"] = _fastnorm_gn
-    found["torch"] = _torch_gn
-    found["torch.compile"] = torch.compile(_torch_gn)
-    if importlib.util.find_spec("liger_kernel") is not None:
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         found["liger"] = _liger_gn
     return found
+
+
+def default_providers(device: torch.device) -> list[str]:
+    """What runs without --providers: everything on a GPU; on a CPU the interpreted kernels when
+    TRITON_INTERPRET=1 (timing them against native torch would say nothing), else torch's."""
+    if device.type == "cuda":
+        return list(providers(device))
+    return ["fastnorm-triton"] if triton_interpreted() else ["torch", "torch.compile"]
 
 
 def main(argv: Optional[list[str]] = None) -> _harness.Run:
     args = _harness.parser(__doc__.splitlines()[0]).parse_args(argv)
     run = _harness.start(args)
     device = run.device
-    chosen = {name: fn for name, fn in providers(device).items() if _harness.wanted(args, name)}
+    available = providers(device)
+    names = args.providers.split(",") if args.providers else default_providers(device)
+    chosen = {name: available[name] for name in names if name in available}
     for shape, groups in (QUICK_SHAPES if run.quick else SHAPES):
         for dtype in DTYPES:
             for layout, memory_format in LAYOUTS.items():
@@ -99,7 +103,7 @@ def main(argv: Optional[list[str]] = None) -> _harness.Run:
                                 lambda gn=gn: gn(xg, groups, wg, bg, activation), dy),
                             grad_to_none=[xg, wg, bg], **common)
                 del x, dy
-    _harness.finish(run, args, "bench_group_norm")
+    _harness.finish(run, args, "group_norm")
     return run
 
 
