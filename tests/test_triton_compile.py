@@ -110,6 +110,24 @@ def _gn_specs():
         for has_weight in (True, False):
             specs.append(("group_norm", "_group_norm_bwd_combine_kernel", bwd_combine_sig,
                           {"HAS_WEIGHT": has_weight, "ACC": acc, "BLOCK_K": 64}, 4))
+        if dt in ("fp32", "bf16"):
+            # At run time Triton turns int arguments equal to 1 into constants (G=C, HW=1, one
+            # split): every kernel must still build with them.
+            ones = {"group_size": 1, "num_splits": 1, "split_size": 1, "HW": 1,
+                    "num_c_blocks": 1, "num_s_blocks": 1, "num_tiles": 1}
+            tile_flags = {"CHANNELS_LAST": False, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                          "ACTIVATION": "silu", "ACC": acc, "BLOCK_S": 1, "BLOCK_C": 4}
+            for kernel, sig, flags in (
+                    ("_group_norm_fwd_stats_kernel", stats_sig,
+                     {"CHANNELS_LAST": False, "ACC": acc, "BLOCK_S": 1, "BLOCK_C": 4}),
+                    ("_group_norm_fwd_combine_kernel", combine_sig, {"ACC": acc, "BLOCK_K": 1}),
+                    ("_group_norm_fwd_apply_kernel", apply_sig, tile_flags),
+                    ("_group_norm_bwd_reduce_kernel", reduce_sig, tile_flags),
+                    ("_group_norm_bwd_combine_kernel", bwd_combine_sig,
+                     {"HAS_WEIGHT": True, "ACC": acc, "BLOCK_K": 1}),
+                    ("_group_norm_bwd_dx_kernel", dx_sig, tile_flags)):
+                fixed = {k: v for k, v in ones.items() if k in sig}
+                specs.append(("group_norm", kernel, sig, {**flags, **fixed}, 1))
     return specs
 
 
