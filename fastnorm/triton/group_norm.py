@@ -32,6 +32,13 @@ Backward, the same three-step shape:
 2. combine: per (n, g): c1 = sum_c w[c] * P1 / count, c2 = sum_c w[c] * P2 / count. dweight and
    dbias are the column sums of P1 and P2 over (n, split), done by `column_sum` (fixed order).
 3. dx = rstd * (w * dz - x_hat * c1 - c2), again walking the tiles in reverse order.
+
+Cost (HBM passes over numel * elem_size, unmeasured so far): forward 2 (x in, y out) when the
+re-read of x hits L2, 3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out)
+to 5. The partials are C floats per (sample, split): noise next to x. Why no single-pass kernel:
+a group split over several programs needs its statistics before any program can normalize, and
+programs cannot wait on each other without grid-wide synchronisation (which Triton's interpreter
+could not run either), so the statistics go through memory and a second launch.
 """
 from __future__ import annotations
 
