@@ -12,6 +12,7 @@ from torch import nn
 
 import fastnorm
 from fastnorm.triton import group_norm as gn_kernels
+from fastnorm.triton._common import num_parallel_programs
 from helpers import ALL_DTYPES, assert_close_ref
 
 # The interpreter converts 1-element arrays to Python ints (loop bounds) the deprecated way.
@@ -235,6 +236,11 @@ def test_gradcheck_float64_full_jacobian(triton_backend, device):
     _gradcheck(device, (2, 4, 3), "cl", "silu", fast_mode=False)
 
 
+def test_gradcheck_float64_fused_path(triton_backend, device):
+    n = -(-2 * num_parallel_programs(device) // 2)
+    _gradcheck(device, (n, 4, 2, 3), "nchw", "silu", fast_mode=True)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_opcheck(device, layout):
     x = _to_layout(torch.randn(2, 6, 3, 4, device=device), layout).reshape(2, 6, 12)
@@ -325,6 +331,24 @@ def test_convert_unet_block(triton_backend, device, channels_last):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["mean0", "mean1e4"])
+def test_fused_path_matches_reference(triton_backend, device, dtype, activation, offset):
+    """NCHW groups that fit in one tile, enough of them to fill the device: one program per
+    group does the whole forward, and the whole backward."""
+    groups, c, h, w_ = 8, 24, 3, 5
+    n = -(-2 * num_parallel_programs(device) // groups)
+    for limit in (gn_kernels.MAX_FUSED_FWD, gn_kernels.MAX_FUSED_BWD):
+        assert gn_kernels.fused_tile(n, c, h * w_, groups, dtype, False, device, limit)
+    gen = torch.Generator().manual_seed(5)
+    x = (offset + torch.randn(n, c, h, w_, generator=gen)).to(device=device, dtype=dtype)
+    w, b = _params(c, dtype, device)
+    _check_against_reference(x, groups, w, b, activation=activation)
+    if activation is None:
+        _check_against_reference(x, groups, None, None)
+
+
 def test_split_path_plan(device):
     """Small N * channel blocks: the heuristic cuts the spatial extent into several splits."""
     x = _to_layout(torch.randn(1, 64, 32, 32, device=device), "cl").reshape(1, 64, 1024)
@@ -332,6 +356,10 @@ def test_split_path_plan(device):
     assert plan.channels_last and plan.num_splits > 1
     plan = gn_kernels.GroupNormPlan.make(1, 2, 96 * 96, torch.float32, False, x.device)
     assert not plan.channels_last and plan.num_splits > 1
+    # Neither takes the fused path: channels-last never does, and one group of 2 x 96^2 is big.
+    assert gn_kernels.fused_tile(1, 64, 1024, 1, torch.float32, True, x.device, 1 << 30) is None
+    assert gn_kernels.fused_tile(1, 2, 96 * 96, 1, torch.float32, False, x.device,
+                                 gn_kernels.MAX_FUSED_FWD) is None
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])

@@ -105,6 +105,25 @@ def _gn_specs():
                     specs.append(("group_norm", "_group_norm_bwd_reduce_kernel", reduce_sig,
                                   flags, 8))
                     specs.append(("group_norm", "_group_norm_bwd_dx_kernel", dx_sig, flags, 8))
+        fused_fwd_sig = {"X": f"*{dt}", "Y": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
+                         "Mean": f"*{stat}", "Rstd": f"*{stat}", "HW": "i32", "G": "i32",
+                         "group_size": "i32", "eps": "fp32"}
+        fused_bwd_sig = {"X": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "W": f"*{dt}",
+                         "B": f"*{dt}", "Mean": f"*{stat}", "Rstd": f"*{stat}", "P1": f"*{stat}",
+                         "P2": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
+                         "group_size": "i32"}
+        half = 2 if dt == "fp64" else 1  # fused limits 16384 (fwd) / 8192 (bwd), halved for fp64
+        for kernel, sig, block_s, block_c, warps in (
+                ("_group_norm_fwd_fused_kernel", fused_fwd_sig, 4096 // half, 4, 16),
+                ("_group_norm_fwd_fused_kernel", fused_fwd_sig, 64, 16, 2),
+                ("_group_norm_bwd_fused_kernel", fused_bwd_sig, 2048 // half, 4, 16 // half),
+                ("_group_norm_bwd_fused_kernel", fused_bwd_sig, 64, 16, 2)):
+            for activation in ("none", "silu"):
+                for affine in ((True, False) if block_s == 64 else (True,)):
+                    specs.append(("group_norm", kernel, sig,
+                                  {"HAS_WEIGHT": affine, "HAS_BIAS": affine,
+                                   "ACTIVATION": activation, "ACC": acc, "BLOCK_S": block_s,
+                                   "BLOCK_C": block_c}, warps))
         specs.append(("group_norm", "_group_norm_fwd_combine_kernel", combine_sig,
                       {"ACC": acc, "BLOCK_K": 1024}, 4))
         for has_weight in (True, False):
@@ -125,7 +144,11 @@ def _gn_specs():
                     ("_group_norm_bwd_reduce_kernel", reduce_sig, tile_flags),
                     ("_group_norm_bwd_combine_kernel", bwd_combine_sig,
                      {"HAS_WEIGHT": True, "ACC": acc, "BLOCK_K": 1}),
-                    ("_group_norm_bwd_dx_kernel", dx_sig, tile_flags)):
+                    ("_group_norm_bwd_dx_kernel", dx_sig, tile_flags),
+                    ("_group_norm_fwd_fused_kernel", fused_fwd_sig,
+                     {k: v for k, v in tile_flags.items() if k != "CHANNELS_LAST"}),
+                    ("_group_norm_bwd_fused_kernel", fused_bwd_sig,
+                     {k: v for k, v in tile_flags.items() if k != "CHANNELS_LAST"})):
                 fixed = {k: v for k, v in ones.items() if k in sig}
                 specs.append(("group_norm", kernel, sig, {**flags, **fixed}, 1))
     return specs

@@ -5,12 +5,17 @@
 - channels-last (NHWC, NDHWC, NLC): element (n, c, s) at n*C*HW + s*C + c (CHANNELS_LAST).
 
 Every kernel works on tiles of [BLOCK_S spatial positions, BLOCK_C channels] of one sample. In
-NCHW the tile is a few channels by a long contiguous spatial run; in channels-last it is a few
+NCHW the split-path tile is a few channels by a long contiguous spatial run; in channels-last it is a few
 spatial positions by a contiguous run of channels (BLOCK_C a power of two dividing C where one
 exists, so each row segment fills whole 32-byte sectors). Neither layout does strided
 per-channel access, and neither needs a transpose.
 
-Forward, three launches:
+Fused path (NCHW, a group padded to a [pow2 HW, pow2 C/G] tile of at most MAX_FUSED_FWD /
+MAX_FUSED_BWD elements, and N*G >= 2 programs per SM): one program per (n, g) loads its group
+(contiguous in NCHW) into registers once and does statistics and output, or the whole backward of
+the group, in one launch. Everything else takes the split path below.
+
+Split path, forward, three launches:
 1. stats: the spatial extent is cut into `num_splits` splits so that N * channel blocks * splits
    programs fill the GPU even when N*G is small and groups are large (8 x 32 groups of 10 x 128^2
    elements). Each program reduces its tile rows to per-channel (mean, M2) over its split, merging
@@ -24,7 +29,7 @@ Forward, three launches:
    stats pass, so the data the stats pass read last (still in L2) is read first: x is read at
    most twice from HBM, and a tensor that fits in L2 only once.
 
-Backward, the same three-step shape:
+Split path, backward, the same three-step shape:
 1. reduce: per (n, split, c) partials P1 = sum(dz * x_hat) and P2 = sum(dz), where dz is dy, or
    with SiLU dy * silu'(z) for the recomputed pre-activation z = x_hat * w + b
    (silu'(z) = s + z*s*(1-s), s = sigmoid(z)). x_hat comes from the saved mean/rstd, so no
@@ -33,12 +38,13 @@ Backward, the same three-step shape:
    dbias are the column sums of P1 and P2 over (n, split), done by `column_sum` (fixed order).
 3. dx = rstd * (w * dz - x_hat * c1 - c2), again walking the tiles in reverse order.
 
-Cost (HBM passes over numel * elem_size, unmeasured so far): forward 2 (x in, y out) when the
-re-read of x hits L2, 3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out)
-to 5. The partials are C floats per (sample, split): noise next to x. Why no single-pass kernel:
-a group split over several programs needs its statistics before any program can normalize, and
-programs cannot wait on each other without grid-wide synchronisation (which Triton's interpreter
-could not run either), so the statistics go through memory and a second launch.
+Cost (HBM passes over numel * elem_size, unmeasured so far): the fused path does the minimum,
+2 forward and 3 backward. The split path: forward 2 (x in, y out) when the re-read of x hits L2,
+3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5. The partials
+are C floats per (sample, split): noise next to x. Why the split path is not one kernel: a group
+split over several programs needs its statistics before any program can normalize, and programs
+cannot wait on each other without grid-wide synchronisation (which Triton's interpreter could not
+run either), so the statistics go through memory and the next launch.
 """
 from __future__ import annotations
 
@@ -56,6 +62,10 @@ TILE = 4096
 MAX_BLOCK_C = 256
 # Partial entries merged per iteration of a combine kernel.
 COMBINE_BLOCK = 1024
+# Largest NCHW group (padded to a [pow2 HW, pow2 C/G] tile) that one program holds in registers:
+# the fused path. The backward holds x and dy, so its limit is lower. fp64 halves both.
+MAX_FUSED_FWD = 16384
+MAX_FUSED_BWD = 8192
 
 ACTIVATIONS = ("none", "silu")
 
@@ -321,6 +331,82 @@ def _group_norm_bwd_dx_kernel(X, DY, DX, W, B, Mean, Rstd, C1, C2, C, HW, G, gro
     tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_norm_fwd_fused_kernel(X, Y, W, B, Mean, Rstd, HW, G, group_size, eps,
+                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """NCHW, one program per (n, g) whose group fits in one tile: statistics from registers
+    (two-pass: mean, then squared deviations), then y. One read of x, one launch."""
+    ng = tl.program_id(0)
+    j = tl.arange(0, BLOCK_C)
+    chans = (ng % G) * group_size + j
+    c_mask = j < group_size
+    s = tl.arange(0, BLOCK_S)
+    mask = (s < HW)[:, None] & c_mask[None, :]
+    # In NCHW a group is one contiguous run of group_size * HW elements.
+    offs = ng.to(tl.int64) * group_size * HW + s[:, None] + j[None, :] * HW
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    count = tl.cast(group_size, ACC) * HW
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xc * xc, axis=1), axis=0) / count + eps)
+    tl.store(Mean + ng, mean)
+    tl.store(Rstd + ng, rstd)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)[None, :]
+    if ACTIVATION == "silu":
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_bwd_fused_kernel(X, DY, DX, W, B, Mean, Rstd, P1, P2, C, HW, G, group_size,
+                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """NCHW, one program per (n, g) whose group fits in one tile: per-channel P1/P2 (the dweight
+    and dbias partials, [N, C]), c1/c2 and dx from registers."""
+    ng = tl.program_id(0)
+    n = ng // G
+    j = tl.arange(0, BLOCK_C)
+    chans = (ng % G) * group_size + j
+    c_mask = j < group_size
+    s = tl.arange(0, BLOCK_S)
+    mask = (s < HW)[:, None] & c_mask[None, :]
+    offs = ng.to(tl.int64) * group_size * HW + s[:, None] + j[None, :] * HW
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    dz = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(Mean + ng)
+    rstd = tl.load(Rstd + ng)
+    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    w = tl.zeros([BLOCK_C], dtype=ACC)  # placeholders when absent
+    b = w
+    if HAS_WEIGHT:
+        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
+    if ACTIVATION == "silu":
+        dz = _silu_input_grad(dz, x_hat, w, b, HAS_WEIGHT, HAS_BIAS)
+    p1 = tl.sum(dz * x_hat, axis=0)
+    p2 = tl.sum(dz, axis=0)
+    out = n.to(tl.int64) * C + chans
+    tl.store(P1 + out, p1, mask=c_mask)
+    tl.store(P2 + out, p2, mask=c_mask)
+    if HAS_WEIGHT:
+        p1 = p1 * w
+        p2 = p2 * w
+        dz = dz * w[None, :]
+    count = tl.cast(group_size, ACC) * HW
+    c1 = tl.sum(p1, axis=0) / count
+    c2 = tl.sum(p2, axis=0) / count
+    dx = (dz - (x_hat * c1 + c2)) * rstd
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 # --- launch planning ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -373,6 +459,23 @@ class GroupNormPlan:
         return n * self.num_c_blocks * self.num_s_blocks
 
 
+def fused_tile(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
+               channels_last: bool, device: torch.device, limit: int
+               ) -> tuple[int, int, int] | None:
+    """(block_s, block_c, num_warps) when one program per (n, g) holding its whole group beats
+    the split path: NCHW (the group is contiguous), the padded group fits in `limit` elements,
+    and there are enough groups to fill the device. None otherwise."""
+    if channels_last:
+        return None
+    block_s = triton.next_power_of_2(hw)
+    block_c = triton.next_power_of_2(c // num_groups)
+    if dtype == torch.float64:
+        limit //= 2
+    if block_s * block_c > limit or n * num_groups < 2 * num_parallel_programs(device):
+        return None
+    return block_s, block_c, max(1, min(16, block_s * block_c // 512))
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """True when the (N, C, HW) view x is laid out (N, HW, C) in memory and not also contiguous
     (size-1 dims make both true; then the NCHW path is taken)."""
@@ -403,7 +506,8 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                    split_size: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd for x of shape (N, C, HW). y has x's layout (NCHW or channels-last; any
-    other strides are made contiguous first); mean/rstd are (N, G) in fp32 (fp64 for fp64)."""
+    other strides are made contiguous first); mean/rstd are (N, G) in fp32 (fp64 for fp64).
+    `split_size` forces the split path with that many spatial positions per split (tests)."""
     _check_activation(activation)
     x = canonical(x)
     n, c, hw = x.shape
@@ -418,26 +522,36 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         mean.zero_()
         rstd.fill_(float("nan"))
         return y, mean, rstd
-    plan = GroupNormPlan.make(n, c, hw, x.dtype, is_channels_last(x), x.device, split_size)
-    acc = tl_acc_dtype(x.dtype)
+    channels_last = is_channels_last(x)
+    group_size = c // g
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 ACTIVATION=activation, ACC=tl_acc_dtype(x.dtype))
+    # Unused pointers still need a tensor argument; mean stands in for them.
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    fused = None if split_size is not None else fused_tile(
+        n, c, hw, g, x.dtype, channels_last, x.device, MAX_FUSED_FWD)
+    if fused is not None:
+        block_s, block_c, num_warps = fused
+        _group_norm_fwd_fused_kernel[(n * g,)](
+            x, y, w, b, mean, rstd, hw, g, group_size, eps, **flags, BLOCK_S=block_s,
+            BLOCK_C=block_c, num_warps=num_warps)
+        return y, mean, rstd
+    plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
     p_mean = torch.empty((n * plan.num_splits, c), dtype=stats_dtype, device=x.device)
     p_m2 = torch.empty_like(p_mean)
     _group_norm_fwd_stats_kernel[plan.reduce_grid(n)](
         x, p_mean, p_m2, c, hw, plan.split_size, plan.num_splits, plan.num_c_blocks,
-        CHANNELS_LAST=plan.channels_last, ACC=acc, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps)
-    group_size = c // g
+        CHANNELS_LAST=channels_last, ACC=flags["ACC"], BLOCK_S=plan.block_s,
+        BLOCK_C=plan.block_c, num_warps=plan.num_warps)
     block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
     _group_norm_fwd_combine_kernel[(n * g,)](
         p_mean, p_m2, mean, rstd, c, hw, g, group_size, plan.split_size, plan.num_splits, eps,
-        ACC=acc, BLOCK_K=block_k, num_warps=4)
-    # Unused pointers still need a tensor argument; mean stands in for them.
+        ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
     num_tiles = plan.num_tiles(n)
     _group_norm_fwd_apply_kernel[(num_tiles,)](
-        x, y, weight if weight is not None else mean, bias if bias is not None else mean,
-        mean, rstd, c, hw, g, group_size, plan.num_s_blocks, plan.num_c_blocks, num_tiles,
-        CHANNELS_LAST=plan.channels_last, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, ACTIVATION=activation, ACC=acc, BLOCK_S=plan.block_s,
+        x, y, w, b, mean, rstd, c, hw, g, group_size, plan.num_s_blocks, plan.num_c_blocks,
+        num_tiles, CHANNELS_LAST=channels_last, **flags, BLOCK_S=plan.block_s,
         BLOCK_C=plan.block_c, num_warps=plan.num_warps)
     return y, mean, rstd
 
@@ -447,7 +561,8 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
                    num_groups: int, activation: str = "none", split_size: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """dx (in x's layout), dweight, dbias (None where there is no weight / bias) for x and dy of
-    shape (N, C, HW). bias is read for the SiLU backward; dbias comes back in bias's dtype."""
+    shape (N, C, HW). bias is read for the SiLU backward; dbias comes back in bias's dtype.
+    `split_size` forces the split path, as in group_norm_fwd."""
     _check_activation(activation)
     x = canonical(x)
     n, c, hw = x.shape
@@ -462,30 +577,40 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
         dweight = torch.zeros_like(weight) if has_weight else None
         dbias = torch.zeros_like(bias) if has_bias else None
         return dx, dweight, dbias
-    plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
-    acc = tl_acc_dtype(x.dtype)
-    flags = dict(CHANNELS_LAST=channels_last, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-                 ACTIVATION=activation, ACC=acc)
+    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=activation,
+                 ACC=tl_acc_dtype(x.dtype))
     w = weight if has_weight else mean
     b = bias if has_bias else mean
     group_size = c // g
-    p1 = torch.empty((n * plan.num_splits, c), dtype=partial_dtype, device=x.device)
-    p2 = torch.empty_like(p1)
-    _group_norm_bwd_reduce_kernel[plan.reduce_grid(n)](
-        x, dy, w, b, mean, rstd, p1, p2, c, hw, g, group_size, plan.split_size, plan.num_splits,
-        plan.num_c_blocks, **flags, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps)
-    c1 = torch.empty((n, g), dtype=partial_dtype, device=x.device)
-    c2 = torch.empty_like(c1)
-    block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
-    _group_norm_bwd_combine_kernel[(n * g,)](
-        p1, p2, w, c1, c2, c, hw, g, group_size, plan.num_splits, HAS_WEIGHT=has_weight,
-        ACC=acc, BLOCK_K=block_k, num_warps=4)
-    num_tiles = plan.num_tiles(n)
-    _group_norm_bwd_dx_kernel[(num_tiles,)](
-        x, dy, dx, w, b, mean, rstd, c1, c2, c, hw, g, group_size, plan.num_s_blocks,
-        plan.num_c_blocks, num_tiles, **flags, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps)
+    fused = None if split_size is not None else fused_tile(
+        n, c, hw, g, x.dtype, channels_last, x.device, MAX_FUSED_BWD)
+    if fused is not None:
+        block_s, block_c, num_warps = fused
+        # One row of dweight/dbias partials per sample.
+        p1 = torch.empty((n, c), dtype=partial_dtype, device=x.device)
+        p2 = torch.empty_like(p1)
+        _group_norm_bwd_fused_kernel[(n * g,)](
+            x, dy, dx, w, b, mean, rstd, p1, p2, c, hw, g, group_size, **flags,
+            BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+    else:
+        plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
+        p1 = torch.empty((n * plan.num_splits, c), dtype=partial_dtype, device=x.device)
+        p2 = torch.empty_like(p1)
+        _group_norm_bwd_reduce_kernel[plan.reduce_grid(n)](
+            x, dy, w, b, mean, rstd, p1, p2, c, hw, g, group_size, plan.split_size,
+            plan.num_splits, plan.num_c_blocks, CHANNELS_LAST=channels_last, **flags,
+            BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+        c1 = torch.empty((n, g), dtype=partial_dtype, device=x.device)
+        c2 = torch.empty_like(c1)
+        block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
+        _group_norm_bwd_combine_kernel[(n * g,)](
+            p1, p2, w, c1, c2, c, hw, g, group_size, plan.num_splits, HAS_WEIGHT=has_weight,
+            ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
+        num_tiles = plan.num_tiles(n)
+        _group_norm_bwd_dx_kernel[(num_tiles,)](
+            x, dy, dx, w, b, mean, rstd, c1, c2, c, hw, g, group_size, plan.num_s_blocks,
+            plan.num_c_blocks, num_tiles, CHANNELS_LAST=channels_last, **flags,
+            BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
     dweight = column_sum(p1, weight.dtype) if has_weight else None
     dbias = column_sum(p2, bias.dtype) if has_bias else None
     return dx, dweight, dbias
