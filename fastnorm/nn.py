@@ -54,7 +54,9 @@ class GroupNorm(nn.GroupNorm):
         if activation not in (None, "silu"):
             raise ValueError(f"fastnorm.nn.GroupNorm: unknown activation {activation!r}; "
                              "expected None or 'silu'")
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        # torch releases without GroupNorm(bias=...) still work when it is left at its default.
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **extra)
         self.activation = activation
 
     def forward(self, input: Tensor) -> Tensor:

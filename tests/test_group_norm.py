@@ -298,6 +298,7 @@ def test_state_dict_round_trip(device):
         assert torch.equal(back.state_dict()[key], value)
     assert "activation='silu'" in repr(ours)
     assert fastnorm.nn.GroupNorm(2, 6, affine=False).weight is None
+    assert fastnorm.nn.GroupNorm(2, 6, bias=False).bias is None
 
 
 def _unet_block(channels_last: bool, device):
