@@ -145,6 +145,23 @@ def test_large_mean_stats_on_split_path(device):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_split_path_spikes_at_split_starts(device, layout):
+    """Spikes of 1e5 at the start of every split (where the stats shift is taken) and a large
+    offset: the split statistics still match float64."""
+    c, groups, hw, split = (64, 4, 200, 64) if layout == "cl" else (2, 1, 5184, 1)
+    gen = torch.Generator().manual_seed(6)
+    x = 1e3 + torch.randn(2, c, hw, generator=gen)
+    x[:, :, ::64] = 1e5
+    x = _to_layout(x.to(device), layout)
+    y, mean, rstd = gn_kernels.group_norm_fwd(x, None, None, groups, 1e-5, "none", split)
+    x64 = x.double().reshape(2, groups, -1)
+    torch.testing.assert_close(mean.double(), x64.mean(-1), rtol=1e-6, atol=0)
+    ref_rstd = 1 / torch.sqrt(x64.var(-1, unbiased=False) + 1e-5)
+    torch.testing.assert_close(rstd.double(), ref_rstd, rtol=1e-6, atol=0)
+    assert_close_ref(y, F.group_norm(x.double(), groups), F.group_norm(x, groups))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_batch_of_one(triton_backend, device, layout):
     x = _to_layout(torch.randn(1, 6, 4, 4, device=device), layout)
     w, b = _params(6, torch.float32, device)

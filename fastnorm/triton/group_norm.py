@@ -18,9 +18,10 @@ the group, in one launch. Everything else takes the split path below.
 Split path, forward, three launches:
 1. stats: the spatial extent is cut into `num_splits` splits so that N * channel blocks * splits
    programs fill the GPU even when N*G is small and groups are large (8 x 32 groups of 10 x 128^2
-   elements). Each program reduces its tile rows to per-channel (mean, M2) over its split, merging
-   tile by tile with Chan's formula, and writes them to partials [N, num_splits, C]. Per-channel
-   partials make one kernel serve both layouts: a channel never straddles two groups.
+   elements). Each program reduces its tiles to per-channel (mean, M2) over its split, from sums
+   of x - shift and its square (shift: the channel's mean over the split's first tile, so no
+   cancellation at large means), and writes them to partials [N, num_splits, C]. Per-channel partials make one
+   kernel serve both layouts: a channel never straddles two groups.
 2. combine: one program per (n, g) merges the split x channel partials of its group in a fixed
    order (mean = sum(count_i * mean_i) / count, M2 = sum(M2_i) + sum(count_i * (mean_i - mean)^2)),
    so statistics stay exact at large means (no E[x^2] - E[x]^2) and are deterministic (no
@@ -136,23 +137,28 @@ def _group_norm_fwd_stats_kernel(X, PMean, PM2, C, HW, split_size, num_splits, n
     x_base = X + n.to(tl.int64) * C * HW
     s_start = sp * split_size
     s_end = tl.minimum(s_start + split_size, HW)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    count = tl.full([], 0.0, ACC)
+    # Sums of d = x - shift and d^2, the shift being the per-channel mean of the split's first
+    # tile: d is O(std) however large the mean, so M2 = sum(d^2) - sum(d)^2 / count does not
+    # cancel catastrophically. The sums accumulate elementwise, reduced once at the end. (The
+    # first tile is read again by the loop, from cache.)
+    s = s_start + tl.arange(0, BLOCK_S)
+    mask = (s < s_end)[:, None] & c_mask[None, :]
+    x = tl.load(x_base + _offsets(s, chans, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
+    shift = tl.sum(x, axis=0) / tl.minimum(s_end - s_start, BLOCK_S).to(ACC)
+    sum_d = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    sum_d2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None] & c_mask[None, :]
         x = tl.load(x_base + _offsets(s, chans, C, HW, CHANNELS_LAST), mask=mask,
                     other=0.0).to(ACC)
-        n_tile = tl.minimum(s_end - s0, BLOCK_S).to(ACC)
-        tile_mean = tl.sum(x, axis=0) / n_tile
-        dev = tl.where(mask, x - tile_mean[None, :], 0.0)
-        # Chan et al.: merge the tile's (count, mean, M2) into the running per-channel ones.
-        delta = tile_mean - mean
-        total = count + n_tile
-        mean += delta * (n_tile / total)
-        m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * n_tile / total)
-        count = total
+        d = tl.where(mask, x - shift[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    count = (s_end - s_start).to(ACC)
+    s1 = tl.sum(sum_d, axis=0)
+    mean = shift + s1 / count
+    m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * (s1 / count), 0.0)
     out = (n * num_splits + sp).to(tl.int64) * C + chans
     tl.store(PMean + out, mean, mask=c_mask)
     tl.store(PM2 + out, m2, mask=c_mask)
@@ -246,8 +252,9 @@ def _group_norm_bwd_reduce_kernel(X, DY, W, B, Mean, Rstd, P1, P2, C, HW, G, gro
     base = n.to(tl.int64) * C * HW
     s_start = sp * split_size
     s_end = tl.minimum(s_start + split_size, HW)
-    sum1 = tl.zeros([BLOCK_C], dtype=ACC)
-    sum2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # Elementwise accumulators: one cross-warp reduction at the end, not one per tile.
+    sum1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None] & c_mask[None, :]
@@ -257,11 +264,11 @@ def _group_norm_bwd_reduce_kernel(X, DY, W, B, Mean, Rstd, P1, P2, C, HW, G, gro
         x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         if ACTIVATION == "silu":
             dz = _silu_input_grad(dz, x_hat, w, b, HAS_WEIGHT, HAS_BIAS)
-        sum1 += tl.sum(dz * x_hat, axis=0)
-        sum2 += tl.sum(dz, axis=0)
+        sum1 += dz * x_hat
+        sum2 += dz
     out = (n * num_splits + sp).to(tl.int64) * C + chans
-    tl.store(P1 + out, sum1, mask=c_mask)
-    tl.store(P2 + out, sum2, mask=c_mask)
+    tl.store(P1 + out, tl.sum(sum1, axis=0), mask=c_mask)
+    tl.store(P2 + out, tl.sum(sum2, axis=0), mask=c_mask)
 
 
 @triton.jit
