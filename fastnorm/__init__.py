@@ -2,17 +2,16 @@
 
     import fastnorm
     y = fastnorm.layer_norm(x, (x.shape[-1],), weight, bias)
-    model = fastnorm.convert(model)          # swaps torch.nn LayerNorm / RMSNorm in place
+    y = fastnorm.group_norm(x, 32, weight, bias, activation="silu")
+    model = fastnorm.convert(model)          # swaps torch.nn norm layers in place
     with fastnorm.use_backend("torch"): ...  # "auto" (default), "triton", "cuda", "torch"
 """
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
-from .functional import layer_norm, rms_norm
+from .functional import batch_norm, group_norm, layer_norm, rms_norm
 from .nn import convert
-from .functional import batch_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_norm", "rms_norm", "nn", "convert", "set_backend", "get_backend",
-           "use_backend", "available_backends", "__version__"]
-__all__ += ["batch_norm"]
+__all__ = ["layer_norm", "rms_norm", "group_norm", "batch_norm", "nn", "convert",
+           "set_backend", "get_backend", "use_backend", "available_backends", "__version__"]

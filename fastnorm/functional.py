@@ -192,4 +192,43 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     else:
         y = torch.ops.fastnorm.batch_norm_apply(x, _flat(running_mean), _flat(running_var),
                                                 _flat(weight), _flat(bias), float(eps), relu)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+               activation: Optional[str] = None) -> Tensor:
+    """Group normalization over (C/num_groups channels x all spatial positions) per sample, as
+    `torch.nn.functional.group_norm`, optionally followed by `activation` ("silu") in the same
+    kernel: `fastnorm.group_norm(x, g, w, b, activation="silu")` equals
+    `F.silu(F.group_norm(x, g, w, b))`.
+
+    Input is (N, C, *). NCHW-contiguous and channels-last inputs run without a copy and the
+    output keeps their memory format. Statistics are fp32 (fp64 for fp64 input); weight/bias may
+    be fp32 with a low-precision input.
+    """
+    _check_float_input("group_norm", input)
+    if activation not in (None, "silu"):
+        raise ValueError(f"fastnorm.group_norm: unknown activation {activation!r}; expected None "
+                         "or 'silu'")
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received "
+                           f"{input.dim()}")
+    n, c = input.shape[0], input.shape[1]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, "
+                           f"but got input of shape {list(input.shape)} and "
+                           f"num_groups={num_groups}")
+    for what, param in (("weight", weight), ("bias", bias)):
+        if param is not None and (param.dim() != 1 or param.numel() != c):
+            raise RuntimeError(f"Expected {what} to be a vector of size equal to the number of "
+                               f"channels in input, but got {what} of shape "
+                               f"{list(param.shape)} and input of shape {list(input.shape)}")
+        _check_param("group_norm", what, param, input, (c,), "num_channels")
+    if _backend.resolve(input, "group_norm") == "torch":
+        y = F.group_norm(input, num_groups, weight, bias, eps)
+        return F.silu(y) if activation == "silu" else y
+    # (N, C, HW) is a view for NCHW and channels-last inputs alike; the op handles both layouts.
+    x3 = input.reshape(n, c, math.prod(input.shape[2:]))
+    y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
+        x3, _flat(weight), _flat(bias), int(num_groups), float(eps), activation or "none")
     return y.view(input.shape)

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from . import functional as F_fast
 
-__all__ = ["LayerNorm", "RMSNorm", "convert"]
-__all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "SyncBatchNorm", "convert"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -36,8 +36,8 @@ _SWAPS: dict[type, type] = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm}
 def convert(module: nn.Module, sync_batchnorm: bool = False,
             process_group: Optional[Any] = None) -> nn.Module:
     """Swap every torch.nn norm layer in `module` (itself included) that fastnorm implements
-    (LayerNorm, RMSNorm, BatchNorm1d/2d/3d, SyncBatchNorm) for the fastnorm one, in place, and
-    return `module`. Idempotent.
+    (LayerNorm, RMSNorm, GroupNorm, BatchNorm1d/2d/3d, SyncBatchNorm) for the fastnorm one, in
+    place, and return `module`. Idempotent.
 
     The layers keep their identity: only their class changes, so Parameter objects, buffers,
     hooks and optimizer state stay as they were (the fastnorm classes add no state).
@@ -146,3 +146,33 @@ def _to_sync_batchnorm(module: nn.Module, process_group: Optional[Any]) -> nn.Mo
     for name, child in module.named_children():
         out.add_module(name, _to_sync_batchnorm(child, process_group))
     return out
+
+
+class GroupNorm(nn.GroupNorm):
+    """`torch.nn.GroupNorm` computed by fastnorm's kernels (see `fastnorm.group_norm`), with an
+    optional fused activation: `GroupNorm(32, 320, activation="silu")` computes
+    `silu(group_norm(x))` in one kernel. Same parameters and state_dict as torch's."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 activation: str | None = None) -> None:
+        if activation not in (None, "silu"):
+            raise ValueError(f"fastnorm.nn.GroupNorm: unknown activation {activation!r}; "
+                             "expected None or 'silu'")
+        # torch releases without GroupNorm(bias=...) still work when it is left at its default.
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **extra)
+        self.activation = activation
+
+    def forward(self, input: Tensor) -> Tensor:
+        # convert() swaps __class__ without running __init__: no attribute means no activation.
+        return F_fast.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                                 activation=getattr(self, "activation", None))
+
+    def extra_repr(self) -> str:
+        activation = getattr(self, "activation", None)
+        extra = f", activation={activation!r}" if activation is not None else ""
+        return super().extra_repr() + extra
+
+
+_SWAPS[nn.GroupNorm] = GroupNorm

@@ -61,6 +61,101 @@ def _ln_specs():
 
 SPECS += _ln_specs()
 
+
+def _gn_specs():
+    specs = []
+    for dt, acc in (("bf16", "float32"), ("fp32", "float32"), ("fp16", "float32"),
+                    ("fp64", "float64")):
+        stat = "fp64" if dt == "fp64" else "fp32"
+        stats_sig = {"X": f"*{dt}", "PMean": f"*{stat}", "PM2": f"*{stat}", "C": "i32",
+                     "HW": "i32", "split_size": "i32", "num_splits": "i32", "num_c_blocks": "i32"}
+        combine_sig = {"PMean": f"*{stat}", "PM2": f"*{stat}", "Mean": f"*{stat}",
+                       "Rstd": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
+                       "group_size": "i32", "split_size": "i32", "num_splits": "i32",
+                       "eps": "fp32"}
+        apply_sig = {"X": f"*{dt}", "Y": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
+                     "Mean": f"*{stat}", "Rstd": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
+                     "group_size": "i32", "num_s_blocks": "i32", "num_c_blocks": "i32",
+                     "num_tiles": "i32"}
+        reduce_sig = {"X": f"*{dt}", "DY": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
+                      "Mean": f"*{stat}", "Rstd": f"*{stat}", "P1": f"*{stat}", "P2": f"*{stat}",
+                      "C": "i32", "HW": "i32", "G": "i32", "group_size": "i32",
+                      "split_size": "i32", "num_splits": "i32", "num_c_blocks": "i32"}
+        bwd_combine_sig = {"P1": f"*{stat}", "P2": f"*{stat}", "W": f"*{dt}", "C1": f"*{stat}",
+                           "C2": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
+                           "group_size": "i32", "num_splits": "i32"}
+        dx_sig = {"X": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
+                  "Mean": f"*{stat}", "Rstd": f"*{stat}", "C1": f"*{stat}", "C2": f"*{stat}",
+                  "C": "i32", "HW": "i32", "G": "i32", "group_size": "i32",
+                  "num_s_blocks": "i32", "num_c_blocks": "i32", "num_tiles": "i32"}
+        tile = 2048 if dt == "fp64" else 4096
+        # (CHANNELS_LAST, BLOCK_S, BLOCK_C): NCHW long spatial runs, channels-last channel runs.
+        tilings = ((False, tile, 1), (False, tile // 4, 4), (True, tile // 256, 256),
+                   (True, tile // 64, 64))
+        for channels_last, block_s, block_c in tilings:
+            blocks = {"BLOCK_S": block_s, "BLOCK_C": block_c}
+            specs.append(("group_norm", "_group_norm_fwd_stats_kernel", stats_sig,
+                          {"CHANNELS_LAST": channels_last, "ACC": acc, **blocks}, 8))
+            for activation in ("none", "silu"):
+                for affine in ((True, False) if block_c == 1 else (True,)):
+                    flags = {"CHANNELS_LAST": channels_last, "HAS_WEIGHT": affine,
+                             "HAS_BIAS": affine, "ACTIVATION": activation, "ACC": acc, **blocks}
+                    specs.append(("group_norm", "_group_norm_fwd_apply_kernel", apply_sig,
+                                  flags, 8))
+                    specs.append(("group_norm", "_group_norm_bwd_reduce_kernel", reduce_sig,
+                                  flags, 8))
+                    specs.append(("group_norm", "_group_norm_bwd_dx_kernel", dx_sig, flags, 8))
+        fused_fwd_sig = {"X": f"*{dt}", "Y": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
+                         "Mean": f"*{stat}", "Rstd": f"*{stat}", "HW": "i32", "G": "i32",
+                         "group_size": "i32", "eps": "fp32"}
+        fused_bwd_sig = {"X": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "W": f"*{dt}",
+                         "B": f"*{dt}", "Mean": f"*{stat}", "Rstd": f"*{stat}", "P1": f"*{stat}",
+                         "P2": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
+                         "group_size": "i32"}
+        half = 2 if dt == "fp64" else 1  # fused limits 16384 (fwd) / 8192 (bwd), halved for fp64
+        for kernel, sig, block_s, block_c, warps in (
+                ("_group_norm_fwd_fused_kernel", fused_fwd_sig, 4096 // half, 4, 16),
+                ("_group_norm_fwd_fused_kernel", fused_fwd_sig, 64, 16, 2),
+                ("_group_norm_bwd_fused_kernel", fused_bwd_sig, 2048 // half, 4, 16 // half),
+                ("_group_norm_bwd_fused_kernel", fused_bwd_sig, 64, 16, 2)):
+            for activation in ("none", "silu"):
+                for affine in ((True, False) if block_s == 64 else (True,)):
+                    specs.append(("group_norm", kernel, sig,
+                                  {"HAS_WEIGHT": affine, "HAS_BIAS": affine,
+                                   "ACTIVATION": activation, "ACC": acc, "BLOCK_S": block_s,
+                                   "BLOCK_C": block_c}, warps))
+        specs.append(("group_norm", "_group_norm_fwd_combine_kernel", combine_sig,
+                      {"ACC": acc, "BLOCK_K": 1024}, 4))
+        for has_weight in (True, False):
+            specs.append(("group_norm", "_group_norm_bwd_combine_kernel", bwd_combine_sig,
+                          {"HAS_WEIGHT": has_weight, "ACC": acc, "BLOCK_K": 64}, 4))
+        if dt in ("fp32", "bf16"):
+            # At run time Triton turns int arguments equal to 1 into constants (G=C, HW=1, one
+            # split): every kernel must still build with them.
+            ones = {"group_size": 1, "num_splits": 1, "split_size": 1, "HW": 1,
+                    "num_c_blocks": 1, "num_s_blocks": 1, "num_tiles": 1}
+            tile_flags = {"CHANNELS_LAST": False, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                          "ACTIVATION": "silu", "ACC": acc, "BLOCK_S": 1, "BLOCK_C": 4}
+            for kernel, sig, flags in (
+                    ("_group_norm_fwd_stats_kernel", stats_sig,
+                     {"CHANNELS_LAST": False, "ACC": acc, "BLOCK_S": 1, "BLOCK_C": 4}),
+                    ("_group_norm_fwd_combine_kernel", combine_sig, {"ACC": acc, "BLOCK_K": 1}),
+                    ("_group_norm_fwd_apply_kernel", apply_sig, tile_flags),
+                    ("_group_norm_bwd_reduce_kernel", reduce_sig, tile_flags),
+                    ("_group_norm_bwd_combine_kernel", bwd_combine_sig,
+                     {"HAS_WEIGHT": True, "ACC": acc, "BLOCK_K": 1}),
+                    ("_group_norm_bwd_dx_kernel", dx_sig, tile_flags),
+                    ("_group_norm_fwd_fused_kernel", fused_fwd_sig,
+                     {k: v for k, v in tile_flags.items() if k != "CHANNELS_LAST"}),
+                    ("_group_norm_bwd_fused_kernel", fused_bwd_sig,
+                     {k: v for k, v in tile_flags.items() if k != "CHANNELS_LAST"})):
+                fixed = {k: v for k, v in ones.items() if k in sig}
+                specs.append(("group_norm", kernel, sig, {**flags, **fixed}, 1))
+    return specs
+
+
+SPECS += _gn_specs()
+
 _COMPILER = textwrap.dedent("""
     import importlib, json, sys
     import triton, triton.language as tl

@@ -1,0 +1,81 @@
+"""Custom ops for GroupNorm (optionally fused with SiLU) on a 3-D view (N, C, HW).
+
+fastnorm::group_norm_fwd(x, weight?, bias?, num_groups, eps, activation) -> (y, mean, rstd)
+fastnorm::group_norm_bwd(dy, x, weight?, bias?, mean, rstd, num_groups, activation)
+    -> (dx, dweight, dbias)
+
+x is NCHW-contiguous or channels-last ((N, HW, C) in memory); y and dx keep that layout, any
+other strides give contiguous results. activation is "none" or "silu". A gradient output whose
+parameter is absent comes back as an empty tensor (a custom op cannot return None). mean/rstd are
+(N, G) in fp32 (fp64 for fp64 x).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..triton import group_norm as kernels
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _output_like(x: Tensor) -> Tensor:
+    """What the kernels return for x: its own layout when it is one of the two they handle."""
+    return torch.empty_like(kernels.canonical(x))
+
+
+@torch.library.custom_op("fastnorm::group_norm_fwd", mutates_args=())
+def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+                   eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.group_norm_fwd(x, weight, bias, num_groups, eps, activation)
+
+
+@group_norm_fwd.register_fake
+def _(x, weight, bias, num_groups, eps, activation):
+    stats = _stats_dtype(x)
+    n = x.shape[0]
+    return (_output_like(x), x.new_empty((n, num_groups), dtype=stats),
+            x.new_empty((n, num_groups), dtype=stats))
+
+
+@torch.library.custom_op("fastnorm::group_norm_bwd", mutates_args=())
+def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, num_groups: int,
+                   activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = kernels.group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation)
+    return dx, _empty_if_none(dw, x), _empty_if_none(db, x)
+
+
+@group_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups, activation):
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
+    return _output_like(x), dw, db
+
+
+def _group_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, _eps, activation = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.activation = activation
+
+
+def _group_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+    return (dx if ctx.needs_input_grad[0] else None,
+            dw if weight is not None and ctx.needs_input_grad[1] else None,
+            db if bias is not None and ctx.needs_input_grad[2] else None,
+            None, None, None)
+
+
+group_norm_fwd.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)

@@ -1,0 +1,623 @@
+"""GroupNorm in Triton, forward and backward, optionally fused with SiLU, on a 3-D view
+(N, C, HW) in one of two memory layouts:
+
+- NCHW (contiguous): element (n, c, s) at n*C*HW + c*HW + s;
+- channels-last (NHWC, NDHWC, NLC): element (n, c, s) at n*C*HW + s*C + c (CHANNELS_LAST).
+
+Every kernel works on tiles of [BLOCK_S spatial positions, BLOCK_C channels] of one sample. In
+NCHW the split-path tile is a few channels by a long contiguous spatial run; in channels-last it is a few
+spatial positions by a contiguous run of channels (BLOCK_C a power of two dividing C where one
+exists, so each row segment fills whole 32-byte sectors). Neither layout does strided
+per-channel access, and neither needs a transpose.
+
+Fused path (NCHW, a group padded to a [pow2 HW, pow2 C/G] tile of at most MAX_FUSED_FWD /
+MAX_FUSED_BWD elements, and N*G >= 2 programs per SM): one program per (n, g) loads its group
+(contiguous in NCHW) into registers once and does statistics and output, or the whole backward of
+the group, in one launch. Everything else takes the split path below.
+
+Split path, forward, three launches:
+1. stats: the spatial extent is cut into `num_splits` splits so that N * channel blocks * splits
+   programs fill the GPU even when N*G is small and groups are large (8 x 32 groups of 10 x 128^2
+   elements). Each program reduces its tiles to per-channel (mean, M2) over its split, from sums
+   of x - shift and its square (shift: the channel's mean over the split's first tile, so no
+   cancellation at large means), and writes them to partials [N, num_splits, C]. Per-channel partials make one
+   kernel serve both layouts: a channel never straddles two groups.
+2. combine: one program per (n, g) merges the split x channel partials of its group in a fixed
+   order (mean = sum(count_i * mean_i) / count, M2 = sum(M2_i) + sum(count_i * (mean_i - mean)^2)),
+   so statistics stay exact at large means (no E[x^2] - E[x]^2) and are deterministic (no
+   atomics). mean and rstd are stored [N, G] in fp32 (fp64 for fp64 input).
+3. apply: y = (x - mean) * rstd * w + b, then SiLU. It walks the tiles in the reverse order of the
+   stats pass, so the data the stats pass read last (still in L2) is read first: x is read at
+   most twice from HBM, and a tensor that fits in L2 only once.
+
+Split path, backward, the same three-step shape:
+1. reduce: per (n, split, c) partials P1 = sum(dz * x_hat) and P2 = sum(dz), where dz is dy, or
+   with SiLU dy * silu'(z) for the recomputed pre-activation z = x_hat * w + b
+   (silu'(z) = s + z*s*(1-s), s = sigmoid(z)). x_hat comes from the saved mean/rstd, so no
+   cancellation at large means.
+2. combine: per (n, g): c1 = sum_c w[c] * P1 / count, c2 = sum_c w[c] * P2 / count. dweight and
+   dbias are the column sums of P1 and P2 over (n, split), done by `column_sum` (fixed order).
+3. dx = rstd * (w * dz - x_hat * c1 - c2), again walking the tiles in reverse order.
+
+Cost (HBM passes over numel * elem_size, unmeasured so far): the fused path does the minimum,
+2 forward and 3 backward. The split path: forward 2 (x in, y out) when the re-read of x hits L2,
+3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5. The partials
+are C floats per (sample, split): noise next to x. Why the split path is not one kernel: a group
+split over several programs needs its statistics before any program can normalize, and programs
+cannot wait on each other without grid-wide synchronisation (which Triton's interpreter could not
+run either), so the statistics go through memory and the next launch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, column_sum, num_parallel_programs, tl_acc_dtype
+
+# Elements per tile: 4096 keeps x (and dy in the backward) in registers at 8 warps. fp64 halves it.
+TILE = 4096
+# Widest channel block in channels-last: 256 bf16 = 512 contiguous bytes per row segment.
+MAX_BLOCK_C = 256
+# Partial entries merged per iteration of a combine kernel.
+COMBINE_BLOCK = 1024
+# Largest NCHW group (padded to a [pow2 HW, pow2 C/G] tile) that one program holds in registers:
+# the fused path. The backward holds x and dy, so its limit is lower. fp64 halves both.
+MAX_FUSED_FWD = 16384
+MAX_FUSED_BWD = 8192
+
+ACTIVATIONS = ("none", "silu")
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+@triton.jit
+def _offsets(s, chans, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Offsets of the [BLOCK_S, BLOCK_C] tile (spatial s, channels chans) within one sample."""
+    if CHANNELS_LAST:
+        offs = s[:, None] * C + chans[None, :]
+    else:
+        offs = s[:, None] + chans[None, :] * HW
+    return offs
+
+
+@triton.jit
+def _split_coords(pid, num_splits, num_c_blocks, CHANNELS_LAST: tl.constexpr):
+    """(n, split, channel block) of a reduce program, numbered in memory order."""
+    if CHANNELS_LAST:
+        cb = pid % num_c_blocks
+        sp = (pid // num_c_blocks) % num_splits
+        n = pid // (num_c_blocks * num_splits)
+    else:
+        sp = pid % num_splits
+        cb = (pid // num_splits) % num_c_blocks
+        n = pid // (num_splits * num_c_blocks)
+    return n, sp, cb
+
+
+@triton.jit
+def _tile_coords(pid, num_tiles, num_s_blocks, num_c_blocks, CHANNELS_LAST: tl.constexpr):
+    """(n, spatial block, channel block) of an elementwise program. Tiles are numbered in memory
+    order and visited backwards: the reduce pass before read them forwards, so the tail it read
+    last is still in L2 when this pass starts."""
+    t = num_tiles - 1 - pid
+    if CHANNELS_LAST:
+        cb = t % num_c_blocks
+        sb = (t // num_c_blocks) % num_s_blocks
+        n = t // (num_c_blocks * num_s_blocks)
+    else:
+        sb = t % num_s_blocks
+        cb = (t // num_s_blocks) % num_c_blocks
+        n = t // (num_s_blocks * num_c_blocks)
+    return n, sb, cb
+
+
+@triton.jit
+def _silu_input_grad(dy, x_hat, w, b, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """dy * silu'(z) for the pre-activation z = x_hat * w + b recomputed from x_hat."""
+    z = x_hat
+    if HAS_WEIGHT:
+        z = z * w[None, :]
+    if HAS_BIAS:
+        z = z + b[None, :]
+    sig = 1.0 / (1.0 + tl.exp(-z))
+    return dy * (sig + z * sig * (1.0 - sig))
+
+
+@triton.jit
+def _group_norm_fwd_stats_kernel(X, PMean, PM2, C, HW, split_size, num_splits, num_c_blocks,
+                                 CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel (mean, M2) over one spatial split of one sample -> PMean/PM2[n, split, c]."""
+    n, sp, cb = _split_coords(tl.program_id(0), num_splits, num_c_blocks, CHANNELS_LAST)
+    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = chans < C
+    x_base = X + n.to(tl.int64) * C * HW
+    s_start = sp * split_size
+    s_end = tl.minimum(s_start + split_size, HW)
+    # Sums of d = x - shift and d^2, the shift being the per-channel mean of the split's first
+    # tile: d is O(std) however large the mean, so M2 = sum(d^2) - sum(d)^2 / count does not
+    # cancel catastrophically. The sums accumulate elementwise, reduced once at the end. (The
+    # first tile is read again by the loop, from cache.)
+    s = s_start + tl.arange(0, BLOCK_S)
+    mask = (s < s_end)[:, None] & c_mask[None, :]
+    x = tl.load(x_base + _offsets(s, chans, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
+    shift = tl.sum(x, axis=0) / tl.minimum(s_end - s_start, BLOCK_S).to(ACC)
+    sum_d = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    sum_d2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None] & c_mask[None, :]
+        x = tl.load(x_base + _offsets(s, chans, C, HW, CHANNELS_LAST), mask=mask,
+                    other=0.0).to(ACC)
+        d = tl.where(mask, x - shift[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    count = (s_end - s_start).to(ACC)
+    s1 = tl.sum(sum_d, axis=0)
+    mean = shift + s1 / count
+    m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * (s1 / count), 0.0)
+    out = (n * num_splits + sp).to(tl.int64) * C + chans
+    tl.store(PMean + out, mean, mask=c_mask)
+    tl.store(PM2 + out, m2, mask=c_mask)
+
+
+@triton.jit
+def _group_norm_fwd_combine_kernel(PMean, PM2, Mean, Rstd, C, HW, G, group_size, split_size,
+                                   num_splits, eps,
+                                   ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per (n, g): merges the num_splits x group_size partials into mean, rstd."""
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    num_partials = num_splits * group_size
+    total = tl.cast(group_size, ACC) * HW  # tl.cast: group_size may arrive as constexpr 1
+    row0 = n.to(tl.int64) * num_splits
+    weighted = tl.zeros([BLOCK_K], dtype=ACC)
+    for k0 in range(0, num_partials, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = k < num_partials
+        sp = k // group_size
+        offs = (row0 + sp) * C + g * group_size + k % group_size
+        count = tl.minimum(tl.maximum(HW - sp * split_size, 0), split_size).to(ACC)
+        weighted += count * tl.load(PMean + offs, mask=mask, other=0.0)
+    mean = tl.sum(weighted, axis=0) / total
+    m2 = tl.zeros([BLOCK_K], dtype=ACC)
+    for k0 in range(0, num_partials, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = k < num_partials
+        sp = k // group_size
+        offs = (row0 + sp) * C + g * group_size + k % group_size
+        count = tl.minimum(tl.maximum(HW - sp * split_size, 0), split_size).to(ACC)
+        delta = tl.load(PMean + offs, mask=mask, other=0.0) - mean
+        m2 += tl.where(mask, tl.load(PM2 + offs, mask=mask, other=0.0) + count * delta * delta,
+                       0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=0) / total + eps)
+    tl.store(Mean + ng, mean)
+    tl.store(Rstd + ng, rstd)
+
+
+@triton.jit
+def _group_norm_fwd_apply_kernel(X, Y, W, B, Mean, Rstd, C, HW, G, group_size, num_s_blocks,
+                                 num_c_blocks, num_tiles,
+                                 CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                                 ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = act((x - mean) * rstd * w + b) on one tile."""
+    n, sb, cb = _tile_coords(tl.program_id(0), num_tiles, num_s_blocks, num_c_blocks,
+                             CHANNELS_LAST)
+    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = chans < C
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (s < HW)[:, None] & c_mask[None, :]
+    stat = n * G + chans // group_size
+    mean = tl.load(Mean + stat, mask=c_mask, other=0.0)
+    scale = tl.load(Rstd + stat, mask=c_mask, other=0.0)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
+    base = n.to(tl.int64) * C * HW
+    offs = _offsets(s, chans, C, HW, CHANNELS_LAST)
+    x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
+    # (x - mean) * scale rather than x * scale - mean * scale: exact at large means.
+    y = (x - mean[None, :]) * scale[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)[None, :]
+    if ACTIVATION == "silu":
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_bwd_reduce_kernel(X, DY, W, B, Mean, Rstd, P1, P2, C, HW, G, group_size,
+                                  split_size, num_splits, num_c_blocks,
+                                  CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                                  ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+    """P1[n, split, c] = sum(dz * x_hat), P2[n, split, c] = sum(dz) over one spatial split."""
+    n, sp, cb = _split_coords(tl.program_id(0), num_splits, num_c_blocks, CHANNELS_LAST)
+    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = chans < C
+    stat = n * G + chans // group_size
+    mean = tl.load(Mean + stat, mask=c_mask, other=0.0)
+    rstd = tl.load(Rstd + stat, mask=c_mask, other=0.0)
+    w = mean  # placeholders when absent; _silu_input_grad ignores them then
+    b = mean
+    if HAS_WEIGHT:
+        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
+    base = n.to(tl.int64) * C * HW
+    s_start = sp * split_size
+    s_end = tl.minimum(s_start + split_size, HW)
+    # Elementwise accumulators: one cross-warp reduction at the end, not one per tile.
+    sum1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None] & c_mask[None, :]
+        offs = _offsets(s, chans, C, HW, CHANNELS_LAST)
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
+        dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(ACC)
+        x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+        if ACTIVATION == "silu":
+            dz = _silu_input_grad(dz, x_hat, w, b, HAS_WEIGHT, HAS_BIAS)
+        sum1 += dz * x_hat
+        sum2 += dz
+    out = (n * num_splits + sp).to(tl.int64) * C + chans
+    tl.store(P1 + out, tl.sum(sum1, axis=0), mask=c_mask)
+    tl.store(P2 + out, tl.sum(sum2, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _group_norm_bwd_combine_kernel(P1, P2, W, C1, C2, C, HW, G, group_size, num_splits,
+                                   HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+    """One program per (n, g): c1 = mean(w * dz * x_hat), c2 = mean(w * dz) over the group."""
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    num_partials = num_splits * group_size
+    row0 = n.to(tl.int64) * num_splits
+    sum1 = tl.zeros([BLOCK_K], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_K], dtype=ACC)
+    for k0 in range(0, num_partials, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = k < num_partials
+        chans = g * group_size + k % group_size
+        offs = (row0 + k // group_size) * C + chans
+        p1 = tl.load(P1 + offs, mask=mask, other=0.0)
+        p2 = tl.load(P2 + offs, mask=mask, other=0.0)
+        if HAS_WEIGHT:
+            w = tl.load(W + chans, mask=mask, other=0.0).to(ACC)
+            p1 = p1 * w
+            p2 = p2 * w
+        sum1 += p1
+        sum2 += p2
+    total = tl.cast(group_size, ACC) * HW  # tl.cast: group_size may arrive as constexpr 1
+    tl.store(C1 + ng, tl.sum(sum1, axis=0) / total)
+    tl.store(C2 + ng, tl.sum(sum2, axis=0) / total)
+
+
+@triton.jit
+def _group_norm_bwd_dx_kernel(X, DY, DX, W, B, Mean, Rstd, C1, C2, C, HW, G, group_size,
+                              num_s_blocks, num_c_blocks, num_tiles,
+                              CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                              ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = rstd * (w * dz - x_hat * c1 - c2) on one tile."""
+    n, sb, cb = _tile_coords(tl.program_id(0), num_tiles, num_s_blocks, num_c_blocks,
+                             CHANNELS_LAST)
+    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = chans < C
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (s < HW)[:, None] & c_mask[None, :]
+    stat = n * G + chans // group_size
+    mean = tl.load(Mean + stat, mask=c_mask, other=0.0)
+    rstd = tl.load(Rstd + stat, mask=c_mask, other=0.0)
+    c1 = tl.load(C1 + stat, mask=c_mask, other=0.0)
+    c2 = tl.load(C2 + stat, mask=c_mask, other=0.0)
+    w = mean  # placeholders when absent
+    b = mean
+    if HAS_WEIGHT:
+        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
+    base = n.to(tl.int64) * C * HW
+    offs = _offsets(s, chans, C, HW, CHANNELS_LAST)
+    x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
+    dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(ACC)
+    x_hat = (x - mean[None, :]) * rstd[None, :]
+    if ACTIVATION == "silu":
+        dz = _silu_input_grad(dz, x_hat, w, b, HAS_WEIGHT, HAS_BIAS)
+    if HAS_WEIGHT:
+        dz = dz * w[None, :]
+    dx = (dz - (x_hat * c1[None, :] + c2[None, :])) * rstd[None, :]
+    tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_fwd_fused_kernel(X, Y, W, B, Mean, Rstd, HW, G, group_size, eps,
+                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """NCHW, one program per (n, g) whose group fits in one tile: statistics from registers
+    (two-pass: mean, then squared deviations), then y. One read of x, one launch."""
+    ng = tl.program_id(0)
+    j = tl.arange(0, BLOCK_C)
+    chans = (ng % G) * group_size + j
+    c_mask = j < group_size
+    s = tl.arange(0, BLOCK_S)
+    mask = (s < HW)[:, None] & c_mask[None, :]
+    # In NCHW a group is one contiguous run of group_size * HW elements.
+    offs = ng.to(tl.int64) * group_size * HW + s[:, None] + j[None, :] * HW
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    count = tl.cast(group_size, ACC) * HW
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xc * xc, axis=1), axis=0) / count + eps)
+    tl.store(Mean + ng, mean)
+    tl.store(Rstd + ng, rstd)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)[None, :]
+    if ACTIVATION == "silu":
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_bwd_fused_kernel(X, DY, DX, W, B, Mean, Rstd, P1, P2, C, HW, G, group_size,
+                                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """NCHW, one program per (n, g) whose group fits in one tile: per-channel P1/P2 (the dweight
+    and dbias partials, [N, C]), c1/c2 and dx from registers."""
+    ng = tl.program_id(0)
+    n = ng // G
+    j = tl.arange(0, BLOCK_C)
+    chans = (ng % G) * group_size + j
+    c_mask = j < group_size
+    s = tl.arange(0, BLOCK_S)
+    mask = (s < HW)[:, None] & c_mask[None, :]
+    offs = ng.to(tl.int64) * group_size * HW + s[:, None] + j[None, :] * HW
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    dz = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(Mean + ng)
+    rstd = tl.load(Rstd + ng)
+    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    w = tl.zeros([BLOCK_C], dtype=ACC)  # placeholders when absent
+    b = w
+    if HAS_WEIGHT:
+        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
+    if ACTIVATION == "silu":
+        dz = _silu_input_grad(dz, x_hat, w, b, HAS_WEIGHT, HAS_BIAS)
+    p1 = tl.sum(dz * x_hat, axis=0)
+    p2 = tl.sum(dz, axis=0)
+    out = n.to(tl.int64) * C + chans
+    tl.store(P1 + out, p1, mask=c_mask)
+    tl.store(P2 + out, p2, mask=c_mask)
+    if HAS_WEIGHT:
+        p1 = p1 * w
+        p2 = p2 * w
+        dz = dz * w[None, :]
+    count = tl.cast(group_size, ACC) * HW
+    c1 = tl.sum(p1, axis=0) / count
+    c2 = tl.sum(p2, axis=0) / count
+    dx = (dz - (x_hat * c1 + c2)) * rstd
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --- launch planning ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroupNormPlan:
+    """Tiling of an (N, C, HW) tensor: tiles of block_s x block_c; the reduce passes cut the
+    spatial extent into num_splits splits of split_size positions (a multiple of block_s)."""
+    channels_last: bool
+    block_s: int
+    block_c: int
+    num_c_blocks: int
+    num_s_blocks: int
+    split_size: int
+    num_splits: int
+    num_warps: int
+
+    @classmethod
+    def make(cls, n: int, c: int, hw: int, dtype: torch.dtype, channels_last: bool,
+             device: torch.device, split_size: int | None = None) -> "GroupNormPlan":
+        """The heuristic. `split_size` (spatial positions per split, rounded up to a multiple of
+        block_s) overrides the choice of splits, for tests and tuning."""
+        tile = TILE // 2 if dtype == torch.float64 else TILE
+        if channels_last:
+            # The largest power-of-two divisor of C keeps row segments sector-aligned and
+            # unmasked (320 -> 64, 640 -> 128, 1280 -> 256); odd C falls back to masking.
+            pow2_divisor = c & -c
+            block_c = min(MAX_BLOCK_C, pow2_divisor if pow2_divisor >= 32
+                          else triton.next_power_of_2(c))
+            block_s = max(1, min(triton.next_power_of_2(hw), tile // block_c))
+        else:
+            block_s = min(triton.next_power_of_2(hw), tile)
+            block_c = max(1, min(triton.next_power_of_2(c), tile // block_s))
+        num_c_blocks = triton.cdiv(c, block_c)
+        num_s_blocks = triton.cdiv(hw, block_s)
+        if split_size is None:
+            # Enough reduce programs for ~4 waves; never less than one tile per split.
+            target = 4 * num_parallel_programs(device)
+            splits = max(1, min(num_s_blocks, triton.cdiv(target, max(1, n * num_c_blocks))))
+            split_blocks = triton.cdiv(num_s_blocks, splits)
+        else:
+            split_blocks = max(1, triton.cdiv(split_size, block_s))
+        split = split_blocks * block_s
+        num_warps = max(1, min(8, block_s * block_c // 512))
+        return cls(channels_last, block_s, block_c, num_c_blocks, num_s_blocks, split,
+                   max(1, triton.cdiv(hw, split)), num_warps)
+
+    def reduce_grid(self, n: int) -> tuple[int]:
+        return (n * self.num_c_blocks * self.num_splits,)
+
+    def num_tiles(self, n: int) -> int:
+        return n * self.num_c_blocks * self.num_s_blocks
+
+
+def fused_tile(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
+               channels_last: bool, device: torch.device, limit: int
+               ) -> tuple[int, int, int] | None:
+    """(block_s, block_c, num_warps) when one program per (n, g) holding its whole group beats
+    the split path: NCHW (the group is contiguous), the padded group fits in `limit` elements,
+    and there are enough groups to fill the device. None otherwise."""
+    if channels_last:
+        return None
+    block_s = triton.next_power_of_2(hw)
+    block_c = triton.next_power_of_2(c // num_groups)
+    if dtype == torch.float64:
+        limit //= 2
+    if block_s * block_c > limit or n * num_groups < 2 * num_parallel_programs(device):
+        return None
+    return block_s, block_c, max(1, min(16, block_s * block_c // 512))
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when the (N, C, HW) view x is laid out (N, HW, C) in memory and not also contiguous
+    (size-1 dims make both true; then the NCHW path is taken)."""
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def canonical(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it is NCHW-contiguous or channels-last, else a contiguous copy."""
+    if x.is_contiguous() or is_channels_last(x):
+        return x
+    return x.contiguous()
+
+
+def _as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fastnorm.group_norm: unknown activation {activation!r}; expected one "
+                         f"of {ACTIVATIONS}")
+
+
+def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   num_groups: int, eps: float, activation: str = "none",
+                   split_size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, mean, rstd for x of shape (N, C, HW). y has x's layout (NCHW or channels-last; any
+    other strides are made contiguous first); mean/rstd are (N, G) in fp32 (fp64 for fp64).
+    `split_size` forces the split path with that many spatial positions per split (tests)."""
+    _check_activation(activation)
+    x = canonical(x)
+    n, c, hw = x.shape
+    g = num_groups
+    stats_dtype = acc_dtype(x.dtype)
+    y = torch.empty_like(x)
+    mean = torch.empty((n, g), dtype=stats_dtype, device=x.device)
+    rstd = torch.empty((n, g), dtype=stats_dtype, device=x.device)
+    if n == 0 or c == 0:
+        return y, mean, rstd
+    if hw == 0:  # as torch's native_group_norm: zero mean, NaN rstd, empty output
+        mean.zero_()
+        rstd.fill_(float("nan"))
+        return y, mean, rstd
+    channels_last = is_channels_last(x)
+    group_size = c // g
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 ACTIVATION=activation, ACC=tl_acc_dtype(x.dtype))
+    # Unused pointers still need a tensor argument; mean stands in for them.
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    fused = None if split_size is not None else fused_tile(
+        n, c, hw, g, x.dtype, channels_last, x.device, MAX_FUSED_FWD)
+    if fused is not None:
+        block_s, block_c, num_warps = fused
+        _group_norm_fwd_fused_kernel[(n * g,)](
+            x, y, w, b, mean, rstd, hw, g, group_size, eps, **flags, BLOCK_S=block_s,
+            BLOCK_C=block_c, num_warps=num_warps)
+        return y, mean, rstd
+    plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
+    p_mean = torch.empty((n * plan.num_splits, c), dtype=stats_dtype, device=x.device)
+    p_m2 = torch.empty_like(p_mean)
+    _group_norm_fwd_stats_kernel[plan.reduce_grid(n)](
+        x, p_mean, p_m2, c, hw, plan.split_size, plan.num_splits, plan.num_c_blocks,
+        CHANNELS_LAST=channels_last, ACC=flags["ACC"], BLOCK_S=plan.block_s,
+        BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
+    _group_norm_fwd_combine_kernel[(n * g,)](
+        p_mean, p_m2, mean, rstd, c, hw, g, group_size, plan.split_size, plan.num_splits, eps,
+        ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
+    num_tiles = plan.num_tiles(n)
+    _group_norm_fwd_apply_kernel[(num_tiles,)](
+        x, y, w, b, mean, rstd, c, hw, g, group_size, plan.num_s_blocks, plan.num_c_blocks,
+        num_tiles, CHANNELS_LAST=channels_last, **flags, BLOCK_S=plan.block_s,
+        BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    return y, mean, rstd
+
+
+def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                   num_groups: int, activation: str = "none", split_size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """dx (in x's layout), dweight, dbias (None where there is no weight / bias) for x and dy of
+    shape (N, C, HW). bias is read for the SiLU backward; dbias comes back in bias's dtype.
+    `split_size` forces the split path, as in group_norm_fwd."""
+    _check_activation(activation)
+    x = canonical(x)
+    n, c, hw = x.shape
+    g = num_groups
+    channels_last = is_channels_last(x)
+    dy = _as_layout(dy, channels_last)
+    dx = torch.empty_like(x)
+    has_weight = weight is not None
+    has_bias = bias is not None
+    partial_dtype = acc_dtype(x.dtype)
+    if n == 0 or c == 0 or hw == 0:
+        dweight = torch.zeros_like(weight) if has_weight else None
+        dbias = torch.zeros_like(bias) if has_bias else None
+        return dx, dweight, dbias
+    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=activation,
+                 ACC=tl_acc_dtype(x.dtype))
+    w = weight if has_weight else mean
+    b = bias if has_bias else mean
+    group_size = c // g
+    fused = None if split_size is not None else fused_tile(
+        n, c, hw, g, x.dtype, channels_last, x.device, MAX_FUSED_BWD)
+    if fused is not None:
+        block_s, block_c, num_warps = fused
+        # One row of dweight/dbias partials per sample.
+        p1 = torch.empty((n, c), dtype=partial_dtype, device=x.device)
+        p2 = torch.empty_like(p1)
+        _group_norm_bwd_fused_kernel[(n * g,)](
+            x, dy, dx, w, b, mean, rstd, p1, p2, c, hw, g, group_size, **flags,
+            BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+    else:
+        plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
+        p1 = torch.empty((n * plan.num_splits, c), dtype=partial_dtype, device=x.device)
+        p2 = torch.empty_like(p1)
+        _group_norm_bwd_reduce_kernel[plan.reduce_grid(n)](
+            x, dy, w, b, mean, rstd, p1, p2, c, hw, g, group_size, plan.split_size,
+            plan.num_splits, plan.num_c_blocks, CHANNELS_LAST=channels_last, **flags,
+            BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+        c1 = torch.empty((n, g), dtype=partial_dtype, device=x.device)
+        c2 = torch.empty_like(c1)
+        block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
+        _group_norm_bwd_combine_kernel[(n * g,)](
+            p1, p2, w, c1, c2, c, hw, g, group_size, plan.num_splits, HAS_WEIGHT=has_weight,
+            ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
+        num_tiles = plan.num_tiles(n)
+        _group_norm_bwd_dx_kernel[(num_tiles,)](
+            x, dy, dx, w, b, mean, rstd, c1, c2, c, hw, g, group_size, plan.num_s_blocks,
+            plan.num_c_blocks, num_tiles, CHANNELS_LAST=channels_last, **flags,
+            BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    dweight = column_sum(p1, weight.dtype) if has_weight else None
+    dbias = column_sum(p2, bias.dtype) if has_bias else None
+    return dx, dweight, dbias
