@@ -192,6 +192,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     else:
         y = torch.ops.fastnorm.batch_norm_apply(x, _flat(running_mean), _flat(running_var),
                                                 _flat(weight), _flat(bias), float(eps), relu)
+    return y.view(input.shape)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
