@@ -34,7 +34,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _backend
-from . import ops as _ops  # noqa: F401  (registers the custom ops)
 from .functional import (_batch_norm_view, _check_batch_norm_args, _flat,
                          _update_running_stats)
 
