@@ -232,6 +232,30 @@ def _batch_norm_elementwise(x, dy, mean, rstd, w, b, mean_dy, mean_dy_xhat,
 
 
 @triton.jit
+def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, ch_mask, eps,
+                    BACKWARD: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel values the elementwise pass needs, for channel indices `ch`: mean, rstd,
+    weight, bias and (backward, training) the means of g and g*x_hat. Absent ones are
+    placeholders the constexpr flags never read."""
+    mean = tl.load(Mean + ch, mask=ch_mask, other=0.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=ch_mask, other=0.0).to(ACC) + eps)
+    w = mean
+    b = mean
+    if HAS_WEIGHT:
+        w = tl.load(W + ch, mask=ch_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + ch, mask=ch_mask, other=0.0).to(ACC)
+    mean_dy = mean
+    mean_dy_xhat = mean
+    if BACKWARD and TRAINING:
+        count = tl.load(Count).to(ACC)
+        mean_dy = tl.load(SumDy + ch, mask=ch_mask, other=0.0).to(ACC) / count
+        mean_dy_xhat = tl.load(SumDyXhat + ch, mask=ch_mask, other=0.0).to(ACC) / count
+    return mean, rstd, w, b, mean_dy, mean_dy_xhat
+
+
+@triton.jit
 def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyXhat, Count,
                                       M, C, eps,
                                       BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
@@ -244,20 +268,9 @@ def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = (rows < M)[:, None] & col_mask[None, :]
-    mean = tl.load(Mean + cols, mask=col_mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.load(Var + cols, mask=col_mask, other=0.0).to(ACC) + eps)
-    w = mean
-    b = mean
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
-    mean_dy = mean
-    mean_dy_xhat = mean
-    if BACKWARD and TRAINING:
-        count = tl.load(Count).to(ACC)
-        mean_dy = tl.load(SumDy + cols, mask=col_mask, other=0.0).to(ACC) / count
-        mean_dy_xhat = tl.load(SumDyXhat + cols, mask=col_mask, other=0.0).to(ACC) / count
+    mean, rstd, w, b, mean_dy, mean_dy_xhat = _channel_params(
+        Mean, Var, W, B, SumDy, SumDyXhat, Count, cols, col_mask, eps,
+        BACKWARD, TRAINING, HAS_WEIGHT, HAS_BIAS, ACC)
     offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     dy = x
@@ -283,20 +296,9 @@ def _batch_norm_elementwise_cf_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
     row_mask = rows < R
     mask = row_mask[:, None] & (ss < S)[None, :]
     ch = rows % C
-    mean = tl.load(Mean + ch, mask=row_mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=row_mask, other=0.0).to(ACC) + eps)
-    w = mean
-    b = mean
-    if HAS_WEIGHT:
-        w = tl.load(W + ch, mask=row_mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        b = tl.load(B + ch, mask=row_mask, other=0.0).to(ACC)
-    mean_dy = mean
-    mean_dy_xhat = mean
-    if BACKWARD and TRAINING:
-        count = tl.load(Count).to(ACC)
-        mean_dy = tl.load(SumDy + ch, mask=row_mask, other=0.0).to(ACC) / count
-        mean_dy_xhat = tl.load(SumDyXhat + ch, mask=row_mask, other=0.0).to(ACC) / count
+    mean, rstd, w, b, mean_dy, mean_dy_xhat = _channel_params(
+        Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, row_mask, eps,
+        BACKWARD, TRAINING, HAS_WEIGHT, HAS_BIAS, ACC)
     offsets = rows.to(tl.int64)[:, None] * S + ss[None, :]
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     dy = x

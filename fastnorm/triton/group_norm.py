@@ -200,25 +200,47 @@ def _group_norm_fwd_combine_kernel(PMean, PM2, Mean, Rstd, C, HW, G, group_size,
 
 
 @triton.jit
+def _tile(pid, num_tiles, num_s_blocks, num_c_blocks, C, HW, G, group_size,
+          CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Where the elementwise program `pid` works: its channels (and their mask), the tile mask,
+    the (n, g) statistics index of each channel, and the tile's element offsets (base + offs)."""
+    n, sb, cb = _tile_coords(pid, num_tiles, num_s_blocks, num_c_blocks, CHANNELS_LAST)
+    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = chans < C
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (s < HW)[:, None] & c_mask[None, :]
+    stat = n * G + chans // group_size
+    base = n.to(tl.int64) * C * HW
+    return chans, c_mask, mask, stat, base, _offsets(s, chans, C, HW, CHANNELS_LAST)
+
+
+@triton.jit
+def _affine_params(W, B, chans, c_mask, placeholder, HAS_WEIGHT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """(weight, bias) of `chans`; `placeholder` stands in for an absent one (never read then)."""
+    w = placeholder
+    b = placeholder
+    if HAS_WEIGHT:
+        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
+    return w, b
+
+
+@triton.jit
 def _group_norm_fwd_apply_kernel(X, Y, W, B, Mean, Rstd, C, HW, G, group_size, num_s_blocks,
                                  num_c_blocks, num_tiles,
                                  CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                                  ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = act((x - mean) * rstd * w + b) on one tile."""
-    n, sb, cb = _tile_coords(tl.program_id(0), num_tiles, num_s_blocks, num_c_blocks,
-                             CHANNELS_LAST)
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = chans < C
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = (s < HW)[:, None] & c_mask[None, :]
-    stat = n * G + chans // group_size
+    chans, c_mask, mask, stat, base, offs = _tile(
+        tl.program_id(0), num_tiles, num_s_blocks, num_c_blocks, C, HW, G, group_size,
+        CHANNELS_LAST, BLOCK_S, BLOCK_C)
     mean = tl.load(Mean + stat, mask=c_mask, other=0.0)
     scale = tl.load(Rstd + stat, mask=c_mask, other=0.0)
     if HAS_WEIGHT:
         scale = scale * tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
-    base = n.to(tl.int64) * C * HW
-    offs = _offsets(s, chans, C, HW, CHANNELS_LAST)
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
     # (x - mean) * scale rather than x * scale - mean * scale: exact at large means.
     y = (x - mean[None, :]) * scale[None, :]
@@ -243,12 +265,7 @@ def _group_norm_bwd_reduce_kernel(X, DY, W, B, Mean, Rstd, P1, P2, C, HW, G, gro
     stat = n * G + chans // group_size
     mean = tl.load(Mean + stat, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + stat, mask=c_mask, other=0.0)
-    w = mean  # placeholders when absent; _silu_input_grad ignores them then
-    b = mean
-    if HAS_WEIGHT:
-        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
+    w, b = _affine_params(W, B, chans, c_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     base = n.to(tl.int64) * C * HW
     s_start = sp * split_size
     s_end = tl.minimum(s_start + split_size, HW)
@@ -308,25 +325,14 @@ def _group_norm_bwd_dx_kernel(X, DY, DX, W, B, Mean, Rstd, C1, C2, C, HW, G, gro
                               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                               ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = rstd * (w * dz - x_hat * c1 - c2) on one tile."""
-    n, sb, cb = _tile_coords(tl.program_id(0), num_tiles, num_s_blocks, num_c_blocks,
-                             CHANNELS_LAST)
-    chans = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = chans < C
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = (s < HW)[:, None] & c_mask[None, :]
-    stat = n * G + chans // group_size
+    chans, c_mask, mask, stat, base, offs = _tile(
+        tl.program_id(0), num_tiles, num_s_blocks, num_c_blocks, C, HW, G, group_size,
+        CHANNELS_LAST, BLOCK_S, BLOCK_C)
     mean = tl.load(Mean + stat, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + stat, mask=c_mask, other=0.0)
     c1 = tl.load(C1 + stat, mask=c_mask, other=0.0)
     c2 = tl.load(C2 + stat, mask=c_mask, other=0.0)
-    w = mean  # placeholders when absent
-    b = mean
-    if HAS_WEIGHT:
-        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
-    base = n.to(tl.int64) * C * HW
-    offs = _offsets(s, chans, C, HW, CHANNELS_LAST)
+    w, b = _affine_params(W, B, chans, c_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
     dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(ACC)
     x_hat = (x - mean[None, :]) * rstd[None, :]
@@ -390,12 +396,8 @@ def _group_norm_bwd_fused_kernel(X, DY, DX, W, B, Mean, Rstd, P1, P2, C, HW, G, 
     mean = tl.load(Mean + ng)
     rstd = tl.load(Rstd + ng)
     x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-    w = tl.zeros([BLOCK_C], dtype=ACC)  # placeholders when absent
-    b = w
-    if HAS_WEIGHT:
-        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
+    w, b = _affine_params(W, B, chans, c_mask, tl.zeros([BLOCK_C], dtype=ACC), HAS_WEIGHT,
+                          HAS_BIAS, ACC)
     if ACTIVATION == "silu":
         dz = _silu_input_grad(dz, x_hat, w, b, HAS_WEIGHT, HAS_BIAS)
     p1 = tl.sum(dz * x_hat, axis=0)
