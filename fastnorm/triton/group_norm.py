@@ -102,16 +102,8 @@ def _tile_coords(pid, num_tiles, num_s_blocks, num_c_blocks, CHANNELS_LAST: tl.c
     """(n, spatial block, channel block) of an elementwise program. Tiles are numbered in memory
     order and visited backwards: the reduce pass before read them forwards, so the tail it read
     last is still in L2 when this pass starts."""
-    t = num_tiles - 1 - pid
-    if CHANNELS_LAST:
-        cb = t % num_c_blocks
-        sb = (t // num_c_blocks) % num_s_blocks
-        n = t // (num_c_blocks * num_s_blocks)
-    else:
-        sb = t % num_s_blocks
-        cb = (t // num_s_blocks) % num_c_blocks
-        n = t // (num_s_blocks * num_c_blocks)
-    return n, sb, cb
+    # Same numbering as the reduce programs, with spatial blocks in place of splits.
+    return _split_coords(num_tiles - 1 - pid, num_s_blocks, num_c_blocks, CHANNELS_LAST)
 
 
 @triton.jit
