@@ -43,7 +43,7 @@ setup(
     extras_require={
         # numpy<2.4: Triton 3.6's CPU interpreter calls int() on 1-element arrays, which
         # numpy 2.4 rejects; the tests run the kernels through that interpreter.
-        "test": ["pytest", "numpy<2.4"],
+        "test": ["pytest", "numpy<2.4", "matplotlib"],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,

@@ -31,7 +31,6 @@ def test_bench_script_writes_results(path, tmp_path):
     assert rows and all(r["provider"] == "torch" for r in rows)
     assert all(r["gbs"] > 0 and not r["error"] for r in rows), [r["error"] for r in rows]
     assert (tmp_path / f"{name}.csv").read_text().startswith("op,case,mode,provider")
-    pytest.importorskip("matplotlib")
     pngs = _load(os.path.join(BENCH_DIR, "plot.py")).plot(str(tmp_path / f"{name}.json"),
                                                           str(tmp_path))
     assert pngs and all(os.path.getsize(p) > 0 for p in pngs)
