@@ -41,6 +41,7 @@ class Run:
     copy_gbs: float
     results: list[Result] = field(default_factory=list)
     quick: bool = False
+    deadline: float = float("inf")   # time.monotonic() after which cases are skipped, not timed
 
 
 def device_name(device: torch.device) -> str:
@@ -90,7 +91,13 @@ def run_case(run: Run, *, op: str, case: str, mode: str, provider: str, dtype: t
              layout: str, ideal_bytes: int, fn: Callable[[], Any],
              grad_to_none=None) -> Result:
     """Times one provider on one case and records the result (errors are recorded, not raised:
-    one provider failing must not hide the others)."""
+    one provider failing must not hide the others). Past the run's deadline the case is
+    recorded as skipped, so a time-boxed run still writes every row it has."""
+    if time.monotonic() > run.deadline:
+        result = Result(op, case, mode, provider, str(dtype).replace("torch.", ""), layout, None,
+                        None, None, ideal_bytes, error="skipped: --max-seconds budget spent")
+        run.results.append(result)
+        return result
     try:
         ms = time_ms(fn, run.device, grad_to_none=grad_to_none, quick=run.quick)
         gbs = ideal_bytes / (ms * 1e-3) / 1e9
@@ -157,7 +164,7 @@ def format_table(run: Run) -> str:
             if r is None:
                 cells.append("")
             elif r.gbs is None:
-                cells.append("error")
+                cells.append("skipped" if r.error.startswith("skipped") else "error")
             else:
                 cells.append(f"{r.gbs:.4g} ({r.pct_copy:.3g}%)")
         ours = [r.gbs for p, r in by_provider.items() if p.startswith("fastnorm") and r.gbs]
@@ -179,13 +186,17 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="small shapes and few repeats (the default on a CPU)")
     p.add_argument("--providers", default="",
                    help="comma-separated subset of providers to run (default: all available)")
+    p.add_argument("--max-seconds", type=float, default=float("inf"),
+                   help="time budget: cases not started by then are recorded as skipped")
     return p
 
 
 def start(args: argparse.Namespace) -> Run:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    return Run(device=device, copy_gbs=copy_bandwidth_gbs(device, quick), quick=quick)
+    deadline = time.monotonic() + args.max_seconds
+    return Run(device=device, copy_gbs=copy_bandwidth_gbs(device, quick), quick=quick,
+               deadline=deadline)
 
 
 def wanted(args: argparse.Namespace, provider: str) -> bool:

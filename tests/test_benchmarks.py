@@ -34,3 +34,11 @@ def test_bench_script_writes_results(path, tmp_path):
     pngs = _load(os.path.join(BENCH_DIR, "plot.py")).plot(str(tmp_path / f"{name}.json"),
                                                           str(tmp_path))
     assert pngs and all(os.path.getsize(p) > 0 for p in pngs)
+
+
+def test_time_budget_records_skipped_cases(tmp_path):
+    _load(os.path.join(BENCH_DIR, "bench_layer_norm.py")).main(
+        ["--quick", "--providers", "torch", "--max-seconds", "0", "--out", str(tmp_path)])
+    with open(tmp_path / "layer_norm.json") as f:
+        rows = json.load(f)["results"]
+    assert rows and all(r["gbs"] is None and r["error"].startswith("skipped") for r in rows)
