@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _backend
+from ._dtypes import stats_dtype
 from .functional import (_batch_norm_view, _check_batch_norm_args, _flat,
                          _update_running_stats)
 
@@ -58,9 +59,6 @@ def check_backend_device(input: Tensor, backend: str) -> None:
                          "the GPU or use a gloo process group for CPU tensors")
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _bcast(t: Tensor) -> Tensor:
     return t[None, :, None]
@@ -82,9 +80,9 @@ class _TorchBlocks:
     @staticmethod
     def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         if x.numel() == 0:
-            zeros = x.new_zeros(x.shape[1], dtype=_stats_dtype(x))
+            zeros = x.new_zeros(x.shape[1], dtype=stats_dtype(x.dtype))
             return zeros, zeros.clone()
-        var, mean = torch.var_mean(x.to(_stats_dtype(x)), dim=(0, 2), correction=0)
+        var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=(0, 2), correction=0)
         return mean, var
 
     @staticmethod
@@ -142,7 +140,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean, var, count = _global_stats(x, group, blocks)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        mean, var = mean.to(_stats_dtype(x)), var.to(_stats_dtype(x))
+        mean, var = mean.to(stats_dtype(x.dtype)), var.to(stats_dtype(x.dtype))
         y = blocks.batch_norm_apply(x, mean, var, weight, bias, eps, relu)
         ctx.save_for_backward(x, weight, bias, mean, var, count.to(mean.dtype))
         ctx.eps, ctx.group, ctx.relu, ctx.blocks = eps, group, relu, blocks

@@ -27,16 +27,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._dtypes import stats_dtype
 from ..triton import batch_norm as kernels
 
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _channel_stats_like(x: Tensor) -> tuple[Tensor, Tensor]:
     c = x.shape[1]
-    return x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
+    return x.new_empty(c, dtype=stats_dtype(x.dtype)), x.new_empty(c, dtype=stats_dtype(x.dtype))
 
 
 def _param_grad_like(param: Optional[Tensor], x: Tensor) -> Tensor:

@@ -16,15 +16,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._dtypes import stats_dtype
 from ..triton import group_norm as kernels
+from ._common import empty_if_none
 
 
-def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _output_like(x: Tensor) -> Tensor:
@@ -40,7 +36,7 @@ def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 
 @group_norm_fwd.register_fake
 def _(x, weight, bias, num_groups, eps, activation):
-    stats = _stats_dtype(x)
+    stats = stats_dtype(x.dtype)
     n = x.shape[0]
     return (_output_like(x), x.new_empty((n, num_groups), dtype=stats),
             x.new_empty((n, num_groups), dtype=stats))
@@ -51,7 +47,7 @@ def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
                    mean: Tensor, rstd: Tensor, num_groups: int,
                    activation: str) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = kernels.group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation)
-    return dx, _empty_if_none(dw, x), _empty_if_none(db, x)
+    return dx, empty_if_none(dw, x), empty_if_none(db, x)
 
 
 @group_norm_bwd.register_fake

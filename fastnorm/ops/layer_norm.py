@@ -15,15 +15,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._dtypes import stats_dtype
 from ..triton import layer_norm as kernels
+from ._common import empty_if_none
 
 
-def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # --- LayerNorm ---------------------------------------------------------------------------------
@@ -37,7 +33,7 @@ def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     m = x.shape[0]
-    stats = _stats_dtype(x)
+    stats = stats_dtype(x.dtype)
     return x.new_empty(x.shape), x.new_empty(m, dtype=stats), x.new_empty(m, dtype=stats)
 
 
@@ -45,7 +41,7 @@ def _(x, weight, bias, eps):
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = kernels.layer_norm_bwd(dy, x, weight, bias, mean, rstd, is_rms=False)
-    return dx, _empty_if_none(dw, x), _empty_if_none(db, x)
+    return dx, empty_if_none(dw, x), empty_if_none(db, x)
 
 
 @layer_norm_bwd.register_fake
@@ -83,7 +79,7 @@ def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tenso
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=stats_dtype(x.dtype))
 
 
 @torch.library.custom_op("fastnorm::rms_norm_bwd", mutates_args=())
@@ -91,7 +87,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor],
                  rstd: Tensor) -> tuple[Tensor, Tensor]:
     dx, dw, _db = kernels.layer_norm_bwd(dy, x, weight, None, rstd.new_empty(0), rstd,
                                          is_rms=True)
-    return dx, _empty_if_none(dw, x)
+    return dx, empty_if_none(dw, x)
 
 
 @rms_norm_bwd.register_fake

@@ -9,11 +9,10 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from .._dtypes import stats_dtype
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation run in fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = stats_dtype  # statistics / accumulation dtype of an input dtype
 
 
 def tl_acc_dtype(dtype: torch.dtype):
