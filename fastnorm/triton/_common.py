@@ -36,6 +36,20 @@ def num_parallel_programs(device: torch.device) -> int:
 
 
 @triton.jit
+def load_affine(W, B, idx, mask, placeholder, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ACC: tl.constexpr):
+    """(weight, bias) at channel indices `idx` in ACC; `placeholder` stands in for an absent one
+    (the HAS_* flags keep the caller from reading it)."""
+    w = placeholder
+    b = placeholder
+    if HAS_WEIGHT:
+        w = tl.load(W + idx, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + idx, mask=mask, other=0.0).to(ACC)
+    return w, b
+
+
+@triton.jit
 def _column_sum_kernel(P, Out, num_rows, N, stride_p,
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out[n] = sum_p P[p, n], in a fixed order: the second stage of a deterministic reduction."""

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_parallel_programs, tl_acc_dtype
+from ._common import acc_dtype, load_affine, num_parallel_programs, tl_acc_dtype
 
 # Elements per tile: a few thousand keeps loads wide and registers bounded (fp32 accumulators).
 TILE_ELEMS = 4096
@@ -240,12 +240,7 @@ def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, ch_mask, eps,
     placeholders the constexpr flags never read."""
     mean = tl.load(Mean + ch, mask=ch_mask, other=0.0).to(ACC)
     rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=ch_mask, other=0.0).to(ACC) + eps)
-    w = mean
-    b = mean
-    if HAS_WEIGHT:
-        w = tl.load(W + ch, mask=ch_mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        b = tl.load(B + ch, mask=ch_mask, other=0.0).to(ACC)
+    w, b = load_affine(W, B, ch, ch_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     mean_dy = mean
     mean_dy_xhat = mean
     if BACKWARD and TRAINING:

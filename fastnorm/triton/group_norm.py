@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, column_sum, num_parallel_programs, tl_acc_dtype
+from ._common import acc_dtype, column_sum, load_affine, num_parallel_programs, tl_acc_dtype
 
 # Elements per tile: 4096 keeps x (and dy in the backward) in registers at 8 warps. fp64 halves it.
 TILE = 4096
@@ -207,19 +207,6 @@ def _tile(pid, num_tiles, num_s_blocks, num_c_blocks, C, HW, G, group_size,
 
 
 @triton.jit
-def _affine_params(W, B, chans, c_mask, placeholder, HAS_WEIGHT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
-    """(weight, bias) of `chans`; `placeholder` stands in for an absent one (never read then)."""
-    w = placeholder
-    b = placeholder
-    if HAS_WEIGHT:
-        w = tl.load(W + chans, mask=c_mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        b = tl.load(B + chans, mask=c_mask, other=0.0).to(ACC)
-    return w, b
-
-
-@triton.jit
 def _group_norm_fwd_apply_kernel(X, Y, W, B, Mean, Rstd, C, HW, G, group_size, num_s_blocks,
                                  num_c_blocks, num_tiles,
                                  CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -257,7 +244,7 @@ def _group_norm_bwd_reduce_kernel(X, DY, W, B, Mean, Rstd, P1, P2, C, HW, G, gro
     stat = n * G + chans // group_size
     mean = tl.load(Mean + stat, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + stat, mask=c_mask, other=0.0)
-    w, b = _affine_params(W, B, chans, c_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
+    w, b = load_affine(W, B, chans, c_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     base = n.to(tl.int64) * C * HW
     s_start = sp * split_size
     s_end = tl.minimum(s_start + split_size, HW)
@@ -324,7 +311,7 @@ def _group_norm_bwd_dx_kernel(X, DY, DX, W, B, Mean, Rstd, C1, C2, C, HW, G, gro
     rstd = tl.load(Rstd + stat, mask=c_mask, other=0.0)
     c1 = tl.load(C1 + stat, mask=c_mask, other=0.0)
     c2 = tl.load(C2 + stat, mask=c_mask, other=0.0)
-    w, b = _affine_params(W, B, chans, c_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
+    w, b = load_affine(W, B, chans, c_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(ACC)
     dz = tl.load(DY + base + offs, mask=mask, other=0.0).to(ACC)
     x_hat = (x - mean[None, :]) * rstd[None, :]
@@ -388,7 +375,7 @@ def _group_norm_bwd_fused_kernel(X, DY, DX, W, B, Mean, Rstd, P1, P2, C, HW, G, 
     mean = tl.load(Mean + ng)
     rstd = tl.load(Rstd + ng)
     x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-    w, b = _affine_params(W, B, chans, c_mask, tl.zeros([BLOCK_C], dtype=ACC), HAS_WEIGHT,
+    w, b = load_affine(W, B, chans, c_mask, tl.zeros([BLOCK_C], dtype=ACC), HAS_WEIGHT,
                           HAS_BIAS, ACC)
     if ACTIVATION == "silu":
         dz = _silu_input_grad(dz, x_hat, w, b, HAS_WEIGHT, HAS_BIAS)
