@@ -85,10 +85,7 @@ def _batch_norm_reduce_cl_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, M, 
     if BACKWARD:
         mean = tl.load(Mean + cols, mask=col_mask, other=0.0).to(ACC)
         rstd = 1.0 / tl.sqrt(tl.load(Var + cols, mask=col_mask, other=0.0).to(ACC) + eps)
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
-        if HAS_BIAS:
-            b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)
+        w, b = load_affine(W, B, cols, col_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     else:
         shift = tl.load(X + cols, mask=col_mask, other=0.0).to(ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
