@@ -1,0 +1,300 @@
+"""Semantics identical to torch, or a clear error: forward-mode AD, torch.func transforms (vmap,
+jacrev, jacfwd, hessian), double backward, the dtype rules, autocast, TorchScript, and the edge
+cases of issue 12 — each against torch itself, on both backends, in float64 on tiny shapes."""
+import copy
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+import fastnorm
+from fastnorm import _backend
+
+BACKENDS = ["torch", "triton"]
+f64 = torch.float64
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with fastnorm.use_backend(request.param):
+        yield request.param
+
+
+def _randn(*shape, dtype=f64, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+# Each case: (fastnorm f(x, w, b), torch f(x, w, b), x shape, parameter shape). BatchNorm's
+# eval forms use fixed running statistics; training forms no running stats (a pure function).
+_RM, _RV = torch.linspace(-0.5, 0.5, 3, dtype=f64), torch.linspace(0.5, 2.0, 3, dtype=f64)
+CASES = {
+    "layer_norm": (lambda x, w, b: fastnorm.layer_norm(x, (5,), w, b),
+                   lambda x, w, b: F.layer_norm(x, (5,), w, b), (3, 5), (5,)),
+    "rms_norm": (lambda x, w, b: fastnorm.rms_norm(x, (5,), w) + b,
+                 lambda x, w, b: F.rms_norm(x, (5,), w) + b, (3, 5), (5,)),
+    "group_norm": (lambda x, w, b: fastnorm.group_norm(x, 3, w, b),
+                   lambda x, w, b: F.group_norm(x, 3, w, b), (2, 6, 2), (6,)),
+    "group_norm_silu": (lambda x, w, b: fastnorm.group_norm(x, 3, w, b, activation="silu"),
+                        lambda x, w, b: F.silu(F.group_norm(x, 3, w, b)), (2, 6, 2), (6,)),
+    "batch_norm": (lambda x, w, b: fastnorm.batch_norm(x, None, None, w, b, training=True),
+                   lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+                   (4, 3, 2), (3,)),
+    "batch_norm_relu": (lambda x, w, b: fastnorm.batch_norm(x, None, None, w, b, True,
+                                                            activation="relu"),
+                        lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, True)),
+                        (4, 3, 2), (3,)),
+    "batch_norm_eval": (lambda x, w, b: fastnorm.batch_norm(x, _RM, _RV, w, b, False),
+                        lambda x, w, b: F.batch_norm(x, _RM, _RV, w, b, False), (4, 3, 2), (3,)),
+    "batch_norm_eval_relu": (lambda x, w, b: fastnorm.batch_norm(x, _RM, _RV, w, b, False,
+                                                                 activation="relu"),
+                             lambda x, w, b: F.relu(F.batch_norm(x, _RM, _RV, w, b, False)),
+                             (4, 3, 2), (3,)),
+}
+
+
+def _inputs(case, seed=0):
+    torch.manual_seed(seed)
+    _, _, xs, ps = CASES[case]
+    return _randn(*xs) * 2 + 0.3, 1 + 0.5 * _randn(*ps), 0.3 * _randn(*ps)
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_jvp_matches_torch(case, backend):
+    ours, ref, _, _ = CASES[case]
+    primals = _inputs(case)
+    tangents = _inputs(case, seed=1)
+    y, t = jvp(ours, primals, tangents)
+    y_ref, t_ref = jvp(ref, primals, tangents)
+    _close(y, y_ref)
+    _close(t, t_ref)
+    assert t.abs().max() > 0.1  # a real tangent, not the zeros of issue 12
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_ad_dual_tensors_match_torch(case, backend):
+    ours, ref, _, _ = CASES[case]
+    primals = _inputs(case)
+    tangents = _inputs(case, seed=1)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        got = fwAD.unpack_dual(ours(*duals)).tangent
+        want = fwAD.unpack_dual(ref(*duals)).tangent
+    assert got is not None
+    _close(got, want)
+    # A tangent on the weight only still reaches the output.
+    x, w, b = primals
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(x, fwAD.make_dual(w, tangents[1]), b)).tangent
+        want = fwAD.unpack_dual(ref(x, fwAD.make_dual(w, tangents[1]), b)).tangent
+    _close(got, want)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vmap_grad_per_sample(case, backend):
+    """Per-sample gradients (Opacus-style): vmap over a leading batch of independent inputs."""
+    ours, ref, _, _ = CASES[case]
+    xs = torch.stack([_inputs(case, seed=s)[0] for s in range(3)])
+    _, w, b = _inputs(case)
+
+    def loss(fn):
+        return lambda x, w, b: (fn(x, w, b) ** 2 * torch.arange(x.numel(), dtype=f64)
+                                .view(x.shape)).sum()
+
+    got = vmap(grad(loss(ours), argnums=(0, 1, 2)), in_dims=(0, None, None))(xs, w, b)
+    want = vmap(grad(loss(ref), argnums=(0, 1, 2)), in_dims=(0, None, None))(xs, w, b)
+    for g, r in zip(got, want):
+        _close(g, r)
+    _close(vmap(ours, in_dims=(0, None, None))(xs, w, b),
+           vmap(ref, in_dims=(0, None, None))(xs, w, b))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_jacobians_and_hessian(case, backend):
+    ours, ref, _, _ = CASES[case]
+    x, w, b = _inputs(case)
+    _close(jacrev(ours, argnums=(0, 1))(x, w, b), jacrev(ref, argnums=(0, 1))(x, w, b))
+    _close(jacfwd(ours, argnums=(0, 2))(x, w, b), jacfwd(ref, argnums=(0, 2))(x, w, b))
+
+    def cube(fn):
+        return lambda x: (fn(x, w, b) ** 3).sum()
+
+    _close(hessian(cube(ours))(x), hessian(cube(ref))(x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_double_backward(case, backend):
+    """create_graph=True through the ops: the gradients are differentiable again."""
+    ours, ref, _, _ = CASES[case]
+
+    def second(fn):
+        x, w, b = (t.clone().requires_grad_() for t in _inputs(case))
+        gx, gw = torch.autograd.grad((fn(x, w, b) ** 3).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum() + gw.sum(), (x, w, b))
+
+    for g, r in zip(second(ours), second(ref)):
+        _close(g, r)
+
+
+@pytest.mark.parametrize("case", ["layer_norm", "group_norm", "batch_norm"])
+def test_gradgradcheck(case, backend):
+    ours = CASES[case][0]
+    inputs = tuple(t.requires_grad_() for t in _inputs(case))
+    assert torch.autograd.gradgradcheck(ours, inputs)
+
+
+def test_compiled_backward_still_runs_the_kernel(triton_backend):
+    """The checks above are skipped under torch.compile: no graph break, and the compiled
+    backward calls fastnorm's backward op (not torch's double-backward fallback)."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    recorder = AotEagerAndRecordGraphs()
+    x, w, b = (t.requires_grad_() for t in _inputs("layer_norm"))
+    fn = torch.compile(CASES["layer_norm"][0], fullgraph=True, backend=recorder)
+    fn(x, w, b).sum().backward()
+    _close(x.grad, torch.autograd.grad(F.layer_norm(x, (5,), w, b).sum(), x)[0])
+    assert any("fastnorm.layer_norm_fwd" in g.code for g in recorder.fw_graphs)
+    assert any("fastnorm.layer_norm_bwd" in g.code for g in recorder.bw_graphs)
+
+
+# --- dtypes: fastnorm raises exactly when torch (CPU) raises ------------------------------------
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _outcome(fn):
+    try:
+        return fn().dtype
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return type(exc)
+
+
+def _t(dtype, *shape):
+    return None if dtype is None else (torch.rand(*shape) + 0.5).to(dtype)
+
+
+def _dtype_cases():
+    opt = DTYPES + [None]
+    for xd, wd, bd in itertools.product(DTYPES, opt, opt):
+        yield "layer_norm", (xd, wd, bd)
+        yield "group_norm", (xd, wd, bd)
+        if bd is None:
+            yield "rms_norm", (xd, wd, bd)
+    for xd, pd, sd in itertools.product(DTYPES, opt, opt):
+        yield "batch_norm_train", (xd, pd, sd)
+        if sd is not None:
+            yield "batch_norm_eval", (xd, pd, sd)
+    for xd in DTYPES:  # weight and bias of different dtypes
+        yield "batch_norm_train", (xd, (torch.float32, xd), None)
+
+
+def _call(lib, op, dtypes):
+    xd, pd, sd = dtypes
+    wd, bd = pd if isinstance(pd, tuple) else (pd, pd)
+    if op == "layer_norm":
+        return lambda: lib.layer_norm(_t(xd, 2, 4), (4,), _t(wd, 4), _t(bd, 4))
+    if op == "rms_norm":
+        return lambda: lib.rms_norm(_t(xd, 2, 4), (4,), _t(wd, 4))
+    if op == "group_norm":
+        return lambda: lib.group_norm(_t(xd, 2, 4, 2), 2, _t(wd, 4), _t(bd, 4))
+    training = op == "batch_norm_train"
+    return lambda: lib.batch_norm(_t(xd, 2, 4, 2), _t(sd, 4), _t(sd, 4), _t(wd, 4), _t(bd, 4),
+                                  training)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_dtype_matrix_matches_torch(backend_name):
+    """Every mix of input / weight / bias / running-stat dtypes: fastnorm accepts exactly what
+    torch on CPU accepts (with the same output dtype) and raises where torch raises."""
+    differences = []
+    with fastnorm.use_backend(backend_name):
+        for op, dtypes in _dtype_cases():
+            want = _outcome(_call(F, op, dtypes))
+            got = _outcome(_call(fastnorm, op, dtypes))
+            torch_raised = isinstance(want, type) and issubclass(want, Exception)
+            ours_raised = isinstance(got, type) and issubclass(got, Exception)
+            if torch_raised != ours_raised or (not torch_raised and got != want):
+                differences.append((op, dtypes, want, got))
+    assert not differences, differences[:10]
+
+
+def test_float_num_groups_rejected(backend):
+    x = _randn(2, 4, 3)
+    with pytest.raises(TypeError, match="num_groups"):
+        F.group_norm(x, 2.0)
+    with pytest.raises(TypeError, match="'num_groups'.*must be int, not float"):
+        fastnorm.group_norm(x, 2.0)
+
+
+# --- autocast ------------------------------------------------------------------------------------
+
+def _autocast_outputs(lib, device, xd):
+    x = torch.randn(2, 4, 3, device=device, dtype=xd)
+    w = torch.rand(4, device=device, dtype=torch.float32) + 0.5
+    w3 = torch.rand(3, device=device, dtype=torch.float32) + 0.5
+    return [lib.layer_norm(x, (3,)).dtype, lib.layer_norm(x, (3,), w3.to(xd), w3.to(xd)).dtype,
+            lib.rms_norm(x, (3,)).dtype, lib.group_norm(x, 2, w.to(xd), w.to(xd)).dtype,
+            lib.batch_norm(x, None, None, w.to(xd), w.to(xd), True).dtype]
+
+
+@pytest.mark.parametrize("xd", DTYPES)
+@pytest.mark.parametrize("fast", [torch.bfloat16, torch.float16])
+def test_cpu_autocast_dtypes_match_torch(backend, xd, fast):
+    with torch.autocast("cpu", dtype=fast):
+        assert _autocast_outputs(fastnorm, "cpu", xd) == _autocast_outputs(F, "cpu", xd)
+
+
+def test_cuda_autocast_rule_registered():
+    """CUDA autocast runs torch's layer_norm / rms_norm / group_norm in float32; the fastnorm
+    ops carry the same rule (checked numerically by the CUDA test below on a GPU)."""
+    for op in ("layer_norm_fwd", "rms_norm_fwd", "group_norm_fwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", "AutocastCUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastnorm::batch_norm_fwd",
+                                                              "AutocastCUDA")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a CUDA device")
+@pytest.mark.parametrize("xd", DTYPES)
+def test_cuda_autocast_dtypes_match_torch(xd):
+    with fastnorm.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert _autocast_outputs(fastnorm, "cuda", xd) == _autocast_outputs(F, "cuda", xd)
+        x = torch.randn(4, 8, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(8, device="cuda", dtype=torch.float16)  # a mix autocast makes legal
+        torch.testing.assert_close(fastnorm.layer_norm(x, (8,), w), F.layer_norm(x, (8,), w))
+
+
+# --- TorchScript ---------------------------------------------------------------------------------
+
+def test_torchscript_modules(backend):
+    """torch.jit.script works on the modules and on a model holding them (a scripted module
+    computes with torch's ops); outputs and running statistics equal eager ones."""
+    torch.manual_seed(0)
+    mods = [fastnorm.nn.LayerNorm(4), fastnorm.nn.RMSNorm(4), fastnorm.nn.GroupNorm(2, 4),
+            fastnorm.nn.GroupNorm(2, 4, activation="silu"), fastnorm.nn.BatchNorm1d(4),
+            fastnorm.nn.BatchNorm1d(4, momentum=None), fastnorm.nn.BatchNorm1d(4, affine=False),
+            fastnorm.nn.BatchNorm1d(4, track_running_stats=False)]
+    converted = nn.GroupNorm(2, 4)
+    converted.__class__ = fastnorm.nn.GroupNorm  # what convert() does: no __init__ run
+    mods.append(converted)
+    for mod in mods:
+        eager = mod.double()
+        scripted = torch.jit.script(copy.deepcopy(eager))
+        for step in range(2):
+            x = _randn(3, 4) * (step + 1)
+            _close(scripted(x), eager(x))
+        for (name, a), (_, b) in zip(scripted.state_dict().items(), eager.state_dict().items()):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
+    model = torch.jit.script(nn.Sequential(nn.Linear(4, 4), fastnorm.nn.LayerNorm(4),
+                                           fastnorm.nn.RMSNorm(4)).double())
+    assert model(_randn(2, 4)).shape == (2, 4)
