@@ -167,11 +167,15 @@ def use_torch(x: object, *others: object) -> bool:
     selected; "auto" with a non-CUDA input; or an input under forward AD / a torch.func
     transform). Validation and `resolve` come only after a False."""
     name = _current
-    if name == "torch":
+    if name == "auto":
+        try:
+            if not x.is_cuda:  # (is_cuda: the cheapest device test, ~10x faster than .device)
+                return True
+        except AttributeError:  # not a tensor: torch's op raises its own error
+            return True
+    elif name == "torch":
         return True
-    if name == "auto" and getattr(x, "device", None) is not None and x.device.type != "cuda":
-        return True
-    if name not in BACKENDS:
+    elif name not in BACKENDS:
         _env_backend()  # raises the FASTNORM_BACKEND error
     return _transformed((x, *others))
 

@@ -95,11 +95,6 @@ def _rows_view(input: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
     return x2d
 
 
-def _as_shape(normalized_shape: _shape_t) -> Sequence[int]:
-    """torch's functional ops take a sequence; fastnorm also takes a bare int."""
-    return (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-
-
 def _as_int(name: str, what: str, position: int, value: object) -> int:
     """An int argument as torch's argument parser takes it (not a float, not a bool)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -126,7 +121,8 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
     weight/bias may be fp32 with a low-precision input.
     """
     if _backend.use_torch(input, weight, bias):
-        return F.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
+        return F.layer_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
+                            else normalized_shape, weight, bias, eps)
     _check_float_input("layer_norm", input)
     shape, n = _normalized_rows("layer_norm", input, normalized_shape)
     _check_param("layer_norm", "weight", weight, input, shape, "normalized_shape")
@@ -147,7 +143,8 @@ def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor]
     `torch.finfo(torch.float64).eps` for float64. As in torch, the weight may have any floating
     dtype; the output has the input's."""
     if _backend.use_torch(input, weight):
-        return F.rms_norm(input, _as_shape(normalized_shape), weight, eps)
+        return F.rms_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
+                          else normalized_shape, weight, eps)
     _check_float_input("rms_norm", input)
     shape, n = _normalized_rows("rms_norm", input, normalized_shape)
     _check_param("rms_norm", "weight", weight, input, shape, "normalized_shape")
@@ -187,6 +184,8 @@ def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tens
                                f"but input is on {input.device} and {what} on {t.device}")
         if not t.is_floating_point():
             raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {t.dtype}")
+    _check_dtypes(name, input, {"weight": weight, "bias": bias, "running_mean": running_mean,
+                                "running_var": running_var}, False)
     return activation == "relu"
 
 
@@ -238,9 +237,6 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return F.relu(y) if activation == "relu" else y
     relu = _check_batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias,
                                   activation)
-    _check_dtypes("batch_norm", input, {"weight": weight, "bias": bias,
-                                        "running_mean": running_mean,
-                                        "running_var": running_var}, False)
     channels = input.shape[1]
     if training:
         count = input.numel() // channels if channels else 0

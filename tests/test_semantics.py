@@ -176,7 +176,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 def _outcome(fn):
     try:
         return fn().dtype
-    except (RuntimeError, TypeError, ValueError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         return type(exc)
 
 
@@ -298,3 +298,122 @@ def test_torchscript_modules(backend):
     model = torch.jit.script(nn.Sequential(nn.Linear(4, 4), fastnorm.nn.LayerNorm(4),
                                            fastnorm.nn.RMSNorm(4)).double())
     assert model(_randn(2, 4)).shape == (2, 4)
+
+
+# --- edge semantics (issue 12 item 6) ------------------------------------------------------------
+
+def test_float64_batch_norm_momentum_none_keeps_float64_running_stats(backend):
+    """momentum=None: the cumulative average 1/num_batches_tracked in float64, as torch."""
+    torch.manual_seed(0)
+    ours = fastnorm.nn.BatchNorm1d(3, momentum=None).double()
+    ref = nn.BatchNorm1d(3, momentum=None).double()
+    for step in range(6):
+        x = _randn(5, 3) * 3 + 1
+        _close(ours(x), ref(x))
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), atol=0, rtol=1e-15)
+
+
+def test_batch_norm_momentum_none_raises_like_torch(backend):
+    x, rm, rv = _randn(4, 3), torch.zeros(3, dtype=f64), torch.ones(3, dtype=f64)
+    with pytest.raises(TypeError, match="'momentum'.*must be float, not NoneType"):
+        F.batch_norm(x, rm, rv, training=True, momentum=None)
+    with pytest.raises(TypeError, match="'momentum'.*must be float, not NoneType"):
+        fastnorm.batch_norm(x, rm, rv, training=True, momentum=None)
+    assert rm.eq(0).all() and rv.eq(1).all()  # raised before anything ran
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 4), 4), ((1, 4, 1), 4), ((1, 6, 1, 1), 6),
+                                          ((2, 4), 4), ((1, 4, 1), 2)])
+def test_group_norm_one_value_per_group_like_torch(backend, shape, groups):
+    x = _randn(*shape)
+    want = _outcome(lambda: F.group_norm(x, groups))
+    got = _outcome(lambda: fastnorm.group_norm(x, groups))
+    assert got == want
+    if want is ValueError:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            fastnorm.group_norm(x, groups)
+    else:
+        _close(fastnorm.group_norm(x, groups), F.group_norm(x, groups))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_default_eps_is_torchs(backend, dtype):
+    """eps=None: the computation type's eps (float32's for fp16/bf16/fp32), as torch >= 2.7."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 64, dtype=f64) * 0.1).to(dtype)  # RMS 0.1, where the eps matters
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-6)
+    torch.testing.assert_close(fastnorm.rms_norm(x, (64,)), F.rms_norm(x, (64,)), atol=tol,
+                               rtol=tol)
+    module = fastnorm.nn.RMSNorm(64).to(dtype)
+    torch.testing.assert_close(module(x), nn.RMSNorm(64).to(dtype)(x), atol=tol, rtol=tol)
+    opmath = torch.float64 if dtype == f64 else torch.float32
+    assert torch.equal(fastnorm.rms_norm(x, (64,)),
+                       fastnorm.rms_norm(x, (64,), eps=torch.finfo(opmath).eps))
+
+
+def test_empty_normalized_shape_message_like_torch(backend):
+    x = _randn(2, 3)
+    for ours, ref in ((fastnorm.layer_norm, F.layer_norm), (fastnorm.rms_norm, F.rms_norm)):
+        with pytest.raises(RuntimeError) as want:
+            ref(x, ())
+        with pytest.raises(RuntimeError) as got:
+            ours(x, ())
+        assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("shape", [(0,), (5,), (1,)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stats", [True, False])
+def test_one_dim_batch_norm_inputs_like_torch(backend, shape, training, stats):
+    """1-D inputs: torch returns an empty result for (0,) and raises otherwise; so does fastnorm."""
+    def call(lib):
+        rm, rv = (torch.zeros(5), torch.ones(5)) if stats else (None, None)
+        return lib.batch_norm(torch.randn(*shape), rm, rv, training=training)
+
+    want = _outcome(lambda: call(F))
+    assert _outcome(lambda: call(fastnorm)) == want
+    if not isinstance(want, type):
+        assert call(fastnorm).shape == call(F).shape
+
+
+# --- backend selection and packaging (issue 12 item 5) -------------------------------------------
+
+def _run(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if k not in env and k != "TRITON_INTERPRET"}
+    full_env.update({k: v for k, v in env.items() if v is not None})
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                         text=True, timeout=120)
+    return out.returncode, out.stdout.strip(), out.stderr
+
+
+def test_triton_interpret_read_like_triton():
+    code = ("from triton import knobs; import fastnorm; from fastnorm import _backend; "
+            "print(_backend.triton_interpreted(), knobs.runtime.interpret, "
+            "'triton' in fastnorm.available_backends())")
+    rc, out, err = _run(code, TRITON_INTERPRET="true")
+    assert rc == 0 and out == "True True True", err
+
+
+def test_triton_interpret_set_after_import_is_a_clear_error():
+    code = ("import os, torch, fastnorm; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "try:\n    fastnorm.set_backend('triton')\nexcept RuntimeError as e:\n    print(e)\n")
+    rc, out, err = _run(code, TRITON_INTERPRET=None)
+    assert rc == 0 and "TRITON_INTERPRET changed after fastnorm was imported" in out, (out, err)
+
+
+def test_triton_interpret_unset_after_import_is_a_clear_error(monkeypatch, triton_backend):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter is off on CUDA machines")
+    monkeypatch.setenv("TRITON_INTERPRET", "off")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET changed after fastnorm was imported"):
+        fastnorm.layer_norm(torch.randn(2, 4), (4,))
+
+
+def test_version_single_source_and_typed_package():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rc, out, err = _run("import runpy, sys; sys.argv = ['setup.py', '--version']; "
+                        "runpy.run_path('setup.py', run_name='__main__')")
+    assert rc == 0 and out.splitlines()[-1] == fastnorm.__version__, err
+    assert os.path.exists(os.path.join(root, "fastnorm", "py.typed"))
+    assert os.path.exists(os.path.join(root, "LICENSE"))
