@@ -28,6 +28,8 @@ from torch import Tensor
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
+_peek_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
+
 _TRUE_WORDS = ("1", "true", "on", "yes", "y")  # Triton 3.6's getenv_bool, case-insensitive
 
 
@@ -145,10 +147,29 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
-def _transformed(tensors: tuple) -> bool:
-    """Does any input carry a forward-mode tangent or a torch.func wrapper (vmap, grad, jvp...)?
-    The kernels have no jvp or batching rule, so such calls go to torch's ops. Under
-    torch.compile these checks are skipped (Dynamo traces the transforms itself)."""
+def torch_selected(x: object) -> bool:
+    """The cheap first test of every fastnorm op: True when torch's own op runs the call because
+    "torch" is selected or "auto" got a non-CUDA input. Validation, `transformed` and `resolve`
+    come only after a False."""
+    name = _current
+    if name == "auto":
+        try:
+            return not x.is_cuda  # (is_cuda: the cheapest device test, ~10x faster than .device)
+        except AttributeError:  # not a tensor: torch's op raises its own error
+            return True
+    if name == "torch":
+        return True
+    if name not in BACKENDS:
+        _env_backend()  # raises the FASTNORM_BACKEND error
+    return False
+
+
+def transformed(*tensors: object) -> bool:
+    """Does any input carry a forward-mode tangent or a torch.func wrapper (vmap, grad, jvp,
+    jacrev, jacfwd, hessian)? The kernels have no jvp or batching rule, so such calls go to
+    torch's ops. Under torch.compile these checks are skipped (Dynamo traces the transforms)."""
+    if _fwAD._current_level < 0 and _peek_transform() is None:
+        return False  # the common case, in ~50 ns: no dual level, no torch.func transform active
     if torch.compiler.is_compiling():
         return False
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -160,24 +181,6 @@ def _transformed(tensors: tuple) -> bool:
             if isinstance(t, Tensor) and _fwAD.unpack_dual(t).tangent is not None:
                 return True
     return False
-
-
-def use_torch(x: object, *others: object) -> bool:
-    """The cheap first test of every fastnorm op: True when torch's own op runs the call ("torch"
-    selected; "auto" with a non-CUDA input; or an input under forward AD / a torch.func
-    transform). Validation and `resolve` come only after a False."""
-    name = _current
-    if name == "auto":
-        try:
-            if not x.is_cuda:  # (is_cuda: the cheapest device test, ~10x faster than .device)
-                return True
-        except AttributeError:  # not a tensor: torch's op raises its own error
-            return True
-    elif name == "torch":
-        return True
-    elif name not in BACKENDS:
-        _env_backend()  # raises the FASTNORM_BACKEND error
-    return _transformed((x, *others))
 
 
 def resolve(x: Tensor, op: str, supported: tuple[str, ...] = ("triton", "torch")) -> str:

@@ -120,7 +120,7 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
     Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype, and
     weight/bias may be fp32 with a low-precision input.
     """
-    if _backend.use_torch(input, weight, bias):
+    if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
         return F.layer_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
                             else normalized_shape, weight, bias, eps)
     _check_float_input("layer_norm", input)
@@ -142,7 +142,7 @@ def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor]
     computation type, `torch.finfo(torch.float32).eps` for float16/bfloat16/float32 input and
     `torch.finfo(torch.float64).eps` for float64. As in torch, the weight may have any floating
     dtype; the output has the input's."""
-    if _backend.use_torch(input, weight):
+    if _backend.torch_selected(input) or _backend.transformed(input, weight):
         return F.rms_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
                           else normalized_shape, weight, eps)
     _check_float_input("rms_norm", input)
@@ -228,10 +228,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if momentum is None:  # torch's own message, before anything runs
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not "
                         "NoneType")
-    if _backend.use_torch(input, running_mean, running_var, weight, bias) or (
-            isinstance(input, Tensor) and input.dim() < 2):
+    if (_backend.torch_selected(input)
+            or _backend.transformed(input, running_mean, running_var, weight, bias)
+            or (isinstance(input, Tensor) and input.dim() < 2)):
         # (< 2-D: torch's own quirks, an empty 1-D input returns empty, are the contract.)
-        if isinstance(momentum, Tensor):
+        if type(momentum) is not float:  # (cheaper than isinstance(momentum, Tensor))
             momentum = float(momentum)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if activation == "relu" else y
@@ -277,7 +278,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     if activation is not None and activation != "silu":
         raise ValueError(f"fastnorm.group_norm: unknown activation {activation!r}; expected None "
                          "or 'silu'")
-    if _backend.use_torch(input, weight, bias):
+    if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if activation == "silu" else y
     _check_float_input("group_norm", input)

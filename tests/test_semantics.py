@@ -15,7 +15,6 @@ from torch import nn
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import fastnorm
-from fastnorm import _backend
 
 BACKENDS = ["torch", "triton"]
 f64 = torch.float64
