@@ -74,8 +74,8 @@ def measure(device: str, calls: int, repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the call overhead, not a thread pool's scheduling, is measured
