@@ -97,15 +97,15 @@ def _rows_view(input: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
 
 def _as_int(name: str, what: str, position: int, value: object) -> int:
     """An int argument as torch's argument parser takes it (not a float, not a bool)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}(): argument '{what}' (position {position}) must be int, not "
-                        f"{type(value).__name__}") from None
+    if not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        try:
+            return operator.index(value)  # numpy integers and the like
+        except TypeError:
+            pass
+    raise TypeError(f"{name}(): argument '{what}' (position {position}) must be int, not "
+                    f"{type(value).__name__}")
 
 
 def _flat(param: Optional[Tensor]) -> Optional[Tensor]:
