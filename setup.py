@@ -6,6 +6,7 @@ FASTNORM_BUILD_CUDA=0 turns it off.
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -27,13 +28,23 @@ def _cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+def _version() -> str:
+    """fastnorm/_version.py is the single source (read as text: setup.py must not import torch
+    through the package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastnorm", "_version.py")
+    with open(path) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 ext_modules, cmdclass = _cuda_extensions()
 
 setup(
     name="fastnorm",
-    version="0.1.0",
+    version=_version(),
     description="Fast normalization layers (LayerNorm, RMSNorm, ...) for PyTorch, in Triton",
     packages=find_packages(include=["fastnorm", "fastnorm.*"]),
+    package_data={"fastnorm": ["py.typed"]},  # PEP 561: the package ships its type hints
+    license="MIT",
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.5",

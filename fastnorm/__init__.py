@@ -9,9 +9,8 @@
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .functional import batch_norm, group_norm, layer_norm, rms_norm
+from ._version import __version__
 from .nn import convert
-
-__version__ = "0.1.0"
 
 __all__ = ["layer_norm", "rms_norm", "group_norm", "batch_norm", "nn", "convert",
            "set_backend", "get_backend", "use_backend", "available_backends", "__version__"]

@@ -2,49 +2,94 @@
 
 Names:
   "auto"   (default) fastest available GPU kernel for CUDA tensors; torch's own ops otherwise,
-           so CPU users never get slower.
+           so CPU users never get slower (a CPU tensor goes to torch before any other check).
   "triton" fastnorm's Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
-  "cuda"   fastnorm's CUDA C++ extension (fastnorm._C), when it was built.
+  "cuda"   fastnorm's CUDA C++ kernels: not written yet, so never available (it says so).
   "torch"  torch's own ops (torch.nn.functional).
 
 Chosen with `set_backend`, the `use_backend` context manager, or the FASTNORM_BACKEND
-environment variable (read at import).
+environment variable (read at import; a bad value raises at the first op, not at import).
+
+Whatever the selection, a call whose inputs carry a forward-mode tangent or are wrapped by a
+torch.func transform (vmap, grad, jvp, jacrev, jacfwd, hessian) runs torch's own op: torch's
+derivative and batching rules then apply exactly.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+import torch.autograd.forward_ad as _fwAD
+from torch import Tensor
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
-_current = "auto"
+_peek_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
+
+_TRUE_WORDS = ("1", "true", "on", "yes", "y")  # Triton 3.6's getenv_bool, case-insensitive
+
+
+def _interpret_env() -> bool:
+    """TRITON_INTERPRET as Triton itself reads it (its knobs when present, else its rule)."""
+    try:
+        from triton import knobs
+    except ImportError:  # no triton, or a release before triton.knobs
+        return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_WORDS
+    return bool(knobs.runtime.interpret)
+
+
+# Triton picks interpreter or compiler when a kernel is *defined* (fastnorm's import), so that
+# moment's value is the one that counts; a later change is reported, not silently ignored.
+_INTERPRETED_AT_IMPORT = _interpret_env()
 
 
 def triton_interpreted() -> bool:
-    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when fastnorm's Triton kernels run through the CPU interpreter (TRITON_INTERPRET
+    set, the way Triton reads it, when fastnorm was imported)."""
+    return _INTERPRETED_AT_IMPORT
 
 
-def _triton_unavailable_reason() -> str | None:
+def _interpret_changed() -> Optional[str]:
+    now = _interpret_env()
+    if now == _INTERPRETED_AT_IMPORT:
+        return None
+    return (f"TRITON_INTERPRET changed after fastnorm was imported (interpreter "
+            f"{'on' if _INTERPRETED_AT_IMPORT else 'off'} at import, "
+            f"{'on' if now else 'off'} now): Triton reads it when the kernels are defined, so set "
+            "it before importing fastnorm")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_base_reason() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "the 'triton' package is not installed (pip install triton)"
-    if not (torch.cuda.is_available() or triton_interpreted()):
+    if not (torch.cuda.is_available() or _INTERPRETED_AT_IMPORT):
         return ("no CUDA device is available; set TRITON_INTERPRET=1 before importing fastnorm "
                 "to run the Triton kernels on the CPU through the interpreter (slow, for tests)")
     return None
 
 
-def _cuda_unavailable_reason() -> str | None:
-    from . import cuda  # lazily loads fastnorm._C
+def _triton_unavailable_reason() -> Optional[str]:
+    reason = _triton_base_reason()
+    if reason is not None and not torch.cuda.is_available():
+        changed = _interpret_changed()
+        if changed is not None:
+            reason = f"{reason}; {changed}"
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_unavailable_reason() -> Optional[str]:
+    from . import cuda
 
     return cuda.unavailable_reason()
 
 
-def _unavailable_reason(name: str) -> str | None:
+def _unavailable_reason(name: str) -> Optional[str]:
     if name == "triton":
         return _triton_unavailable_reason()
     if name == "cuda":
@@ -66,6 +111,19 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _env_backend() -> str:
+    value = os.environ.get("FASTNORM_BACKEND") or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"fastnorm: FASTNORM_BACKEND={value!r} is not one of {BACKENDS}; fix "
+                         "or unset the environment variable")
+    return value
+
+
+# The FASTNORM_BACKEND value is validated at the first op (or get_backend), so a bad value never
+# breaks `import fastnorm`.
+_current = os.environ.get("FASTNORM_BACKEND") or "auto"
+
+
 def set_backend(name: str) -> None:
     """Select the backend for every later fastnorm call in this process."""
     global _current
@@ -74,7 +132,7 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend name currently selected (may be "auto")."""
-    return _current
+    return _current if _current in BACKENDS else _env_backend()
 
 
 @contextlib.contextmanager
@@ -89,12 +147,50 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
-def resolve(x: torch.Tensor, op: str, supported: tuple[str, ...] = ("triton", "torch")) -> str:
+def torch_selected(x: object) -> bool:
+    """The cheap first test of every fastnorm op: True when torch's own op runs the call because
+    "torch" is selected or "auto" got a non-CUDA input. Validation, `transformed` and `resolve`
+    come only after a False."""
+    name = _current
+    if name == "auto":
+        try:
+            return not x.is_cuda  # (is_cuda: the cheapest device test, ~10x faster than .device)
+        except AttributeError:  # not a tensor: torch's op raises its own error
+            return True
+    if name == "torch":
+        return True
+    if name not in BACKENDS:
+        _env_backend()  # raises the FASTNORM_BACKEND error
+    return False
+
+
+def transformed(*tensors: object) -> bool:
+    """Does any input carry a forward-mode tangent or a torch.func wrapper (vmap, grad, jvp,
+    jacrev, jacfwd, hessian)? The kernels have no jvp or batching rule, so such calls go to
+    torch's ops. Under torch.compile these checks are skipped (Dynamo traces the transforms)."""
+    if _fwAD._current_level < 0 and _peek_transform() is None:
+        return False  # the common case, in ~50 ns: no dual level, no torch.func transform active
+    if torch.compiler.is_compiling():
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors:
+        if isinstance(t, Tensor) and is_wrapped(t):
+            return True
+    if _fwAD._current_level >= 0:  # inside a forward_ad.dual_level()
+        for t in tensors:
+            if isinstance(t, Tensor) and _fwAD.unpack_dual(t).tangent is not None:
+                return True
+    return False
+
+
+def resolve(x: Tensor, op: str, supported: tuple[str, ...] = ("triton", "torch")) -> str:
     """The concrete backend that runs `op` on tensor `x` under the current selection.
 
     `supported` lists the backends that implement `op` (a later issue adds "cuda" per op).
     """
     name = _current
+    if name not in BACKENDS:
+        name = _env_backend()
     if name == "auto":
         if x.device.type == "cuda":
             for candidate in ("cuda", "triton"):
@@ -104,19 +200,16 @@ def resolve(x: torch.Tensor, op: str, supported: tuple[str, ...] = ("triton", "t
     if name not in supported:
         raise RuntimeError(f"fastnorm: backend {name!r} does not implement {op} yet; "
                            f"supported: {supported}")
-    if name == "triton" and x.device.type != "cuda" and not (x.device.type == "cpu" and triton_interpreted()):
-        raise RuntimeError(
-            f"fastnorm: backend 'triton' runs on CUDA tensors, but {op} got a tensor on "
-            f"{x.device}. Use backend 'auto' or 'torch' for CPU tensors, or set TRITON_INTERPRET=1 "
-            "before importing fastnorm to run the kernels on the CPU through the interpreter.")
-    if name == "cuda" and x.device.type != "cuda":
-        raise RuntimeError(f"fastnorm: backend 'cuda' runs on CUDA tensors, but {op} got a tensor "
-                           f"on {x.device}")
+    if name == "triton" and x.device.type != "cuda":
+        # (Not under torch.compile: the environment is read by Triton's C++, opaque to Dynamo.)
+        changed = (_interpret_changed() if x.device.type == "cpu"
+                   and not torch.compiler.is_compiling() else None)
+        if changed is not None or not (x.device.type == "cpu" and triton_interpreted()):
+            hint = changed + "." if changed is not None else (
+                "Use backend 'auto' or 'torch' for CPU tensors, or set TRITON_INTERPRET=1 before "
+                "importing fastnorm to run the kernels on the CPU through the interpreter.")
+            raise RuntimeError(f"fastnorm: backend 'triton' runs on CUDA tensors, but {op} got a "
+                               f"tensor on {x.device}. {hint}")
+    if name == "cuda":
+        _check_name("cuda")  # raises: no CUDA C++ kernels exist yet
     return name
-
-
-_env = os.environ.get("FASTNORM_BACKEND")
-if _env:
-    if _env not in BACKENDS:
-        raise ValueError(f"fastnorm: FASTNORM_BACKEND={_env!r} is not one of {BACKENDS}")
-    _current = _env  # availability is checked when an op runs, so importing never fails on it

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -19,6 +20,11 @@ if importlib.util.find_spec("triton") is not None:
     from . import ops as _ops  # noqa: F401  (registers the custom ops; needs triton)
 
 _shape_t = Union[int, Sequence[int], torch.Size]
+
+_REDUCED = (torch.float16, torch.bfloat16)
+# rms_norm(eps=None): torch's rule, the machine epsilon of the computation (opmath) type.
+_EPS32 = torch.finfo(torch.float32).eps
+_EPS64 = torch.finfo(torch.float64).eps
 
 
 def _check_float_input(name: str, input: Tensor) -> None:
@@ -43,14 +49,37 @@ def _check_param(name: str, what: str, param: Optional[Tensor], input: Tensor,
         raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {param.dtype}")
 
 
+def _check_dtypes(name: str, input: Tensor, params: dict[str, Optional[Tensor]],
+                  fp32_under_autocast: bool) -> None:
+    """torch's dtype rule for LayerNorm, GroupNorm and BatchNorm parameters (weight, bias,
+    running stats): all of one dtype, which is the input's, or float32 with a float16/bfloat16
+    input. With `fp32_under_autocast` (LayerNorm, GroupNorm: on CUDA torch's autocast runs them
+    in float32) the rule is applied to the dtypes autocast casts to."""
+    present = {what: p.dtype for what, p in params.items() if p is not None}
+    if not present:
+        return
+    dtype = input.dtype
+    if fp32_under_autocast and input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        present = {w: d if d == torch.float64 else torch.float32 for w, d in present.items()}
+        dtype = dtype if dtype == torch.float64 else torch.float32
+    first = next(iter(present.values()))
+    if all(d == first for d in present.values()) and (
+            first == dtype or (first == torch.float32 and dtype in _REDUCED)):
+        return
+    got = ", ".join(f"{w} {d}" for w, d in present.items())
+    raise RuntimeError(f"fastnorm.{name}: expected {', '.join(present)} to have one dtype, the "
+                       f"input's ({dtype}) or float32 with a float16/bfloat16 input (torch's "
+                       f"rule), but got input {input.dtype}, {got}")
+
+
 def _normalized_rows(name: str, input: Tensor, normalized_shape: _shape_t) -> tuple[tuple[int, ...], int]:
     """Checks `normalized_shape` against the input's trailing dims; returns it and its numel."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     shape = tuple(int(s) for s in normalized_shape)
     if len(shape) == 0:
-        raise RuntimeError(f"fastnorm.{name}: normalized_shape must have at least one dimension, "
-                           "got []")
+        raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., "
+                           "containing at least one element, but got normalized_shape = []")
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
                            f"[*, {', '.join(str(s) for s in shape)}], but got input of size"
@@ -66,6 +95,19 @@ def _rows_view(input: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
     return x2d
 
 
+def _as_int(name: str, what: str, position: int, value: object) -> int:
+    """An int argument as torch's argument parser takes it (not a float, not a bool)."""
+    if not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        try:
+            return operator.index(value)  # numpy integers and the like
+        except TypeError:
+            pass
+    raise TypeError(f"{name}(): argument '{what}' (position {position}) must be int, not "
+                    f"{type(value).__name__}")
+
+
 def _flat(param: Optional[Tensor]) -> Optional[Tensor]:
     return None if param is None else param.reshape(-1).contiguous()
 
@@ -78,10 +120,14 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
     Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype, and
     weight/bias may be fp32 with a low-precision input.
     """
+    if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
+        return F.layer_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
+                            else normalized_shape, weight, bias, eps)
     _check_float_input("layer_norm", input)
     shape, n = _normalized_rows("layer_norm", input, normalized_shape)
     _check_param("layer_norm", "weight", weight, input, shape, "normalized_shape")
     _check_param("layer_norm", "bias", bias, input, shape, "normalized_shape")
+    _check_dtypes("layer_norm", input, {"weight": weight, "bias": bias}, True)
     if _backend.resolve(input, "layer_norm") == "torch":
         return F.layer_norm(input, shape, weight, bias, eps)
     y, _mean, _rstd = torch.ops.fastnorm.layer_norm_fwd(
@@ -92,12 +138,18 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
 def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """Root-mean-square normalization over the trailing `normalized_shape` dims, as
-    `torch.nn.functional.rms_norm`; `eps=None` means `torch.finfo(input.dtype).eps`."""
+    `torch.nn.functional.rms_norm`. `eps=None` is torch's rule: the machine epsilon of the
+    computation type, `torch.finfo(torch.float32).eps` for float16/bfloat16/float32 input and
+    `torch.finfo(torch.float64).eps` for float64. As in torch, the weight may have any floating
+    dtype; the output has the input's."""
+    if _backend.torch_selected(input) or _backend.transformed(input, weight):
+        return F.rms_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
+                          else normalized_shape, weight, eps)
     _check_float_input("rms_norm", input)
     shape, n = _normalized_rows("rms_norm", input, normalized_shape)
     _check_param("rms_norm", "weight", weight, input, shape, "normalized_shape")
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = _EPS64 if input.dtype == torch.float64 else _EPS32
     if _backend.resolve(input, "rms_norm") == "torch":
         return F.rms_norm(input, shape, weight, eps)
     y, _rstd = torch.ops.fastnorm.rms_norm_fwd(_rows_view(input, shape, n), _flat(weight), float(eps))
@@ -132,6 +184,8 @@ def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tens
                                f"but input is on {input.device} and {what} on {t.device}")
         if not t.is_floating_point():
             raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {t.dtype}")
+    _check_dtypes(name, input, {"weight": weight, "bias": bias, "running_mean": running_mean,
+                                "running_var": running_var}, False)
     return activation == "relu"
 
 
@@ -168,6 +222,20 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     `momentum` may be a 0-dim tensor (the modules pass 1/num_batches_tracked for momentum=None,
     which then needs no host sync). The output keeps the input's memory format.
     """
+    if activation is not None and activation != "relu":
+        raise ValueError(f"fastnorm.batch_norm: activation must be None or 'relu', got "
+                         f"{activation!r}")
+    if momentum is None:  # torch's own message, before anything runs
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not "
+                        "NoneType")
+    if (_backend.torch_selected(input)
+            or _backend.transformed(input, running_mean, running_var, weight, bias)
+            or (isinstance(input, Tensor) and input.dim() < 2)):
+        # (< 2-D: torch's own quirks, an empty 1-D input returns empty, are the contract.)
+        if type(momentum) is not float:  # (cheaper than isinstance(momentum, Tensor))
+            momentum = float(momentum)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(y) if activation == "relu" else y
     relu = _check_batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias,
                                   activation)
     channels = input.shape[1]
@@ -207,10 +275,14 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     output keeps their memory format. Statistics are fp32 (fp64 for fp64 input); weight/bias may
     be fp32 with a low-precision input.
     """
-    _check_float_input("group_norm", input)
-    if activation not in (None, "silu"):
+    if activation is not None and activation != "silu":
         raise ValueError(f"fastnorm.group_norm: unknown activation {activation!r}; expected None "
                          "or 'silu'")
+    if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
+        y = F.group_norm(input, num_groups, weight, bias, eps)
+        return F.silu(y) if activation == "silu" else y
+    _check_float_input("group_norm", input)
+    num_groups = _as_int("group_norm", "num_groups", 2, num_groups)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received "
                            f"{input.dim()}")
@@ -219,12 +291,15 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, "
                            f"but got input of shape {list(input.shape)} and "
                            f"num_groups={num_groups}")
+    # torch's check (also outside training): one value per group has no variance.
+    F._verify_batch_size([n * c // num_groups, num_groups] + list(input.shape[2:]))
     for what, param in (("weight", weight), ("bias", bias)):
         if param is not None and (param.dim() != 1 or param.numel() != c):
             raise RuntimeError(f"Expected {what} to be a vector of size equal to the number of "
                                f"channels in input, but got {what} of shape "
                                f"{list(param.shape)} and input of shape {list(input.shape)}")
         _check_param("group_norm", what, param, input, (c,), "num_channels")
+    _check_dtypes("group_norm", input, {"weight": weight, "bias": bias}, True)
     if _backend.resolve(input, "group_norm") == "torch":
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if activation == "silu" else y

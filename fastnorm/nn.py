@@ -1,11 +1,16 @@
 """Drop-in modules: subclasses of the torch.nn normalization layers that override `forward`
 only, so constructor arguments, defaults, parameters and state_dict keys are torch's own.
-`convert(model)` swaps a model's torch.nn norm layers for these in place."""
+`convert(model)` swaps a model's torch.nn norm layers for these in place.
+
+TorchScript: `torch.jit.script` works on these modules (and on models holding them), but a
+scripted module computes with torch's own ops — TorchScript cannot call Triton kernels or
+fastnorm's Python dispatch. Eager mode and torch.compile run fastnorm's kernels."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as F_fast
@@ -18,6 +23,8 @@ class LayerNorm(nn.LayerNorm):
     """`torch.nn.LayerNorm` computed by fastnorm's kernels (see `fastnorm.layer_norm`)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return F_fast.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -25,6 +32,8 @@ class RMSNorm(nn.RMSNorm):
     """`torch.nn.RMSNorm` computed by fastnorm's kernels (see `fastnorm.rms_norm`)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
+            return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return F_fast.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
@@ -62,12 +71,13 @@ def _batch_norm_args(module: nn.modules.batchnorm._BatchNorm
                      ) -> tuple[Optional[Tensor], Optional[Tensor], bool, Any]:
     """torch's _BatchNorm.forward bookkeeping: (running_mean, running_var, bn_training,
     exponential_average_factor). For momentum=None the factor 1/num_batches_tracked stays a
-    tensor, so the cumulative average needs no host sync."""
+    tensor, so the cumulative average needs no host sync; it is float64 (torch computes it as a
+    Python float), so float64 running statistics keep float64 precision."""
     factor: Any = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats and module.num_batches_tracked is not None:
         module.num_batches_tracked.add_(1)
         if module.momentum is None:
-            factor = 1.0 / module.num_batches_tracked
+            factor = module.num_batches_tracked.to(torch.float64).reciprocal()
     bn_training = module.training or (module.running_mean is None and module.running_var is None)
     # Buffers are passed only when they are updated (training, tracked) or used (eval).
     use_buffers = not module.training or module.track_running_stats
@@ -80,9 +90,28 @@ class _BatchNormForward:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
+            return self._scripted_forward(input)
         running_mean, running_var, bn_training, factor = _batch_norm_args(self)
         return F_fast.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                  bn_training, factor, self.eps)
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """_batch_norm_args + torch's F.batch_norm, in the subset TorchScript compiles."""
+        factor = 0.0
+        if self.momentum is not None:
+            factor = self.momentum
+        if self.training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / float(num_batches_tracked)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if use_buffers else None,
+                            self.running_var if use_buffers else None, self.weight, self.bias,
+                            bn_training, factor, self.eps)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
@@ -153,6 +182,11 @@ class GroupNorm(nn.GroupNorm):
     optional fused activation: `GroupNorm(32, 320, activation="silu")` computes
     `silu(group_norm(x))` in one kernel. Same parameters and state_dict as torch's."""
 
+    # A class-level default: convert() swaps __class__ without running __init__. A TorchScript
+    # constant, so a scripted module keeps its activation.
+    __constants__ = [*nn.GroupNorm.__constants__, "activation"]
+    activation = None
+
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
                  affine: bool = True, device=None, dtype=None, *, bias: bool = True,
                  activation: str | None = None) -> None:
@@ -165,13 +199,18 @@ class GroupNorm(nn.GroupNorm):
         self.activation = activation
 
     def forward(self, input: Tensor) -> Tensor:
-        # convert() swaps __class__ without running __init__: no attribute means no activation.
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's ops
+            y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            activation = self.activation
+            if activation is not None:  # (nested: TorchScript skips it for a None constant)
+                if activation == "silu":
+                    y = F.silu(y)
+            return y
         return F_fast.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
-                                 activation=getattr(self, "activation", None))
+                                 activation=self.activation)
 
     def extra_repr(self) -> str:
-        activation = getattr(self, "activation", None)
-        extra = f", activation={activation!r}" if activation is not None else ""
+        extra = f", activation={self.activation!r}" if self.activation is not None else ""
         return super().extra_repr() + extra
 
 

@@ -15,8 +15,8 @@ def _ops(kind):
     if kind == "layer":
         return (lambda x, s, w, b: fastnorm.layer_norm(x, s, w, b),
                 lambda x, s, w, b: F.layer_norm(x, s, w, b))
-    # torch's eps=None means finfo(dtype).eps of the input; the float64 reference must use the
-    # eps of the tested dtype, so pass it explicitly to torch.
+    # eps=None is torch's rule (eps of the computation type: float32's for float16/bfloat16/
+    # float32, float64's for float64); the float64 reference gets that eps explicitly.
     return (lambda x, s, w, b: fastnorm.rms_norm(x, s, w),
             lambda x, s, w, b, eps=None: F.rms_norm(x, s, w, eps))
 
@@ -34,7 +34,8 @@ def _check(kind, shape, normalized_shape, dtype, device, affine=True, bias=True,
     b = (torch.randn(normalized_shape, device=device, dtype=torch.float64).to(param_dtype)
          if affine and bias and kind == "layer" else None)
     dy = torch.randn(shape, device=device, dtype=torch.float64).to(dtype)
-    eps_kw = {} if kind == "layer" else {"eps": torch.finfo(dtype).eps}
+    eps_kw = {} if kind == "layer" else {
+        "eps": torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps}
 
     def run(fn, cast, **kw):
         casts = (cast, param_dtype, param_dtype) if cast != torch.float64 else (cast,) * 3

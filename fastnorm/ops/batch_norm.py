@@ -25,10 +25,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
 from ..triton import batch_norm as kernels
+from ._common import torch_grads
 
 
 
@@ -141,6 +143,12 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
+        def forward(x, w, b):
+            y = F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
+            return F.relu(y) if ctx.relu else y
+        return (*torch_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], dy),
+                None, None)
     dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
     return (dx if ctx.needs_input_grad[0] else None, *_param_grads(ctx, dw, db, 1), None, None)
 
@@ -157,6 +165,13 @@ def _apply_setup_context(ctx, inputs, output):
 def _apply_backward(ctx, dy):
     """Eval mode: mean and var are constants (running statistics, not differentiated)."""
     x, mean, var, weight, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
+        def forward(x, w, b):
+            y = F.batch_norm(x, mean, var, w, b, False, 0.0, ctx.eps)
+            return F.relu(y) if ctx.relu else y
+        dx, dw, db = torch_grads(forward, (x, weight, bias),
+                                 (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]), dy)
+        return dx, None, None, dw, db, None, None
     dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, False)
     return (dx if ctx.needs_input_grad[0] else None, None, None, *_param_grads(ctx, dw, db, 3),
             None, None)

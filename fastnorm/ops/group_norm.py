@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
 from ..triton import group_norm as kernels
-from ._common import empty_if_none
+from ._common import empty_if_none, register_fp32_autocast, torch_grads
 
 
 
@@ -58,15 +59,21 @@ def _(dy, x, weight, bias, mean, rstd, num_groups, activation):
 
 
 def _group_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, _eps, activation = inputs
+    x, weight, bias, num_groups, eps, activation = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups = num_groups
+    ctx.num_groups, ctx.eps = num_groups, eps
     ctx.activation = activation
 
 
 def _group_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
+        def forward(x, w, b):
+            y = F.group_norm(x, ctx.num_groups, w, b, ctx.eps)
+            return F.silu(y) if ctx.activation == "silu" else y
+        return (*torch_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], dy),
+                None, None, None)
     dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
@@ -75,3 +82,4 @@ def _group_norm_backward(ctx, dy, _dmean, _drstd):
 
 
 group_norm_fwd.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
+register_fp32_autocast(group_norm_fwd)

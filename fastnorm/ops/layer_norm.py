@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
 from ..triton import layer_norm as kernels
-from ._common import empty_if_none
+from ._common import empty_if_none, register_fp32_autocast, torch_grads
 
 
 
@@ -52,13 +53,17 @@ def _(dy, x, weight, bias, mean, rstd):
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
+    x, weight, bias, eps = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.eps = eps
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
+        return (*torch_grads(lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b, ctx.eps),
+                             (x, weight, bias), ctx.needs_input_grad[:3], dy), None)
     dx, dw, db = layer_norm_bwd(dy.contiguous(), x, weight, bias, mean, rstd)
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
@@ -67,6 +72,7 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+register_fp32_autocast(layer_norm_fwd)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
@@ -97,13 +103,17 @@ def _(dy, x, weight, rstd):
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
-    x, weight, _eps = inputs
+    x, weight, eps = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
+    ctx.eps = eps
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
+        return (*torch_grads(lambda x, w: F.rms_norm(x, x.shape[1:], w, ctx.eps),
+                             (x, weight), ctx.needs_input_grad[:2], dy), None)
     dx, dw = rms_norm_bwd(dy.contiguous(), x, weight, rstd)
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
@@ -111,3 +121,4 @@ def _rms_norm_backward(ctx, dy, _drstd):
 
 
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+register_fp32_autocast(rms_norm_fwd)
