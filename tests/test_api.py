@@ -151,7 +151,9 @@ def test_convert_transformer_block(triton_backend, device):
     y.square().sum().backward()
     y_ref.square().sum().backward()
     for (n, p), p_ref in zip(block.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, msg=n)
+        # fp32 sums in another order: error relative to the gradient's scale, not per element.
+        scale = p_ref.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=2e-6 * scale, msg=n)
     assert fastnorm.convert(block) is block  # idempotent
     assert type(block.norm1) is fastnorm.nn.LayerNorm
 
