@@ -16,14 +16,16 @@ last bucket could in principle be chunked differently by the backend.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistEnv", "init_distributed", "GNSHook", "all_gather_objects"]
+__all__ = ["DistEnv", "init_distributed", "GNSHook", "all_gather_objects", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,33 @@ def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     return out
 
 
+class _DDP(DistributedDataParallel):
+    """DDP that lets fastnorm.nn.SyncBatchNorm run on CPU: torch's DDP refuses every
+    torch.nn.SyncBatchNorm subclass on CPU modules because torch's own kernel is CUDA-only,
+    while fastnorm's runs on CPU tensors with gloo."""
+
+    def _passing_sync_batchnorm_handle(self, module: torch.nn.Module) -> None:
+        from ..nn import SyncBatchNorm
+        others = [m for m in module.modules()
+                  if isinstance(m, torch.nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm)]
+        if others:
+            super()._passing_sync_batchnorm_handle(module)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, sync_buffers: bool = True
+             ) -> DistributedDataParallel:
+    """DistributedDataParallel around `model`. sync_buffers=False skips the per-forward
+    broadcast of rank 0's buffers (not needed when they are equal on all ranks anyway, as with
+    SyncBatchNorm, or absent)."""
+    kwargs: dict[str, Any] = {}
+    if not sync_buffers:
+        # torch 2.13 renamed broadcast_buffers (deprecated there) to forward_sync_buffers.
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        kwargs["forward_sync_buffers" if "forward_sync_buffers" in params
+               else "broadcast_buffers"] = False
+    return _DDP(model, device_ids=[device] if device.type == "cuda" else None, **kwargs)
+
+
 class GNSHook:
     """State and callable for `DistributedDataParallel.register_comm_hook(state, hook)`.
 
@@ -109,7 +138,8 @@ class GNSHook:
         self._big_sq = sq if self._big_sq is None else self._big_sq + sq
 
     @staticmethod
-    def allreduce(state: "GNSHook", bucket: dist.GradBucket) -> torch.futures.Future:
+    def allreduce(state, bucket):  # no annotations: DDP checks them against real types
+        """The hook: (GNSHook, dist.GradBucket) -> Future[Tensor]."""
         buf = bucket.buffer()
         stat_dtype = torch.float64 if buf.dtype == torch.float64 else torch.float32
         world = dist.get_world_size(state.group)

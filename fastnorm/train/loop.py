@@ -24,7 +24,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..gns import GNSEstimator
 from .checkpoint import (CHECKPOINT, config_mismatch, find_checkpoint, load_checkpoint,
@@ -32,7 +31,7 @@ from .checkpoint import (CHECKPOINT, config_mismatch, find_checkpoint, load_chec
 from .config import ConfigError, TrainConfig
 from .controller import BatchSizeController
 from .data import load_digits_split, make_batch_sampler
-from .dist import DistEnv, GNSHook, all_gather_objects, init_distributed
+from .dist import DistEnv, GNSHook, all_gather_objects, init_distributed, wrap_ddp
 from .model import make_model
 from .report import MetricsLog, Progress, write_report
 
@@ -168,8 +167,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ddp: torch.nn.Module = model
     hook: Optional[GNSHook] = None
     if env.world > 1:
-        ddp = DDP(model, device_ids=[dev] if dev.type == "cuda" else None,
-                  broadcast_buffers=(cfg.norm == "bn"))
+        ddp = wrap_ddp(model, dev, sync_buffers=(cfg.norm == "bn"))
         if gns_on:
             hook = GNSHook()
             ddp.register_comm_hook(hook, GNSHook.allreduce)
