@@ -137,14 +137,22 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
-def _convert(name: str, value: Any) -> Any:
-    """Parse `value` (a string from the command line, or a JSON value) to the field's type."""
+def _convert(name: str, value: Any, from_json: bool = False) -> Any:
+    """Parse `value` (a string from the command line, or a JSON value, which must already have
+    the field's type; an int is accepted for a float) to the field's type."""
     if name not in _FIELDS:
         close = difflib.get_close_matches(name, _FIELDS, n=1)
         hint = f" (did you mean {_flag(close[0])}?)" if close else ""
         raise ConfigError(f"unknown config key {name!r}{hint}; see --help")
     typ = _TYPES[name]
     bad = ConfigError(f"{_flag(name)}: expected {typ.__name__}, got {value!r}")
+    if from_json:
+        ok = (isinstance(value, typ) and not (typ is int and isinstance(value, bool))) or (
+            typ is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{_flag(name)}: expected {typ.__name__}, got {value!r} "
+                              f"({type(value).__name__}) in the config file")
+        return typ(value)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -207,7 +215,7 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
     for key, value in pairs:
         if key == "config":
             for k, v in load_config(value).items():
-                values[k] = _convert(k, v)
+                values[k] = _convert(k, v, from_json=True)
     for key, value in pairs:
         if key != "config":
             values[key] = _convert(key, value)
