@@ -29,7 +29,7 @@ class TrainConfig:
     task: str = _f("classify", "what to train (only 'classify': a CNN on the 8x8 digits)",
                    ("classify",))
     out_dir: str = _f("", "run directory (default runs/<timestamp>)")
-    max_steps: int = _f(300, "run length in scale-invariant steps (optimizer steps at the "
+    max_steps: int = _f(1200, "run length in scale-invariant steps (optimizer steps at the "
                              "initial batch size; a step at a larger batch counts its LR gain)")
     batch_size: int = _f(32, "initial global batch size B0")
     micro_batch: int = _f(16, "per-rank micro-batch; a step accumulates local_batch/micro_batch")

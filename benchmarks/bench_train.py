@@ -1,0 +1,94 @@
+"""Trainer throughput with the gradient-noise-scale estimator off and on, 1 and 2 processes.
+
+Each case runs `python -m fastnorm.train` (under torchrun for 2 processes) at a FIXED global
+batch: "off" is `--adaptive-batch off` (plain DDP, no norms computed), "on" is
+`--adaptive-batch gns` with --min-batch-size = --max-batch-size = the batch, so the estimator,
+the communication hook (2 processes) or the micro-batch norms (1 process) all run but the batch
+cannot move, and the two step times compare like with like. The step time is the median over
+the steps after a warm-up, read from metrics.jsonl (samples / samples_per_s). Off and on runs
+alternate, `--repeats` times each, so a load change on a shared machine hits both.
+
+    python benchmarks/bench_train.py [--steps 200] [--repeats 2] [--out bench_results]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_case(procs: int, gns: bool, steps: int, batch: int, micro: int, work: str) -> float:
+    """Median seconds per optimizer step of one trainer run."""
+    out_dir = tempfile.mkdtemp(dir=work)
+    args = ["--out-dir", out_dir, "--max-steps", str(steps), "--batch-size", str(batch),
+            "--micro-batch", str(micro), "--min-batch-size", str(batch),
+            "--max-batch-size", str(batch), "--adaptive-batch", "gns" if gns else "off",
+            "--lr-scaling", "none", "--eval-every", "0", "--ckpt-every", "0",
+            "--plots", "false"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    subprocess.run([*launcher, "-m", "fastnorm.train", *args], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    times = [r["global_batch"] / r["samples_per_s"] for r in rows if r["kind"] == "step"]
+    return statistics.median(times[len(times) // 5:])     # the first fifth is warm-up
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=64, help="fixed global batch")
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--procs", default="1,2", help="process counts, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="60 steps, 1 repeat")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_results"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 60, 1
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        for procs in (int(p) for p in args.procs.split(",")):
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.repeats):
+                for gns in (False, True):
+                    times[gns].append(run_case(procs, gns, args.steps, args.batch,
+                                               args.micro_batch, work))
+            off, on = min(times[False]), min(times[True])
+            row = {"procs": procs, "batch": args.batch, "micro_batch": args.micro_batch,
+                   "steps_per_s_off": 1 / off, "steps_per_s_on": 1 / on,
+                   "overhead_pct": 100 * (on - off) / off,
+                   "ms_off_runs": [1e3 * t for t in times[False]],
+                   "ms_on_runs": [1e3 * t for t in times[True]]}
+            results.append(row)
+            print(f"{procs} process(es), B={args.batch}, micro={args.micro_batch}: "
+                  f"{row['steps_per_s_off']:.1f} steps/s adaptive off, "
+                  f"{row['steps_per_s_on']:.1f} steps/s on (estimator overhead "
+                  f"{row['overhead_pct']:+.1f}%)", flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "steps": args.steps, "repeats": args.repeats,
+            "note": "best of the repeats of each median step time; CPU runs on gloo"}
+    path = os.path.join(args.out, "train.json")
+    with open(path, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
