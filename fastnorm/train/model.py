@@ -1,7 +1,6 @@
 """The default model: a small CNN for 8x8 images whose norm layers come from fastnorm.nn."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 import fastnorm

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any, Optional
 
 __all__ = ["Progress", "MetricsLog", "read_metrics", "write_report"]
@@ -171,7 +170,3 @@ def _save(fig: Any, run_dir: str, name: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
-
-
-def now() -> float:
-    return time.perf_counter()
