@@ -23,15 +23,16 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=round(total, 1), initial=round(initial, 1), unit="step",
                             dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]"
-                                       "{postfix}")
+                            bar_format="{percentage:3.0f}%|{bar:20}| {n:.0f}/{total:.0f} "
+                                       "[{elapsed}<{remaining}]{postfix}")
 
     def update(self, progress_delta: float, step: int, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
         text = " ".join(f"{k}={_fmt(v)}" for k, v in info.items())
         if self.bar is not None:
-            self.bar.update(progress_delta)
+            # tqdm drops the total once n exceeds it; the last step may overshoot max_steps.
+            self.bar.update(min(progress_delta, self.bar.total - self.bar.n))
             self.bar.set_postfix_str(text, refresh=False)
         elif step % self.every == 0:
             print(f"step {step} {text}", flush=True)
