@@ -147,9 +147,15 @@ def write_report(run_dir: str, summary: dict[str, Any]) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(*_series(steps, "lr"), label="learning rate")
-    ax.plot(*_series(steps, "gain"), lw=0.8, ls="--", label="LR gain (x base schedule)")
     ax.set_xlabel("samples seen")
-    ax.legend()
+    ax.set_ylabel("learning rate")
+    ax2 = ax.twinx()
+    ax2.plot(*_series(steps, "gain"), lw=0.8, ls="--", color="tab:orange",
+             label="gain (LR / base schedule)")
+    ax2.set_ylabel("gain")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper right")
     ax.set_title("learning rate")
     files.append(_save(fig, run_dir, "lr.png"))
     plt.close("all")
