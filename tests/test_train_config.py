@@ -13,10 +13,12 @@ from fastnorm.train.__main__ import main
 
 
 @pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()      # main() sets the trainer's thread count
+def _keep_process_state():
+    # main() sets the trainer's thread count and seeds torch: restore both for later tests.
+    n, rng = torch.get_num_threads(), torch.get_rng_state()
     yield
     torch.set_num_threads(n)
+    torch.set_rng_state(rng)
 
 
 def test_flags_file_and_defaults(tmp_path):
