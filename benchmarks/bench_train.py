@@ -9,11 +9,12 @@ the steps after a warm-up, read from metrics.jsonl (samples / samples_per_s). Of
 alternate, `--repeats` times each, so a load change on a shared machine hits both.
 
 On a loaded machine separate runs still differ by 2x, so for several processes the script also
-measures the communication hook *interleaved*: the same processes alternate steps of plain DDP
-(torch's built-in all-reduce) and of DDP with fastnorm's GNS hook on copies of the trainer's
-model, same data, and compare the median step times (`hook_overhead_interleaved_pct`).
+measures the communication hook *interleaved* (on CPU, gloo): the same processes alternate
+steps of plain DDP (torch's built-in all-reduce) and of DDP with fastnorm's GNS hook on copies
+of the trainer's model, same data, and compare the median step times
+(`hook_overhead_interleaved_pct`). Trainer runs use CUDA when there is a GPU per process.
 
-    python benchmarks/bench_train.py [--steps 200] [--repeats 2] [--out bench_results]
+    python benchmarks/bench_train.py [--steps 100] [--repeats 5] [--procs 1,2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -34,10 +35,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def device_for(procs: int) -> str:
+    """CUDA when there is a GPU per process (NCCL refuses two ranks on one GPU), else CPU."""
+    return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= procs else "cpu"
+
+
 def run_case(procs: int, gns: bool, steps: int, batch: int, micro: int, work: str) -> float:
     """Median seconds per optimizer step of one trainer run."""
     out_dir = tempfile.mkdtemp(dir=work)
-    args = ["--out-dir", out_dir, "--max-steps", str(steps), "--batch-size", str(batch),
+    args = ["--out-dir", out_dir, "--device", device_for(procs), "--max-steps", str(steps), "--batch-size", str(batch),
             "--micro-batch", str(micro), "--min-batch-size", str(batch),
             "--max-batch-size", str(batch), "--adaptive-batch", "gns" if gns else "off",
             "--lr-scaling", "none", "--eval-every", "0", "--ckpt-every", "0",
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[gns].append(run_case(procs, gns, args.steps, args.batch,
                                                args.micro_batch, work))
             off, on = min(times[False]), min(times[True])
-            row = {"procs": procs, "batch": args.batch, "micro_batch": args.micro_batch,
+            row = {"procs": procs, "device": device_for(procs), "batch": args.batch, "micro_batch": args.micro_batch,
                    "steps_per_s_off": 1 / off, "steps_per_s_on": 1 / on,
                    "overhead_pct": 100 * (on - off) / off,
                    "ms_off_runs": [1e3 * t for t in times[False]],
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{inter['ms_plain']:.2f} ms, GNS hook {inter['ms_hook']:.2f} ms "
                          f"({row['hook_overhead_interleaved_pct']:+.1f}%)")
             results.append(row)
-            print(f"{procs} process(es), B={args.batch}, micro={args.micro_batch}: "
+            print(f"{procs} process(es) on {row['device']}, B={args.batch}, micro={args.micro_batch}: "
                   f"{row['steps_per_s_off']:.1f} steps/s adaptive off, "
                   f"{row['steps_per_s_on']:.1f} steps/s on (estimator overhead "
                   f"{row['overhead_pct']:+.1f}%){extra}", flush=True)
