@@ -54,8 +54,11 @@ setup(
     extras_require={
         # numpy<2.4: Triton 3.6's CPU interpreter calls int() on 1-element arrays, which
         # numpy 2.4 rejects; the tests run the kernels through that interpreter.
-        "test": ["pytest", "numpy<2.4", "matplotlib"],
+        # scikit-learn/tqdm/matplotlib: the trainer's embedded dataset, progress bar and
+        # plots; the test suite runs the trainer.
+        "test": ["pytest", "numpy<2.4", "matplotlib", "scikit-learn", "tqdm"],
         "bench": ["matplotlib"],
+        "train": ["scikit-learn", "tqdm", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,4 +1,5 @@
-"""`python -m fastnorm`: self-check the kernels against torch, then a quick benchmark.
+"""`python -m fastnorm [check]`: self-check the kernels against torch, then a quick benchmark.
+(`python -m fastnorm train ...` is `python -m fastnorm.train ...`, the trainer.)
 
 On a CUDA machine the Triton kernels run compiled and the benchmarks use the anchor shapes; on a
 CPU-only machine the kernels run through Triton's interpreter (the process re-executes itself with
@@ -99,7 +100,14 @@ def self_check(device: torch.device) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastnorm", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train.__main__ import main as train_main
+        return train_main(argv[1:])
+    if argv[:1] == ["check"]:
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="python -m fastnorm [check]",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--no-bench", action="store_true", help="self-check only")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_results"),
                         help="folder for benchmark CSV/JSON (default $OUT or bench_results)")

@@ -1,0 +1,314 @@
+"""The training loop. Read top to bottom: setup, resume, then one optimizer step per global
+batch, each made of `accum` micro-batches per rank.
+
+Where the gradient noise scale comes from:
+  * several ranks: `dist.GNSHook` inside DDP's all-reduce gives mean_r |g_r|^2 (batch B/world)
+    and |G|^2 of the reduced gradient (batch B);
+  * one process: the gradient accumulated in .grad after the first of k micro-batches is g_1/k,
+    a mean gradient of `micro` samples scaled by 1/k, so k^2 |.grad|^2 there is the small-batch
+    norm; after all k micro-batches .grad is the mean gradient of the step (batch k*micro): the
+    big-batch norm. Two reductions over .grad, nothing copied. (Each prefix of j micro-batches
+    gives such a pair; the first and the last are the pair with the widest batch ratio.)
+Both are read before clipping and divided by the loss scale squared under a GradScaler; a
+non-finite pair is skipped by the estimator (the scaler skips that step too).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..gns import GNSEstimator
+from .checkpoint import (CHECKPOINT, config_mismatch, find_checkpoint, load_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import ConfigError, TrainConfig
+from .controller import BatchSizeController
+from .data import load_digits_split, make_batch_sampler
+from .dist import DistEnv, GNSHook, all_gather_objects, init_distributed, wrap_ddp
+from .model import make_model
+from .report import MetricsLog, Progress, write_report
+
+__all__ = ["train"]
+
+
+def grad_sq_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """sum over parameters of |p.grad|^2, in fp32, as a device tensor (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    return torch.stack(norms).float().square().sum()
+
+
+def lr_schedule(cfg: TrainConfig, progress: float) -> float:
+    """Base LR at `progress` scale-invariant steps: linear warm-up, cosine decay to
+    lr * min_lr_ratio at max_steps."""
+    warm = min(1.0, (progress + 1.0) / (cfg.warmup_steps + 1.0))
+    t = min(progress / cfg.max_steps, 1.0)
+    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(
+        math.pi * t)))
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on norm parameters and biases (1-D tensors).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def _resolve_run(cfg: TrainConfig, env: DistEnv) -> tuple[str, Optional[str]]:
+    """(run directory, checkpoint to resume or None), decided on rank 0 and shared, so all
+    ranks agree on the timestamped default directory; errors are raised on every rank."""
+    result: list[Any] = [None]
+    if env.is_main:
+        try:
+            ckpt = find_checkpoint(cfg.resume, cfg.out_dir) if cfg.resume else None
+            out_dir = cfg.out_dir or (os.path.dirname(ckpt) if ckpt else
+                                      os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+            if not cfg.resume and os.path.isfile(os.path.join(out_dir, CHECKPOINT)):
+                raise FileExistsError(f"{out_dir} already holds a {CHECKPOINT}: pass --resume "
+                                      "auto to continue it, or another --out-dir")
+            result[0] = ("ok", out_dir, ckpt)
+        except (OSError, ConfigError) as e:
+            result[0] = ("error", type(e).__name__, str(e))
+    if env.world > 1:
+        dist.broadcast_object_list(result, src=0)
+    if result[0][0] == "error":
+        kind = {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError}
+        raise kind.get(result[0][1], RuntimeError)(result[0][2])
+    return result[0][1], result[0][2]
+
+
+def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              autocast: Any) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), 512):
+            with autocast():
+                out = model(x[i:i + 512]).float()
+            loss += F.cross_entropy(out, y[i:i + 512], reduction="sum").item()
+            correct += (out.argmax(1) == y[i:i + 512]).sum().item()
+    model.train()
+    return loss / len(x), correct / len(x)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the training described by `cfg`; returns the summary (also in report.md)."""
+    t_start = time.perf_counter()
+    env = init_distributed(cfg.device, cfg.dist_backend)
+    cfg.validate_world(env.world)
+    dev = env.device
+    if cfg.threads or dev.type == "cpu":
+        torch.set_num_threads(cfg.threads or 1)
+    out_dir, ckpt_path = _resolve_run(cfg, env)
+    gns_on = cfg.adaptive_batch == "gns"
+
+    # ---- data, model, optimizer, estimator, controller ------------------------------------
+    x_tr, y_tr, x_te, y_te = (t.to(dev) for t in load_digits_split(cfg.seed))
+    if cfg.max_batch_size > len(x_tr):
+        raise ConfigError(f"--max-batch-size {cfg.max_batch_size} exceeds the training set "
+                          f"({len(x_tr)} samples)")
+    torch.manual_seed(cfg.seed)                 # same init everywhere (DDP broadcasts anyway)
+    model = make_model(cfg.norm, cfg.width, env.world).to(dev)
+    torch.manual_seed(cfg.seed + 1000 * env.rank)
+    optimizer = make_optimizer(cfg, model)
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if dev.type == "cuda" else "off")
+    if amp == "fp16" and dev.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device (use bf16 or off on CPU)")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def autocast() -> Any:
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=amp_dtype)
+
+    scaler = torch.amp.GradScaler(dev.type, enabled=(amp == "fp16"))
+    estimator = GNSEstimator(cfg.gns_memory)
+    controller = BatchSizeController(
+        cfg.batch_size, cfg.micro_batch, env.world, min_batch=cfg.min_batch_size,
+        max_batch=cfg.max_batch_size if gns_on else cfg.batch_size, target_snr=cfg.target_snr,
+        threshold=cfg.batch_threshold, cooldown=cfg.batch_cooldown,
+        allow_shrink=cfg.allow_shrink, lr_scaling=cfg.lr_scaling,
+        min_accum=2 if gns_on and env.world == 1 else 1)
+    sampler = make_batch_sampler(cfg, y_tr.cpu(), env.world, env.rank)
+    step, samples, progress, epoch = 0, 0, 0.0, 0
+
+    # ---- resume --------------------------------------------------------------------------
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        diff = config_mismatch(state["config"], {**cfg.to_dict(), "out_dir": out_dir})
+        if state["world_size"] != env.world:
+            diff.append(f"world size: checkpoint {state['world_size']}, now {env.world}")
+        if diff:
+            raise ConfigError(f"checkpoint {ckpt_path} comes from an incompatible config: "
+                              + "; ".join(diff))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        estimator.load_state_dict(state["estimator"])
+        controller.load_state_dict(state["controller"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"][env.rank])
+        step, samples, progress, epoch = (state["step"], state["samples"], state["progress"],
+                                          state["epoch"])
+    sampler.set_batch_size(controller.batch_size)
+
+    ddp: torch.nn.Module = model
+    hook: Optional[GNSHook] = None
+    if env.world > 1:
+        ddp = wrap_ddp(model, dev, sync_buffers=(cfg.norm == "bn"))
+        if gns_on:
+            hook = GNSHook()
+            ddp.register_comm_hook(hook, GNSHook.allreduce)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if env.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as fh:
+            json.dump({**cfg.to_dict(), "out_dir": out_dir}, fh, indent=1)
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"),
+                     resume_step=step if ckpt_path else None) if env.is_main else None
+    bar = Progress(cfg.max_steps, progress, cfg.log_every, enabled=env.is_main)
+    if env.is_main:
+        bar.write(f"fastnorm.train: {env.world} process(es) on {dev} ({env.backend or 'no'} "
+                  f"process group), norm={cfg.norm}, adaptive batch {cfg.adaptive_batch}, "
+                  f"B0={cfg.batch_size}, run dir {out_dir}"
+                  + (f", resumed at step {step}" if ckpt_path else ""))
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt
+        last_ckpt = step
+        rngs = all_gather_objects(rng_state(), env)
+        if env.is_main:
+            save_checkpoint({
+                "version": 1, "config": {**cfg.to_dict(), "out_dir": out_dir},
+                "world_size": env.world, "step": step, "samples": samples,
+                "progress": progress, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "estimator": estimator.state_dict(), "controller": controller.state_dict(),
+                "sampler": sampler.state_dict(), "rng": rngs}, out_dir)
+
+    def evaluate() -> tuple[float, float]:
+        test_loss, test_acc = _evaluate(model, x_te, y_te, autocast)
+        log.write({"kind": "eval", "step": step, "samples": samples, "test_loss": test_loss,
+                   "test_accuracy": test_acc})
+        bar.write(f"step {step}: test loss {test_loss:.4f}, test accuracy {test_acc:.4f}")
+        nonlocal last_eval
+        last_eval = step
+        return test_loss, test_acc
+
+    # ---- the loop --------------------------------------------------------------------------
+    test_loss = test_acc = math.nan
+    last_eval = last_ckpt = -1
+    zero = torch.zeros((), device=dev)
+    t_train = time.perf_counter()
+    while progress < cfg.max_steps:
+        sampler.set_epoch(epoch)
+        for local_idx in sampler:
+            t0 = time.perf_counter()
+            batch, k = controller.batch_size, controller.accum_steps
+            gain = controller.lr_factor(estimator.b_simple)
+            lr = lr_schedule(cfg, progress) * gain
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = torch.tensor(local_idx, device=dev)
+            loss_sum, correct, small_sq, big_sq = zero, zero, zero, zero
+            for i, micro in enumerate(idx.split(cfg.micro_batch)):
+                last = i == k - 1
+                sync = contextlib.nullcontext() if last or env.world == 1 else ddp.no_sync()
+                with sync:
+                    with autocast():
+                        out = ddp(x_tr[micro])
+                        loss = F.cross_entropy(out.float(), y_tr[micro])
+                    scaler.scale(loss / k).backward()
+                loss_sum = loss_sum + loss.detach()
+                correct = correct + (out.argmax(1) == y_tr[micro]).sum()
+                if gns_on and env.world == 1 and i == 0:
+                    small_sq = grad_sq_norm(params) * (k * k)
+            if gns_on:
+                if hook is not None:
+                    small_sq, big_sq = hook.pop()
+                else:
+                    big_sq = grad_sq_norm(params)
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # The one host sync of a step: four scalars.
+            loss_v, correct_v, small_v, big_v = torch.stack(
+                [loss_sum / k, correct.float(), small_sq, big_sq]).tolist()
+            step += 1
+            samples += batch
+            progress += gain
+            if gns_on:
+                small_batch = cfg.micro_batch if env.world == 1 else batch // env.world
+                estimator.update(small_v / scale ** 2, big_v / scale ** 2, small_batch, batch)
+                if controller.update(step, estimator.b_simple):
+                    sampler.set_batch_size(controller.batch_size)
+            if env.is_main:
+                dt = time.perf_counter() - t0
+                log.write({"kind": "step", "step": step, "samples": samples,
+                           "global_batch": batch, "micro_batch": cfg.micro_batch,
+                           "accum": k, "lr": lr, "gain": gain,
+                           "grad_sq": estimator.grad_sq, "trace_sigma": estimator.trace_sigma,
+                           "b_simple": estimator.b_simple, "loss": loss_v,
+                           "accuracy": correct_v / len(local_idx), "samples_per_s": batch / dt,
+                           "progress": progress, "epoch": epoch})
+                bar.update(gain, step, {"B": batch, "b_simple": round(estimator.b_simple, 1),
+                                        "loss": loss_v, "lr": lr})
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    test_loss, test_acc = evaluate()
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                checkpoint()
+            if progress >= cfg.max_steps:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    train_seconds = time.perf_counter() - t_train
+
+    # ---- the end ---------------------------------------------------------------------------
+    if env.is_main and last_eval != step:
+        test_loss, test_acc = evaluate()
+    if last_ckpt != step:
+        checkpoint()
+    bar.close()
+    summary: dict[str, Any] = {}
+    if env.is_main:
+        summary = {"test_accuracy": test_acc, "test_loss": test_loss, "steps": step,
+                   "samples": samples, "epochs": samples / len(x_tr),
+                   "final_global_batch": controller.batch_size,
+                   "batch_changes": controller.changes, "b_simple": estimator.b_simple,
+                   "target_snr": cfg.target_snr, "world_size": env.world, "device": str(dev),
+                   "norm": cfg.norm, "optimizer": cfg.optimizer, "lr_scaling": cfg.lr_scaling,
+                   "adaptive_batch": cfg.adaptive_batch,
+                   "train_seconds": round(train_seconds, 2),
+                   "total_seconds": round(time.perf_counter() - t_start, 2), "run_dir": out_dir}
+        log.close()
+        if cfg.plots:
+            write_report(out_dir, summary)
+        print(f"done: {step} steps, {samples} samples ({summary['epochs']:.1f} epochs) in "
+              f"{train_seconds:.1f} s; global batch {cfg.batch_size} -> "
+              f"{controller.batch_size} ({controller.changes} changes), b_simple "
+              f"{estimator.b_simple:.1f}", flush=True)
+        print(f"test accuracy {test_acc:.4f} (test loss {test_loss:.4f})", flush=True)
+        print(f"run directory: {out_dir}", flush=True)
+    if env.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
