@@ -19,10 +19,12 @@ def _load(path):
     return module
 
 
-# bench_overhead.py times host overhead, not bandwidth, outside the harness (its smoke test is in
-# test_semantics.py).
+# Not bandwidth benchmarks, so outside the harness, each with its own smoke test:
+# bench_overhead.py (host overhead; test_semantics.py) and bench_train.py (steps/s of the
+# trainer; test_train_bench.py).
+_NOT_HARNESS = ("bench_overhead.py", "bench_train.py")
 _HARNESS_BENCHES = sorted(p for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.py"))
-                          if not p.endswith("bench_overhead.py"))
+                          if os.path.basename(p) not in _NOT_HARNESS)
 
 
 @pytest.mark.parametrize("path", _HARNESS_BENCHES, ids=os.path.basename)
