@@ -1,0 +1,1 @@
+"""fastnorm.train: the thin trainer and its data pieces (sampler, simclr)."""
