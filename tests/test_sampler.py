@@ -37,6 +37,7 @@ def test_global_counts_disjoint_ranks_and_filler_once(world):
     f = 12 - sum(COUNTS.values())
     assert len(steps) == len(samplers[0]) == FILLER // f
     filler_seen = []
+    rare_per_rank = np.zeros(world, dtype=int)
     for shares in steps:
         assert all(len(s) == 12 // world for s in shares)
         batch = np.concatenate(shares)
@@ -45,8 +46,18 @@ def test_global_counts_disjoint_ranks_and_filler_once(world):
             assert _class_count(batch, c) == n
             # scope="global": a rank holds n // world or one more.
             assert all(n // world <= _class_count(s, c) <= -(-n // world) for s in shares)
+        rare_per_rank += [_class_count(s, 8) for s in shares]
         filler_seen += [i for i in batch.tolist() if LABELS[i] not in COUNTS]
     assert len(filler_seen) == len(set(filler_seen)) == (FILLER // f) * f
+    # Listed classes cycle through permutations: class 3 (12 samples, 2 per batch) shows all its
+    # samples once in every 6 consecutive batches from the epoch's start.
+    class3 = np.flatnonzero(LABELS == 3)
+    for start in range(0, len(steps) - 5, 6):
+        seen = [i for shares in steps[start:start + 6] for i in np.concatenate(shares).tolist()
+                if LABELS[i] == 3]
+        assert sorted(seen) == class3.tolist()
+    # Class 8 has 1 sample per global batch: over the epoch every rank gets its turns.
+    assert rare_per_rank.sum() == len(steps) and (rare_per_rank >= len(steps) // (2 * world)).all()
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -20,10 +20,11 @@ The plan for one epoch
   permutations (a sample repeats within the batch, possibly on different ranks; a warning says
   so at construction). Class streams restart every epoch, so the plan is a function of
   (seed, epoch) only.
-* The global batch is the listed blocks followed by the filler samples; rank r takes positions
-  r, r + R, r + 2R, ... (R = num_replicas), then shuffles its share. With scope="local" every
-  block length is a multiple of R, so every rank gets exactly counts[c] of class c; with
-  scope="global" a rank gets counts[c] // R or one more.
+* The global batch is the listed blocks followed by the filler samples, rotated by a random
+  offset in [0, R) (R = num_replicas); rank r takes positions r, r + R, r + 2R, ... and shuffles
+  its share. With scope="local" every block length is a multiple of R, so every rank gets
+  exactly counts[c] of class c; with scope="global" a rank gets counts[c] // R or one more, and
+  which ranks get the extra one changes from step to step.
 
 Importance weights (`class_weights`)
 ------------------------------------
@@ -291,15 +292,14 @@ class StratifiedBatchSampler:
     def _class_block(self, c: int, block: int, cache: dict) -> np.ndarray:
         """Block number `block` (0-based, this epoch) of listed class c: n_c dataset indices."""
         pool, n = self._class_pools[c], self._per_batch[c]
-        ci = list(self.counts).index(c)
         per_perm = pool.size // n
         if per_perm == 0:  # fewer samples than a block: concatenate fresh permutations
-            rng = _rng(self.seed, self._epoch, _REPEAT, ci, block)
+            rng = _rng(self.seed, self._epoch, _REPEAT, c, block)
             reps = -(-n // pool.size)
             return np.concatenate([pool[rng.permutation(pool.size)] for _ in range(reps)])[:n]
         perm_index, offset = divmod(block, per_perm)
         if cache.get(c, (None,))[0] != perm_index:  # keep one permutation per class
-            cache[c] = (perm_index, pool[_rng(self.seed, self._epoch, _CLASS, ci, perm_index)
+            cache[c] = (perm_index, pool[_rng(self.seed, self._epoch, _CLASS, c, perm_index)
                                          .permutation(pool.size)])
         return cache[c][1][offset * n:(offset + 1) * n]
 
@@ -323,10 +323,13 @@ class StratifiedBatchSampler:
             if self._filler_pos + f > self._filler_pool.size:
                 return
             batch = self._global_batch(f, cache, filler)
+            # The same draws on every rank (rank-independent RNG use). A random rotation before
+            # dealing varies which ranks get a class's extra sample (scope="global"); blocks of
+            # a multiple of R (scope="local") still give every rank exactly its counts.
+            rng = _rng(self.seed, self._epoch, _SHUFFLE, self._step)
+            batch = np.roll(batch, -int(rng.integers(self.num_replicas)))
             share = batch[self.rank::self.num_replicas]
-            # Same permutation on every rank for the same step: rank-independent RNG use.
-            share = share[_rng(self.seed, self._epoch, _SHUFFLE, self._step)
-                          .permutation(share.size)]
+            share = share[rng.permutation(share.size)]
             self._filler_pos += f
             for c in self._blocks:
                 self._blocks[c] += 1
