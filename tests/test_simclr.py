@@ -5,7 +5,6 @@ BatchNorm against K separate BatchNorm calls, the leak-gap metric on constructed
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 
 import pytest
@@ -85,8 +84,8 @@ def test_interleave_and_split_views():
 # --- virtual devices ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [
-    lambda: fnn.BatchNorm2d(3), lambda: nn.BatchNorm2d(3), lambda: fnn.BatchNorm2d(3, momentum=None),
-    lambda: fnn.BatchNorm1d(3),
+    lambda: fnn.BatchNorm2d(3), lambda: nn.BatchNorm2d(3),
+    lambda: fnn.BatchNorm2d(3, momentum=None), lambda: fnn.BatchNorm1d(3),
 ], ids=["fastnorm", "torch", "momentum-None", "1d"])
 def test_virtual_device_bn_equals_separate_bn_per_chunk(make):
     torch.manual_seed(0)

@@ -34,11 +34,15 @@ share is q_c = n_c / B (listed) or (f / B)(m_c / F) (filler). The weight is w_c 
 
     listed c:  w_c = m_c B / (N n_c)          filler c:  w_c = F B / (N f)  (one value for all)
 
+Filler classes need a weight too: their batch share (f / B)(m_c / F) differs from m_c / N by the
+same factor for every unlisted class (rare classes take slots, so the others are under-sampled).
+
 Unbiasedness. Every listed draw is marginally uniform over its class (each position of a random
 permutation is) and every filler draw marginally uniform over the filler pool. For per-sample
 losses l_i, the estimator  L_hat = (1/B) sum_{j in batch} w_{y_j} l_j  has expectation
 
-    E[L_hat] = (1/B) [ sum_listed n_c w_c (1/m_c) sum_{i in c} l_i + f w_F (1/F) sum_{i in pool} l_i ]
+    E[L_hat] = (1/B) [ sum_listed n_c w_c (1/m_c) sum_{i in c} l_i
+                       + f w_F (1/F) sum_{i in pool} l_i ]
              = (1/N) [ sum_listed sum_{i in c} l_i + sum_{i in pool} l_i ] = (1/N) sum_i l_i,
 
 the population loss. The weights of any global batch sum to exactly B

@@ -165,7 +165,8 @@ def _contrastive_logits(z1: Tensor, z2: Tensor, temperature: float, group: Optio
     else:
         all1, all2 = z1, z2
     big_n = n * world
-    logits = torch.cat([z1, z2]) @ torch.cat([all1, all2]).t() / temperature
+    with torch.autocast(z1.device.type, enabled=False):  # similarities in fp32 under AMP too
+        logits = torch.cat([z1, z2]) @ torch.cat([all1, all2]).t() / temperature
     local = torch.arange(n, device=z1.device) + rank * n
     self_index = torch.cat([local, local + big_n])
     positive = torch.cat([local + big_n, local])
