@@ -8,10 +8,10 @@
 """
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
-from .functional import batch_norm, group_norm, layer_norm, rms_norm
+from .functional import batch_norm, fused_add_rms_norm_, group_norm, layer_norm, rms_norm
 from .nn import convert
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_norm", "rms_norm", "group_norm", "batch_norm", "nn", "convert",
+__all__ = ["layer_norm", "rms_norm", "fused_add_rms_norm_", "group_norm", "batch_norm", "nn", "convert",
            "set_backend", "get_backend", "use_backend", "available_backends", "__version__"]

@@ -71,13 +71,22 @@ def _flat(param: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+               residual: Optional[Tensor] = None, prenorm: bool = False,
+               residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Layer normalization over the trailing `normalized_shape` dims, as
     `torch.nn.functional.layer_norm`.
 
     Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype, and
     weight/bias may be fp32 with a low-precision input.
+
+    Fused residual add (flash-attn's `layer_norm_fn` conventions): with `residual=r` the norm
+    runs on `h = input + r` in one pass; `prenorm=True` returns `(y, h)`, the new residual
+    stream, else `y` only. h has r's dtype, or fp32 with `residual_in_fp32=True`.
     """
+    if residual is not None or prenorm:
+        return _add_norm("layer_norm", input, residual, normalized_shape, weight, bias, eps,
+                         False, prenorm, residual_in_fp32)
     _check_float_input("layer_norm", input)
     shape, n = _normalized_rows("layer_norm", input, normalized_shape)
     _check_param("layer_norm", "weight", weight, input, shape, "normalized_shape")
@@ -90,9 +99,15 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
 
 
 def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
-             eps: Optional[float] = None) -> Tensor:
+             eps: Optional[float] = None, *, residual: Optional[Tensor] = None,
+             prenorm: bool = False,
+             residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Root-mean-square normalization over the trailing `normalized_shape` dims, as
-    `torch.nn.functional.rms_norm`; `eps=None` means `torch.finfo(input.dtype).eps`."""
+    `torch.nn.functional.rms_norm`; `eps=None` means `torch.finfo(input.dtype).eps`.
+    `residual`, `prenorm`, `residual_in_fp32`: the fused residual add, as in `layer_norm`."""
+    if residual is not None or prenorm:
+        return _add_norm("rms_norm", input, residual, normalized_shape, weight, None, eps,
+                         True, prenorm, residual_in_fp32)
     _check_float_input("rms_norm", input)
     shape, n = _normalized_rows("rms_norm", input, normalized_shape)
     _check_param("rms_norm", "weight", weight, input, shape, "normalized_shape")
@@ -233,3 +248,102 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
         x3, _flat(weight), _flat(bias), int(num_groups), float(eps), activation or "none")
     return y.view(input.shape)
+
+
+# --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
+
+def _check_residual(name: str, input: Tensor, residual: Tensor) -> None:
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"fastnorm.{name}: expected residual to be a Tensor, got "
+                        f"{type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"fastnorm.{name}: residual must have the input's shape "
+                           f"{list(input.shape)}, got {list(residual.shape)}")
+    if residual.device != input.device:
+        raise RuntimeError(f"fastnorm.{name}: expected input and residual on the same device, "
+                           f"but input is on {input.device} and residual on {residual.device}")
+    if not (residual.dtype == input.dtype or
+            (residual.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16))):
+        raise TypeError(f"fastnorm.{name}: residual must have the input's dtype ({input.dtype}) "
+                        f"or be float32 with a float16/bfloat16 input, got {residual.dtype}")
+
+
+def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_shape: _shape_t,
+              weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
+              is_rms: bool, prenorm: bool, residual_in_fp32: bool,
+              round_xhat: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """layer_norm / rms_norm with a fused residual add (see `layer_norm`). Also the entry of the
+    transformers adapters (fastnorm.convert), which pass `round_xhat` (x_hat rounded to the
+    input dtype before the weight multiply, Llama's `weight * hidden.to(input_dtype)`)."""
+    _check_float_input(name, input)
+    shape, n = _normalized_rows(name, input, normalized_shape)
+    _check_param(name, "weight", weight, input, shape, "normalized_shape")
+    _check_param(name, "bias", bias, input, shape, "normalized_shape")
+    if residual is not None:
+        _check_residual(name, input, residual)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if residual is None:
+        if residual_in_fp32 and input.dtype in (torch.float16, torch.bfloat16):
+            h = input.float()  # flash-attn: the first layer starts an fp32 residual stream
+        else:
+            h = input
+    if _backend.resolve(input, name) == "torch":
+        if residual is not None:
+            h_dtype = torch.float32 if residual_in_fp32 and input.dtype != torch.float64 \
+                else residual.dtype
+            h = input.to(h_dtype) + residual.to(h_dtype)
+        src = h if residual is not None else input
+        if is_rms and round_xhat:
+            x_hat = F.rms_norm(src.to(torch.float32 if src.dtype != torch.float64 else src.dtype),
+                               shape, None, eps).to(input.dtype)
+            y = x_hat if weight is None else (weight * x_hat).to(input.dtype)
+        elif is_rms:
+            w = None if weight is None else weight.to(src.dtype)
+            y = F.rms_norm(src, shape, w, eps).to(input.dtype)
+        else:
+            w = None if weight is None else weight.to(src.dtype)
+            b = None if bias is None else bias.to(src.dtype)
+            y = F.layer_norm(src, shape, w, b, eps).to(input.dtype)
+        return (y, h) if prenorm else y
+    x2d = _rows_view(input, shape, n)
+    r2d = None if residual is None else _rows_view(residual, shape, n)
+    y, h2d, _mean, _rstd = torch.ops.fastnorm.add_layer_norm_fwd(
+        x2d, r2d, _flat(weight), _flat(bias), float(eps), is_rms, bool(residual_in_fp32),
+        bool(round_xhat))
+    y = y.view(input.shape)
+    if not prenorm:
+        return y
+    return y, (h2d.view(input.shape) if residual is not None else h)
+
+
+def fused_add_rms_norm_(input: Tensor, residual: Tensor, weight: Optional[Tensor],
+                        eps: Optional[float] = None) -> None:
+    """In place, as vLLM's `fused_add_rms_norm`: `residual += input`, then
+    `input = rms_norm(residual, weight, eps)` over the last dim, in one pass (inference only:
+    no autograd). Both must have the same shape and dtype and unit stride in the last dim."""
+    _check_float_input("fused_add_rms_norm_", input)
+    _check_residual("fused_add_rms_norm_", input, residual)
+    if residual.dtype != input.dtype:
+        raise TypeError("fastnorm.fused_add_rms_norm_: residual must have the input's dtype "
+                        f"({input.dtype}) to be updated in place, got {residual.dtype}")
+    if torch.is_grad_enabled() and (input.requires_grad or residual.requires_grad or
+                                    (weight is not None and weight.requires_grad)):
+        raise RuntimeError("fastnorm.fused_add_rms_norm_ updates its inputs in place and has "
+                           "no backward; use rms_norm(x, ..., residual=r, prenorm=True) to train")
+    n = input.shape[-1] if input.dim() else 1
+    shape = (n,)
+    _normalized_rows("fused_add_rms_norm_", input, shape)
+    _check_param("fused_add_rms_norm_", "weight", weight, input, shape, "normalized_shape")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if _backend.resolve(input, "rms_norm") == "torch":
+        residual.add_(input)
+        input.copy_(F.rms_norm(residual, shape, weight, eps))
+        return
+    x2d = input.view(-1, n) if input.numel() else input.reshape(-1, n)
+    r2d = residual.view(-1, n) if residual.numel() else residual.reshape(-1, n)
+    if x2d.stride(-1) != 1 or r2d.stride(-1) != 1:
+        raise RuntimeError("fastnorm.fused_add_rms_norm_: input and residual need unit stride in "
+                           "the last dim and rows viewable as (-1, N)")
+    torch.ops.fastnorm.add_layer_norm_inplace(x2d, r2d, _flat(weight), None, float(eps), True)

@@ -111,3 +111,103 @@ def _rms_norm_backward(ctx, dy, _drstd):
 
 
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+
+
+# --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
+# fastnorm::add_layer_norm_fwd(x, residual?, weight?, bias?, eps, is_rms, residual_in_fp32,
+#                              round_xhat) -> (y, h, mean, rstd)
+# fastnorm::add_layer_norm_bwd(dy, dh?, h, weight?, bias?, mean, rstd, is_rms, round_xhat)
+#                              -> (dh_total, dweight, dbias)
+# fastnorm::add_layer_norm_inplace(x!, residual!, weight?, bias?, eps, is_rms) -> ()
+# With a residual, the norm runs on h = x + residual, which comes back as the new residual
+# stream (in fp32 with residual_in_fp32, else in residual's dtype); without one h is empty and
+# the op is the plain norm, plus `round_xhat` (x_hat rounded to x's dtype before the weight
+# multiply, as transformers' Llama-family RMSNorm does). The backward adds the gradient of h from
+# its other uses (dh) into the norm's input gradient in the same kernel; dh_total has h's dtype.
+
+def _add_norm_h_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool):
+    if residual is None:
+        return None
+    return torch.float32 if residual_in_fp32 and x.dtype != torch.float64 else residual.dtype
+
+
+@torch.library.custom_op("fastnorm::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], eps: float, is_rms: bool, residual_in_fp32: bool,
+                       round_xhat: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, rstd, h = kernels.add_layer_norm_fwd(
+        x, residual, weight, bias, eps, is_rms,
+        residual_dtype=_add_norm_h_dtype(x, residual, residual_in_fp32), round_xhat=round_xhat)
+    return y, h, mean, rstd
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, round_xhat):
+    m = x.shape[0]
+    stats = stats_dtype(x.dtype)
+    h_dtype = _add_norm_h_dtype(x, residual, residual_in_fp32)
+    h = x.new_empty(0) if h_dtype is None else x.new_empty(x.shape, dtype=h_dtype)
+    mean = x.new_empty(0 if is_rms else m, dtype=stats)
+    return x.new_empty(x.shape), h, mean, x.new_empty(m, dtype=stats)
+
+
+@torch.library.custom_op("fastnorm::add_layer_norm_bwd", mutates_args=())
+def add_layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
+                       round_xhat: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = kernels.layer_norm_bwd(dy, h, weight, None if is_rms else bias, mean, rstd,
+                                        is_rms=is_rms, dresidual=dh, round_xhat=round_xhat)
+    return dx, empty_if_none(dw, h), empty_if_none(db, h)
+
+
+@add_layer_norm_bwd.register_fake
+def _(dy, dh, h, weight, bias, mean, rstd, is_rms, round_xhat):
+    dw = h.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = h.new_empty(0) if bias is None or is_rms else torch.empty_like(bias)
+    return h.new_empty(h.shape), dw, db
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps, is_rms, _fp32, round_xhat = inputs
+    _y, h, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.is_rms = is_rms
+    ctx.round_xhat = round_xhat
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+    ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused residual stream costs no zero tensor
+
+
+def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(h.shape, dtype=ctx.dtypes[0], device=h.device)
+    if not ctx.has_residual:
+        dh = None
+    elif dh is not None:
+        dh = dh.contiguous()
+    dh_total, dw, db = add_layer_norm_bwd(dy.contiguous(), dh, h, weight, bias, mean, rstd,
+                                          ctx.is_rms, ctx.round_xhat)
+    x_dtype, r_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    # d(x + r)/dx = d(x + r)/dr = 1: both get the gradient of h, each in its own dtype.
+    return (dh_total.to(x_dtype) if need[0] else None,
+            dh_total.to(r_dtype) if ctx.has_residual and need[1] else None,
+            dw if weight is not None and need[2] else None,
+            db if bias is not None and not ctx.is_rms and need[3] else None,
+            None, None, None, None)
+
+
+add_layer_norm_fwd.register_autograd(_add_layer_norm_backward,
+                                     setup_context=_add_layer_norm_setup_context)
+
+
+@torch.library.custom_op("fastnorm::add_layer_norm_inplace", mutates_args=("x", "residual"))
+def add_layer_norm_inplace(x: Tensor, residual: Tensor, weight: Optional[Tensor],
+                           bias: Optional[Tensor], eps: float, is_rms: bool) -> None:
+    kernels.add_layer_norm_fwd(x, residual, weight, bias, eps, is_rms, inplace=True)
+
+
+@add_layer_norm_inplace.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    return None
