@@ -9,9 +9,11 @@
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .functional import batch_norm, fused_add_rms_norm_, group_norm, layer_norm, rms_norm
+from .convert import ConvertReport, convert_report, register_convert
 from .nn import convert
 
 __version__ = "0.1.0"
 
 __all__ = ["layer_norm", "rms_norm", "fused_add_rms_norm_", "group_norm", "batch_norm", "nn", "convert",
+           "register_convert", "convert_report", "ConvertReport",
            "set_backend", "get_backend", "use_backend", "available_backends", "__version__"]
