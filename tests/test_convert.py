@@ -197,3 +197,14 @@ def test_transformers_norm_module_numerics(family):
     # one. (Whether the extra rounding brings fastnorm closer to the model can only be seen on a
     # GPU: the interpreter's truncating casts hide it.)
     assert torch.equal(got, plain) == (family == "gemma")
+
+
+def test_explain():
+    x = torch.randn(4, 8)
+    info = fastnorm.explain(x, "rms_norm")
+    assert info["backend"] == "torch" and "cpu" in info["reason"] and info["selected"] == "auto"
+    with fastnorm.use_backend("triton"):
+        info = fastnorm.explain(x, "layer_norm")
+    assert info["backend"] == "triton" and "'triton' was selected" in info["reason"]
+    with pytest.raises(ValueError, match="unknown op"):
+        fastnorm.explain(x, "instance_norm")

@@ -15,7 +15,9 @@ a second kernel (`column_sum`): deterministic and bitwise repeatable, no atomics
 too wide for dW/dB accumulators to stay in registers, a first kernel computes (c1, c2) per row and
 the main kernel splits the columns into chunks.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton reads the kernels' annotations (eps: "fp64")
+# as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
+from typing import Optional
 
 import torch
 import triton
@@ -289,7 +291,7 @@ def _fused_limit(limit: int, dtype: torch.dtype) -> int:
     return limit // 2 if dtype == torch.float64 else limit
 
 
-def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd for a 2-D x (rows of N features, unit column stride). For RMSNorm `mean`
     is empty. mean/rstd are fp32 (fp64 for fp64 x)."""
@@ -297,9 +299,9 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     return y, mean, rstd
 
 
-def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None,
-                       weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                       is_rms: bool, residual_dtype: torch.dtype | None = None,
+def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
+                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                       is_rms: bool, residual_dtype: Optional[torch.dtype] = None,
                        round_xhat: bool = False, inplace: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd, h. With a `residual` (2-D like x, unit column stride) the norm runs on
@@ -347,11 +349,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None,
     return y, mean, rstd, (h if has_residual else x.new_empty(0))
 
 
-def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                   bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-                   is_rms: bool, dresidual: torch.Tensor | None = None,
-                   round_xhat: bool = False, dx_dtype: torch.dtype | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                   is_rms: bool, dresidual: Optional[torch.Tensor] = None,
+                   round_xhat: bool = False, dx_dtype: Optional[torch.dtype] = None
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """dx, dweight, dbias (None where there is no weight / bias) for a 2-D x and dy.
     Only the dtype of `bias` is used: dbias comes back in it. `x` is the norm's input (h for the
     fused residual form); `dresidual`, the gradient of h from its other uses, is added into dx.
