@@ -43,7 +43,9 @@ setup(
     extras_require={
         # numpy<2.4: Triton 3.6's CPU interpreter calls int() on 1-element arrays, which
         # numpy 2.4 rejects; the tests run the kernels through that interpreter.
-        "test": ["pytest", "numpy<2.4", "matplotlib"],
+        # transformers: tests/test_convert.py builds tiny Llama/Mistral/Qwen2/Gemma/T5 models
+        # from configs (no download); it does not depend on torch (~170 MB, ~20 small packages).
+        "test": ["pytest", "numpy<2.4", "matplotlib", "transformers>=4.45"],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,
