@@ -308,9 +308,12 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
         return (y, h) if prenorm else y
     x2d = _rows_view(input, shape, n)
     r2d = None if residual is None else _rows_view(residual, shape, n)
+    # h is written when it is returned or a backward needs it; else the kernel skips that write.
+    store = prenorm or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias)))
     y, h2d, _mean, _rstd = torch.ops.fastnorm.add_layer_norm_fwd(
         x2d, r2d, _flat(weight), _flat(bias), float(eps), is_rms, bool(residual_in_fp32),
-        bool(round_xhat))
+        bool(round_xhat), bool(store))
     y = y.view(input.shape)
     if not prenorm:
         return y

@@ -124,12 +124,15 @@ def test_opcheck():
     w, b = torch.randn(33, requires_grad=True), torch.randn(33, requires_grad=True)
     xg = x.clone().requires_grad_()
     op = torch.ops.fastnorm
-    torch.library.opcheck(op.add_layer_norm_fwd.default, (xg, r, w, b, 1e-5, False, False, False))
-    torch.library.opcheck(op.add_layer_norm_fwd.default, (x, r, None, None, 1e-5, True, False, False))
+    torch.library.opcheck(op.add_layer_norm_fwd.default, (xg, r, w, b, 1e-5, False, False, False, True))
+    torch.library.opcheck(op.add_layer_norm_fwd.default, (x, r, None, None, 1e-5, True, False, False, True))
     torch.library.opcheck(op.add_layer_norm_fwd.default,
-                          (x.bfloat16(), r, w.detach().bfloat16(), None, 1e-5, True, True, True))
-    torch.library.opcheck(op.add_layer_norm_fwd.default, (xg, None, w, None, 1e-5, True, False, True))
-    y, h, mean, rstd = op.add_layer_norm_fwd(x, r, w.detach(), b.detach(), 1e-5, False, False, False)
+                          (x.bfloat16(), r, w.detach().bfloat16(), None, 1e-5, True, True, True, True))
+    torch.library.opcheck(op.add_layer_norm_fwd.default, (xg, None, w, None, 1e-5, True, False, True, True))
+    torch.library.opcheck(op.add_layer_norm_fwd.default,  # h not written: inference only
+                          (x, r, w.detach(), b.detach(), 1e-5, False, False, False, False))
+    y, h, mean, rstd = op.add_layer_norm_fwd(x, r, w.detach(), b.detach(), 1e-5, False, False,
+                                             False, True)
     dy = torch.randn_like(y)
     torch.library.opcheck(op.add_layer_norm_bwd.default,
                           (dy, torch.randn_like(h), h, w.detach(), b.detach(), mean, rstd, False,
@@ -191,3 +194,25 @@ def test_bad_inputs():
         fastnorm.fused_add_rms_norm_(x.bfloat16(), torch.randn(4, 8), None)
     with pytest.raises(RuntimeError, match="no backward"):
         fastnorm.fused_add_rms_norm_(x.requires_grad_(), torch.randn(4, 8), None)
+
+
+@pytest.mark.parametrize("N", [40, 20000])  # fused and chunked forward
+def test_residual_stream_not_written_when_unused(N):
+    torch.manual_seed(8)
+    x, r, w = torch.randn(3, N, dtype=torch.bfloat16), torch.randn(3, N), torch.randn(N)
+    y, h, _mean, _rstd = torch.ops.fastnorm.add_layer_norm_fwd(x, r, w, None, 1e-6, True, True,
+                                                               False, False)
+    y_stored, h_stored, _m, _r = torch.ops.fastnorm.add_layer_norm_fwd(x, r, w, None, 1e-6, True,
+                                                                       True, False, True)
+    assert h.numel() == 0 and torch.equal(y, y_stored) and torch.equal(h_stored, x.float() + r)
+    with torch.no_grad():  # the functional skips the write when neither h nor a backward is needed
+        assert torch.equal(fastnorm.rms_norm(x, (N,), w, 1e-6, residual=r, residual_in_fp32=True),
+                           y)
+    xg = x.clone().requires_grad_()
+    y_grad = fastnorm.rms_norm(xg, (N,), w, 1e-6, residual=r, residual_in_fp32=True)
+    y_grad.float().sum().backward()  # stored for the backward
+    assert xg.grad is not None
+    yo = torch.ops.fastnorm.add_layer_norm_fwd(x.clone().requires_grad_(), r, w, None, 1e-6,
+                                               True, True, False, False)[0]
+    with pytest.raises(RuntimeError, match="store_residual=False"):
+        yo.float().sum().backward()

@@ -24,13 +24,17 @@ def _ln_specs():
     for dt, acc in (("bf16", "float32"), ("fp32", "float32"), ("fp16", "float32"),
                     ("fp64", "float64")):
         stat = "fp64" if dt == "fp64" else "fp32"
-        # Fused residual add (HAS_RESIDUAL, HAS_DRESIDUAL) and the transformers Llama rounding
-        # (ROUND_XHAT): the plain variant and one with every flag on, per dtype; for bf16 also a
-        # residual stream in fp32 (residual_in_fp32).
-        for is_rms, residual, round_xhat in ((False, False, False), (True, False, False),
-                                             (False, True, False), (True, True, True)):
+        # Fused residual add (HAS_RESIDUAL, STORE_RESIDUAL, HAS_DRESIDUAL) and the transformers
+        # Llama rounding (ROUND_XHAT): the plain variants and ones with the flags on, per dtype;
+        # for bf16 also a residual stream in fp32 (residual_in_fp32).
+        for is_rms, residual, round_xhat, store in ((False, False, False, False),
+                                                    (True, False, False, False),
+                                                    (False, True, False, True),
+                                                    (True, True, True, True),
+                                                    (True, True, False, False)):
             flags = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": not is_rms, "ACC": acc}
-            fwd_flags = {**flags, "HAS_RESIDUAL": residual, "ROUND_XHAT": round_xhat}
+            fwd_flags = {**flags, "HAS_RESIDUAL": residual, "STORE_RESIDUAL": store,
+                         "ROUND_XHAT": round_xhat}
             for res_dt in ((dt, "fp32") if residual and dt == "bf16" else (dt,)):
                 fwd_sig = {**ptrs("XY", f"*{dt}"), **ptrs("WB", f"*{dt}"),
                            **ptrs(["Mean", "Rstd"], f"*{stat}"), "R": f"*{res_dt}",

@@ -115,15 +115,17 @@ rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup
 
 # --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
 # fastnorm::add_layer_norm_fwd(x, residual?, weight?, bias?, eps, is_rms, residual_in_fp32,
-#                              round_xhat) -> (y, h, mean, rstd)
+#                              round_xhat, store_residual) -> (y, h, mean, rstd)
 # fastnorm::add_layer_norm_bwd(dy, dh?, h, weight?, bias?, mean, rstd, is_rms, round_xhat)
 #                              -> (dh_total, dweight, dbias)
 # fastnorm::add_layer_norm_inplace(x!, residual!, weight?, bias?, eps, is_rms) -> ()
 # With a residual, the norm runs on h = x + residual, which comes back as the new residual
 # stream (in fp32 with residual_in_fp32, else in residual's dtype); without one h is empty and
 # the op is the plain norm, plus `round_xhat` (x_hat rounded to x's dtype before the weight
-# multiply, as transformers' Llama-family RMSNorm does). The backward adds the gradient of h from
-# its other uses (dh) into the norm's input gradient in the same kernel; dh_total has h's dtype.
+# multiply, as transformers' Llama-family RMSNorm does). store_residual=False skips writing h
+# (h comes back empty; for calls that need neither h nor a backward). The backward adds the
+# gradient of h from its other uses (dh) into the norm's input gradient in the same kernel;
+# dh_total has h's dtype.
 
 def _add_norm_h_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool):
     if residual is None:
@@ -134,19 +136,22 @@ def _add_norm_h_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: b
 @torch.library.custom_op("fastnorm::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                        bias: Optional[Tensor], eps: float, is_rms: bool, residual_in_fp32: bool,
-                       round_xhat: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       round_xhat: bool, store_residual: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, mean, rstd, h = kernels.add_layer_norm_fwd(
         x, residual, weight, bias, eps, is_rms,
-        residual_dtype=_add_norm_h_dtype(x, residual, residual_in_fp32), round_xhat=round_xhat)
+        residual_dtype=_add_norm_h_dtype(x, residual, residual_in_fp32), round_xhat=round_xhat,
+        store_residual=store_residual)
     return y, h, mean, rstd
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, round_xhat):
+def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, round_xhat, store_residual):
     m = x.shape[0]
     stats = stats_dtype(x.dtype)
     h_dtype = _add_norm_h_dtype(x, residual, residual_in_fp32)
-    h = x.new_empty(0) if h_dtype is None else x.new_empty(x.shape, dtype=h_dtype)
+    h = x.new_empty(0) if h_dtype is None or not store_residual \
+        else x.new_empty(x.shape, dtype=h_dtype)
     mean = x.new_empty(0 if is_rms else m, dtype=stats)
     return x.new_empty(x.shape), h, mean, x.new_empty(m, dtype=stats)
 
@@ -168,9 +173,10 @@ def _(dy, dh, h, weight, bias, mean, rstd, is_rms, round_xhat):
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, is_rms, _fp32, round_xhat = inputs
+    x, residual, weight, bias, _eps, is_rms, _fp32, round_xhat, store_residual = inputs
     _y, h, mean, rstd = output
     ctx.has_residual = residual is not None
+    ctx.stored = residual is None or store_residual
     ctx.is_rms = is_rms
     ctx.round_xhat = round_xhat
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
@@ -180,6 +186,10 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
 
 def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, bias, mean, rstd = ctx.saved_tensors
+    if not ctx.stored:
+        raise RuntimeError("fastnorm::add_layer_norm_fwd ran with store_residual=False, which "
+                           "keeps no input for a backward; call it with store_residual=True "
+                           "(fastnorm.layer_norm/rms_norm do when a gradient is required)")
     if dy is None:
         dy = torch.zeros(h.shape, dtype=ctx.dtypes[0], device=h.device)
     if not ctx.has_residual:
@@ -195,7 +205,7 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
             dh_total.to(r_dtype) if ctx.has_residual and need[1] else None,
             dw if weight is not None and need[2] else None,
             db if bias is not None and not ctx.is_rms and need[3] else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 add_layer_norm_fwd.register_autograd(_add_layer_norm_backward,

@@ -58,9 +58,11 @@ def _load_row_input(X, R, H, offs, mask, HAS_RESIDUAL: tl.constexpr, STORE: tl.c
 def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, R, H, M, N, stride_x, stride_y, stride_r,
                            stride_h, eps: "fp64",
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+                           ROUND_XHAT: tl.constexpr,
                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """HAS_RESIDUAL: normalize h = x + r (R, row stride stride_r) and store h (H, stride_h).
+    """HAS_RESIDUAL: normalize h = x + r (R, row stride stride_r), rounded to H's dtype, and with
+    STORE_RESIDUAL store it (H, stride_h); without, H only gives the dtype (inference, y only).
     Safe in place (Y is X, H is R): a tile is read whole before it is written.
     ROUND_XHAT: round x_hat to the input dtype before the weight multiply (transformers' Llama:
     `weight * hidden.to(input_dtype)`)."""
@@ -75,7 +77,8 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, R, H, M, N, stride_x, stride_
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
         r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(ACC)
         h = (x + r).to(H.dtype.element_ty)
-        tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
+        if STORE_RESIDUAL:
+            tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
         x = h.to(ACC)
     else:
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
@@ -105,10 +108,10 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, N, stride_x, st
                                    stride_r, stride_h, eps: "fp64",
                                    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                                   ROUND_XHAT: tl.constexpr, ACC: tl.constexpr,
-                                   BLOCK_N: tl.constexpr):
+                                   STORE_RESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
+                                   ACC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Flags as in _layer_norm_fwd_kernel; with HAS_RESIDUAL the first walk stores h and the
-    second walk reads it back. Safe in place (Y is X, H is R): each element of x and r is read
+    second walk reads it back (without STORE_RESIDUAL it adds x + r again). Safe in place (Y is X, H is R): each element of x and r is read
     before it is overwritten."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
@@ -132,7 +135,7 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, N, stride_x, st
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = cols < N
-        x = _load_row_input(x_row, r_row, h_row, cols, mask, HAS_RESIDUAL, True, ACC)
+        x = _load_row_input(x_row, r_row, h_row, cols, mask, HAS_RESIDUAL, STORE_RESIDUAL, ACC)
         if IS_RMS:
             m2 += tl.sum(x * x)
         else:
@@ -152,10 +155,10 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, N, stride_x, st
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = cols < N
-        if HAS_RESIDUAL:
+        if HAS_RESIDUAL and STORE_RESIDUAL:
             x = tl.load(h_row + cols, mask=mask, other=0.0).to(ACC)
         else:
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+            x = _load_row_input(x_row, r_row, h_row, cols, mask, HAS_RESIDUAL, False, ACC)
         if IS_RMS:
             y = x * rstd
         else:
@@ -302,14 +305,17 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
 def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                        is_rms: bool, residual_dtype: Optional[torch.dtype] = None,
-                       round_xhat: bool = False, inplace: bool = False
+                       round_xhat: bool = False, inplace: bool = False,
+                       store_residual: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd, h. With a `residual` (2-D like x, unit column stride) the norm runs on
     h = x + residual, stored in `residual_dtype` (default: residual's dtype) and returned;
     otherwise h is empty. `round_xhat` rounds x_hat to x's dtype before the weight multiply.
-    `inplace`: y is written into x and h into residual (which must be given, in x's dtype)."""
+    `inplace`: y is written into x and h into residual (which must be given, in x's dtype).
+    `store_residual=False`: h is not written (and comes back empty): y only, one write less."""
     M, N = x.shape
     has_residual = residual is not None
+    store_residual = has_residual and (store_residual or inplace)
     stats_dtype = acc_dtype(x.dtype)
     y = x if inplace else torch.empty((M, N), dtype=x.dtype, device=x.device)
     rstd = torch.empty(M, dtype=stats_dtype, device=x.device)
@@ -318,10 +324,12 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
         if N == 0:  # like torch: no features means NaN statistics
             rstd.fill_(float("nan"))
             mean.fill_(float("nan"))
-        h = (x + residual).to(residual_dtype or residual.dtype) if has_residual else x.new_empty(0)
+        h = (x + residual).to(residual_dtype or residual.dtype) if store_residual \
+            else x.new_empty(0)
         return y, mean, rstd, h
     flags = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=has_residual, ROUND_XHAT=round_xhat, ACC=tl_acc_dtype(x.dtype))
+                 HAS_RESIDUAL=has_residual, STORE_RESIDUAL=store_residual, ROUND_XHAT=round_xhat,
+                 ACC=tl_acc_dtype(x.dtype))
     # Unused pointers still need a tensor argument; rstd stands in for them.
     w = weight if weight is not None else rstd
     b = bias if bias is not None else rstd
@@ -331,9 +339,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
     if inplace:
         h = h_arg = residual
     elif has_residual:
-        h = h_arg = torch.empty((M, N), dtype=residual_dtype or residual.dtype, device=x.device)
+        # Not stored: an empty tensor still tells the kernel h's dtype.
+        h = h_arg = torch.empty((M, N) if store_residual else (0,),
+                                dtype=residual_dtype or residual.dtype, device=x.device)
     strides = (x.stride(0), y.stride(0), r.stride(0) if has_residual else 0,
-               h.stride(0) if has_residual else 0)
+               h.stride(0) if store_residual else 0)
     block_n = triton.next_power_of_2(N)
     # eps as a float64 scalar: the kernels declare it "fp64" and convert it to their ACC dtype.
     if block_n <= _fused_limit(MAX_FUSED_N_FWD, x.dtype):
@@ -346,7 +356,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
         _layer_norm_fwd_chunked_kernel[(M,)](
             x, y, w, b, mean_arg, rstd, r, h_arg, N, *strides, float(eps), **flags,
             BLOCK_N=chunk, num_warps=8)
-    return y, mean, rstd, (h if has_residual else x.new_empty(0))
+    return y, mean, rstd, (h if store_residual else x.new_empty(0))
 
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
