@@ -176,18 +176,36 @@ def _convert_hf_norm(module: nn.Module) -> Union[nn.Module, str]:
     reason = _probe(module, kind, float(eps))
     if reason is not None:
         return reason
+    module.__class__ = _adapter_class(cls)
+    return module
+
+
+def _adapter_reduce_ex(self, protocol):
+    # The adapter classes are made at run time, so pickle cannot find them by name: rebuild
+    # from the transformers class instead (torch.save(model) / torch.load work).
+    return (_new_adapter, (self._fastnorm_source,), self.__dict__)
+
+
+def _new_adapter(source_cls: type) -> nn.Module:
+    cls = _adapter_class(source_cls)
+    return cls.__new__(cls)
+
+
+def _adapter_class(cls: type) -> type:
+    """The subclass of transformers class `cls` whose forward runs fastnorm (made once)."""
     new_cls = _adapter_classes.get(cls)
     if new_cls is None:
+        kind = _hf_kind(cls)[0]
         mixin = _GemmaRMSNormForward if kind == "gemma" else _LlamaRMSNormForward
         new_cls = type(cls.__name__, (mixin, cls),
                        {"__module__": __name__, "__qualname__": cls.__qualname__,
                         "__doc__": f"{cls.__name__} computed by fastnorm's RMSNorm kernel "
                                    f"({kind}-style numerics); a subclass of {cls.__module__}."
                                    f"{cls.__qualname__}.",
-                        "_get_name": _fastnorm_adapter_name, "_fastnorm_source": cls})
+                        "_get_name": _fastnorm_adapter_name, "_fastnorm_source": cls,
+                        "__reduce_ex__": _adapter_reduce_ex})
         _adapter_classes[cls] = new_cls
-    module.__class__ = new_cls
-    return module
+    return new_cls
 
 
 # --- convert -------------------------------------------------------------------------------------

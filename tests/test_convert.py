@@ -285,3 +285,19 @@ def test_transformers_promoting_dtype_mix_runs_model_code(family):
         got = norm(x)
     want = ref(x)
     assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_converted_transformers_model_pickles():
+    import io
+
+    model, _ = _tiny("qwen2")
+    model.eval()
+    fastnorm.convert(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert fastnorm.convert_report(loaded).summary() == fastnorm.convert_report(model).summary()
+    ids = torch.randint(0, 64, (1, 5))
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert type(copy.deepcopy(model).model.norm) is type(model.model.norm)
