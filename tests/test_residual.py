@@ -124,13 +124,14 @@ def test_opcheck():
     w, b = torch.randn(33, requires_grad=True), torch.randn(33, requires_grad=True)
     xg = x.clone().requires_grad_()
     op = torch.ops.fastnorm
-    torch.library.opcheck(op.add_layer_norm_fwd.default, (xg, r, w, b, 1e-5, False, False, False, True))
-    torch.library.opcheck(op.add_layer_norm_fwd.default, (x, r, None, None, 1e-5, True, False, False, True))
-    torch.library.opcheck(op.add_layer_norm_fwd.default,
-                          (x.bfloat16(), r, w.detach().bfloat16(), None, 1e-5, True, True, True, True))
-    torch.library.opcheck(op.add_layer_norm_fwd.default, (xg, None, w, None, 1e-5, True, False, True, True))
-    torch.library.opcheck(op.add_layer_norm_fwd.default,  # h not written: inference only
-                          (x, r, w.detach(), b.detach(), 1e-5, False, False, False, False))
+    fwd = op.add_layer_norm_fwd.default
+    # (x, residual, weight, bias, eps, is_rms, residual_in_fp32, round_xhat, store_residual)
+    torch.library.opcheck(fwd, (xg, r, w, b, 1e-5, False, False, False, True))
+    torch.library.opcheck(fwd, (x, r, None, None, 1e-5, True, False, False, True))
+    torch.library.opcheck(fwd, (x.bfloat16(), r, w.detach().bfloat16(), None, 1e-5, True, True,
+                                True, True))
+    torch.library.opcheck(fwd, (xg, None, w, None, 1e-5, True, False, True, True))
+    torch.library.opcheck(fwd, (x, r, w.detach(), b.detach(), 1e-5, False, False, False, False))
     y, h, mean, rstd = op.add_layer_norm_fwd(x, r, w.detach(), b.detach(), 1e-5, False, False,
                                              False, True)
     dy = torch.randn_like(y)

@@ -14,6 +14,11 @@ program in fp32 registers, written as [programs, N] partial sums, then reduced i
 a second kernel (`column_sum`): deterministic and bitwise repeatable, no atomics. When a row is
 too wide for dW/dB accumulators to stay in registers, a first kernel computes (c1, c2) per row and
 the main kernel splits the columns into chunks.
+
+Feature flags (constexpr, one code path): HAS_RESIDUAL / STORE_RESIDUAL normalize h = x + r and
+write h (the fused residual add), HAS_DRESIDUAL adds h's incoming gradient into dx, ROUND_XHAT
+rounds x_hat to the input dtype before the weight multiply (transformers' Llama-style RMSNorm).
+eps is passed as an fp64 scalar and converted to the accumulation dtype inside the kernels.
 """
 # No `from __future__ import annotations`: Triton reads the kernels' annotations (eps: "fp64")
 # as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
@@ -111,8 +116,8 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, N, stride_x, st
                                    STORE_RESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
                                    ACC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Flags as in _layer_norm_fwd_kernel; with HAS_RESIDUAL the first walk stores h and the
-    second walk reads it back (without STORE_RESIDUAL it adds x + r again). Safe in place (Y is X, H is R): each element of x and r is read
-    before it is overwritten."""
+    second walk reads it back (without STORE_RESIDUAL it adds x + r again). Safe in place
+    (Y is X, H is R): each element of x and r is read before it is overwritten."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     r_row = R + row * stride_r
@@ -408,7 +413,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
             dresidual if has_dresidual else rstd,
             M, N, x.stride(0), dy.stride(0), dx.stride(0),
             dresidual.stride(0) if has_dresidual else 0, rows_per_program, **flags,
-            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROW_STATS_IN_TILE=whole_row, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROW_STATS_IN_TILE=whole_row,
+            BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=_num_warps(block_m * block_n))
     dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
     dbias = column_sum(db_partial, bias.dtype) if has_bias else None
