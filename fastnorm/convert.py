@@ -139,8 +139,8 @@ def _probe(module: nn.Module, kind: str, eps: float) -> Optional[str]:
     if cls not in _probe_results:
         n = module.weight.shape[0]
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, n, generator=g)
-        w = torch.randn(n, generator=g)
+        x = torch.randn(2, 3, n, generator=g, device="cpu")  # not the default device: a CPU probe
+        w = torch.randn(n, generator=g, device="cpu")
         probe = cls.__new__(cls)
         nn.Module.__init__(probe)
         probe.__dict__.update({k: v for k, v in module.__dict__.items()

@@ -10,6 +10,13 @@ import fastnorm
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
+@pytest.fixture(autouse=True)
+def _on_test_device(device):
+    """Tensors made without a device land on the test device (CUDA on a GPU machine)."""
+    with torch.device(device):
+        yield
+
+
 def _unfused(kind, x, r, w, b, residual_in_fp32=False):
     h_dtype = torch.float32 if residual_in_fp32 and x.dtype != torch.float64 else r.dtype
     h = x.to(h_dtype) + r.to(h_dtype)
