@@ -89,9 +89,9 @@ class _LlamaRMSNormForward:
         if (hidden_states.dtype != w.dtype or w.dtype == torch.float64
                 or _backend.resolve(hidden_states, "rms_norm") == "torch"):
             return super().forward(hidden_states)
+        rounding = "none" if w.dtype == torch.float32 else self._fastnorm_rounding
         return F_fast._add_norm("rms_norm", hidden_states, None, (w.shape[-1],), w, None,
-                                self.variance_epsilon, True, False, False,
-                                round_xhat=w.dtype != torch.float32)
+                                self.variance_epsilon, True, False, False, rounding=rounding)
 
 
 class _GemmaRMSNormForward:
@@ -118,7 +118,7 @@ for _name in ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen2Moe", "Qwen3", "Qwen
               "Olmo2", "Cohere2", "Granite", "GraniteMoe", "Starcoder2", "InternLM2"):
     _HF_KINDS[f"{_name}RMSNorm"] = ("llama", "variance_epsilon")
 for _name in ("T5", "MT5", "LongT5", "UMT5", "Pop2Piano"):
-    _HF_KINDS[f"{_name}LayerNorm"] = ("llama", "variance_epsilon")
+    _HF_KINDS[f"{_name}LayerNorm"] = ("t5", "variance_epsilon")
 for _name in ("Gemma", "Gemma2", "Gemma3"):
     _HF_KINDS[f"{_name}RMSNorm"] = ("gemma", "eps")
 
@@ -203,6 +203,7 @@ def _adapter_class(cls: type) -> type:
                                    f"({kind}-style numerics); a subclass of {cls.__module__}."
                                    f"{cls.__qualname__}.",
                         "_get_name": _fastnorm_adapter_name, "_fastnorm_source": cls,
+                        "_fastnorm_rounding": kind,
                         "__reduce_ex__": _adapter_reduce_ex})
         _adapter_classes[cls] = new_cls
     return new_cls

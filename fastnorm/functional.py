@@ -271,10 +271,11 @@ def _check_residual(name: str, input: Tensor, residual: Tensor) -> None:
 def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_shape: _shape_t,
               weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
               is_rms: bool, prenorm: bool, residual_in_fp32: bool,
-              round_xhat: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+              rounding: str = "none") -> Union[Tensor, tuple[Tensor, Tensor]]:
     """layer_norm / rms_norm with a fused residual add (see `layer_norm`). Also the entry of the
-    transformers adapters (fastnorm.convert), which pass `round_xhat` (x_hat rounded to the
-    input dtype before the weight multiply, Llama's `weight * hidden.to(input_dtype)`)."""
+    transformers adapters (fastnorm.convert), which pass `rounding="llama"` (x_hat rounded to
+    the input dtype before the weight multiply, Llama's `weight * hidden.to(input_dtype)`) or
+    "t5" (the same forward; see fastnorm::add_layer_norm_fwd for the backward)."""
     _check_float_input(name, input)
     shape, n = _normalized_rows(name, input, normalized_shape)
     _check_param(name, "weight", weight, input, shape, "normalized_shape")
@@ -294,7 +295,7 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
                 else residual.dtype
             h = input.to(h_dtype) + residual.to(h_dtype)
         src = h if residual is not None else input
-        if is_rms and round_xhat:
+        if is_rms and rounding != "none":
             x_hat = F.rms_norm(src.to(torch.float32 if src.dtype != torch.float64 else src.dtype),
                                shape, None, eps).to(input.dtype)
             y = x_hat if weight is None else (weight * x_hat).to(input.dtype)
@@ -313,7 +314,7 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
         t is not None and t.requires_grad for t in (input, residual, weight, bias)))
     y, h2d, _mean, _rstd = torch.ops.fastnorm.add_layer_norm_fwd(
         x2d, r2d, _flat(weight), _flat(bias), float(eps), is_rms, bool(residual_in_fp32),
-        bool(round_xhat), bool(store))
+        rounding, bool(store))
     y = y.view(input.shape)
     if not prenorm:
         return y

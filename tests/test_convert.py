@@ -7,8 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close_ref
-
 import fastnorm
 
 
@@ -199,9 +197,8 @@ def _ulps(a, b, dtype):
 def test_transformers_norm_rounding_fp16(family):
     """One norm module in fp16, where the CPU interpreter rounds like a GPU: forward and weight
     gradient bitwise equal to the module's own code (the plain RMSNorm kernel is not, for
-    Llama/T5: the x_hat rounding matters), dx within one ulp in nearly all elements. T5's own
-    backward rounds its two dx branches to fp16 separately; fastnorm rounds once, so T5's dx
-    differs by up to a few ulps."""
+    Llama/T5: the x_hat rounding matters), dx within one ulp in nearly all elements (T5's own
+    backward rounds its two dx terms separately: so does fastnorm's for T5)."""
     norm, norm_cls = _norm_module(family, torch.float16)
     ref = copy.deepcopy(norm)
     torch.manual_seed(1)
@@ -224,13 +221,12 @@ def test_transformers_norm_rounding_fp16(family):
         assert (plain != want).float().mean() > 0.1
     torch.testing.assert_close(norm.weight.grad, ref.weight.grad, atol=0, rtol=2e-3)
     dx_ulps = _ulps(xs[0].grad, xs[1].grad, torch.float16)
-    if family == "t5":  # no more than twice T5's own error vs float64 (+ fp16 tolerance)
-        x64, w64 = x.double().requires_grad_(), ref.weight.detach().double()
-        y64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-        y64.backward(dy.double())
-        assert_close_ref(xs[0].grad, x64.grad, xs[1].grad, name="T5 dx")
+    assert (xs[0].grad != xs[1].grad).float().mean() <= 2e-3
+    if family == "t5":  # a flipped rounding of one of T5's two dx terms: an ulp of that term
+        scale = xs[1].grad.abs().max() * torch.finfo(torch.float16).eps
+        assert ((xs[0].grad - xs[1].grad).abs() <= 2 * scale).all()
     else:
-        assert (xs[0].grad != xs[1].grad).float().mean() <= 1e-3 and (dx_ulps <= 1).all()
+        assert (dx_ulps <= 1).all()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "t5"])

@@ -132,21 +132,21 @@ def test_opcheck():
     xg = x.clone().requires_grad_()
     op = torch.ops.fastnorm
     fwd = op.add_layer_norm_fwd.default
-    # (x, residual, weight, bias, eps, is_rms, residual_in_fp32, round_xhat, store_residual)
-    torch.library.opcheck(fwd, (xg, r, w, b, 1e-5, False, False, False, True))
-    torch.library.opcheck(fwd, (x, r, None, None, 1e-5, True, False, False, True))
+    # (x, residual, weight, bias, eps, is_rms, residual_in_fp32, rounding, store_residual)
+    torch.library.opcheck(fwd, (xg, r, w, b, 1e-5, False, False, "none", True))
+    torch.library.opcheck(fwd, (x, r, None, None, 1e-5, True, False, "none", True))
     torch.library.opcheck(fwd, (x.bfloat16(), r, w.detach().bfloat16(), None, 1e-5, True, True,
-                                True, True))
-    torch.library.opcheck(fwd, (xg, None, w, None, 1e-5, True, False, True, True))
-    torch.library.opcheck(fwd, (x, r, w.detach(), b.detach(), 1e-5, False, False, False, False))
+                                "llama", True))
+    torch.library.opcheck(fwd, (xg.half(), None, w.half(), None, 1e-5, True, False, "t5", True))
+    torch.library.opcheck(fwd, (x, r, w.detach(), b.detach(), 1e-5, False, False, "none", False))
     y, h, mean, rstd = op.add_layer_norm_fwd(x, r, w.detach(), b.detach(), 1e-5, False, False,
-                                             False, True)
+                                             "none", True)
     dy = torch.randn_like(y)
     torch.library.opcheck(op.add_layer_norm_bwd.default,
                           (dy, torch.randn_like(h), h, w.detach(), b.detach(), mean, rstd, False,
-                           False))
+                           "none"))
     torch.library.opcheck(op.add_layer_norm_bwd.default,
-                          (dy, None, h, None, None, mean, rstd, False, False))
+                          (dy, None, h, None, None, mean, rstd, False, "none"))
     torch.library.opcheck(op.add_layer_norm_inplace.default,
                           (x.clone(), r.clone(), w.detach(), None, 1e-5, True))
 
@@ -209,9 +209,9 @@ def test_residual_stream_not_written_when_unused(N):
     torch.manual_seed(8)
     x, r, w = torch.randn(3, N, dtype=torch.bfloat16), torch.randn(3, N), torch.randn(N)
     y, h, _mean, _rstd = torch.ops.fastnorm.add_layer_norm_fwd(x, r, w, None, 1e-6, True, True,
-                                                               False, False)
+                                                               "none", False)
     y_stored, h_stored, _m, _r = torch.ops.fastnorm.add_layer_norm_fwd(x, r, w, None, 1e-6, True,
-                                                                       True, False, True)
+                                                                       True, "none", True)
     assert h.numel() == 0 and torch.equal(y, y_stored) and torch.equal(h_stored, x.float() + r)
     with torch.no_grad():  # the functional skips the write when neither h nor a backward is needed
         assert torch.equal(fastnorm.rms_norm(x, (N,), w, 1e-6, residual=r, residual_in_fp32=True),
@@ -221,6 +221,6 @@ def test_residual_stream_not_written_when_unused(N):
     y_grad.float().sum().backward()  # stored for the backward
     assert xg.grad is not None
     yo = torch.ops.fastnorm.add_layer_norm_fwd(x.clone().requires_grad_(), r, w, None, 1e-6,
-                                               True, True, False, False)[0]
+                                               True, True, "none", False)[0]
     with pytest.raises(RuntimeError, match="store_residual=False"):
         yo.float().sum().backward()

@@ -25,7 +25,7 @@ def _ln_specs():
                     ("fp64", "float64")):
         stat = "fp64" if dt == "fp64" else "fp32"
         # Fused residual add (HAS_RESIDUAL, STORE_RESIDUAL, HAS_DRESIDUAL) and the transformers
-        # Llama rounding (ROUND_XHAT): the plain variants and ones with the flags on, per dtype;
+        # Llama and T5 roundings (ROUND_XHAT, ROUND_DX_TERMS): the plain variants and ones with the flags on, per dtype;
         # for bf16 also a residual stream in fp32 (residual_in_fp32).
         for is_rms, residual, round_xhat, store in ((False, False, False, False),
                                                     (True, False, False, False),
@@ -67,6 +67,7 @@ def _ln_specs():
                     block_n = 4096
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
+                               "ROUND_DX_TERMS": round_xhat,  # T5: with the Llama rounding
                                "ROW_STATS_IN_TILE": in_tile, "BLOCK_M": block_m,
                                "BLOCK_N": block_n}, warps))
     for dt in ("fp32", "fp64"):

@@ -115,17 +115,26 @@ rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup
 
 # --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
 # fastnorm::add_layer_norm_fwd(x, residual?, weight?, bias?, eps, is_rms, residual_in_fp32,
-#                              round_xhat, store_residual) -> (y, h, mean, rstd)
-# fastnorm::add_layer_norm_bwd(dy, dh?, h, weight?, bias?, mean, rstd, is_rms, round_xhat)
+#                              rounding, store_residual) -> (y, h, mean, rstd)
+# fastnorm::add_layer_norm_bwd(dy, dh?, h, weight?, bias?, mean, rstd, is_rms, rounding)
 #                              -> (dh_total, dweight, dbias)
 # fastnorm::add_layer_norm_inplace(x!, residual!, weight?, bias?, eps, is_rms) -> ()
 # With a residual, the norm runs on h = x + residual, which comes back as the new residual
 # stream (in fp32 with residual_in_fp32, else in residual's dtype); without one h is empty and
-# the op is the plain norm, plus `round_xhat` (x_hat rounded to x's dtype before the weight
-# multiply, as transformers' Llama-family RMSNorm does). store_residual=False skips writing h
+# the op is the plain norm. `rounding` reproduces a model's own roundings: "none"; "llama"
+# (x_hat rounded to x's dtype before the weight multiply, and the backward's w*dy and dW terms,
+# as torch's autograd does for transformers' Llama-style RMSNorm); "t5" (the same, plus dx's two
+# terms rounded separately, as for T5LayerNorm). store_residual=False skips writing h
 # (h comes back empty; for calls that need neither h nor a backward). The backward adds the
 # gradient of h from its other uses (dh) into the norm's input gradient in the same kernel;
 # dh_total has h's dtype.
+
+def _check_rounding(rounding: str) -> str:
+    if rounding not in ("none", "llama", "t5"):
+        raise ValueError(f"fastnorm::add_layer_norm: rounding must be 'none', 'llama' or 't5', "
+                         f"got {rounding!r}")
+    return rounding
+
 
 def _add_norm_h_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool):
     if residual is None:
@@ -136,17 +145,19 @@ def _add_norm_h_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: b
 @torch.library.custom_op("fastnorm::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                        bias: Optional[Tensor], eps: float, is_rms: bool, residual_in_fp32: bool,
-                       round_xhat: bool, store_residual: bool
+                       rounding: str, store_residual: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, mean, rstd, h = kernels.add_layer_norm_fwd(
         x, residual, weight, bias, eps, is_rms,
-        residual_dtype=_add_norm_h_dtype(x, residual, residual_in_fp32), round_xhat=round_xhat,
+        residual_dtype=_add_norm_h_dtype(x, residual, residual_in_fp32),
+        round_xhat=_check_rounding(rounding) != "none",
         store_residual=store_residual)
     return y, h, mean, rstd
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, round_xhat, store_residual):
+def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, rounding, store_residual):
+    _check_rounding(rounding)
     m = x.shape[0]
     stats = stats_dtype(x.dtype)
     h_dtype = _add_norm_h_dtype(x, residual, residual_in_fp32)
@@ -159,26 +170,28 @@ def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, round_xhat, stor
 @torch.library.custom_op("fastnorm::add_layer_norm_bwd", mutates_args=())
 def add_layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
-                       round_xhat: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       rounding: str) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = kernels.layer_norm_bwd(dy, h, weight, None if is_rms else bias, mean, rstd,
-                                        is_rms=is_rms, dresidual=dh, round_xhat=round_xhat)
+                                        is_rms=is_rms, dresidual=dh,
+                                        round_xhat=_check_rounding(rounding) != "none",
+                                        round_dx_terms=is_rms and rounding == "t5")
     return dx, empty_if_none(dw, h), empty_if_none(db, h)
 
 
 @add_layer_norm_bwd.register_fake
-def _(dy, dh, h, weight, bias, mean, rstd, is_rms, round_xhat):
+def _(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding):
     dw = h.new_empty(0) if weight is None else torch.empty_like(weight)
     db = h.new_empty(0) if bias is None or is_rms else torch.empty_like(bias)
     return h.new_empty(h.shape), dw, db
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, is_rms, _fp32, round_xhat, store_residual = inputs
+    x, residual, weight, bias, _eps, is_rms, _fp32, rounding, store_residual = inputs
     _y, h, mean, rstd = output
     ctx.has_residual = residual is not None
     ctx.stored = residual is None or store_residual
     ctx.is_rms = is_rms
-    ctx.round_xhat = round_xhat
+    ctx.rounding = rounding
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
     ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
     ctx.set_materialize_grads(False)  # an unused residual stream costs no zero tensor
@@ -197,7 +210,7 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
     elif dh is not None:
         dh = dh.contiguous()
     dh_total, dw, db = add_layer_norm_bwd(dy.contiguous(), dh, h, weight, bias, mean, rstd,
-                                          ctx.is_rms, ctx.round_xhat)
+                                          ctx.is_rms, ctx.rounding)
     x_dtype, r_dtype = ctx.dtypes
     need = ctx.needs_input_grad
     # d(x + r)/dx = d(x + r)/dr = 1: both get the gradient of h, each in its own dtype.

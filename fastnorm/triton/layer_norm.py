@@ -214,7 +214,7 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
                            M, N, stride_x, stride_dy, stride_dx, stride_dres, rows_per_program,
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_DRESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
-                           ROW_STATS_IN_TILE: tl.constexpr, ACC: tl.constexpr,
+                           ROUND_DX_TERMS: tl.constexpr, ROW_STATS_IN_TILE: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (column blocks, row groups). Each program owns rows [g*rows_per_program, ...) of one
     column block: writes dx there and one row of the dW/dB partial sums.
@@ -224,6 +224,9 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     HAS_DRESIDUAL: the gradient of the stored residual stream h (DRES) is added into dx.
     ROUND_XHAT: reproduce the forward's rounding: w*dy and the dW terms dy*x_hat are rounded to
     the input dtype, x_hat too (what torch's autograd does through `weight * x_hat.to(dtype)`).
+    ROUND_DX_TERMS (RMSNorm): dx = round(wdy * rstd) + round(-x_hat * c1 * rstd), each term
+    rounded to dx's dtype, as torch's autograd does for T5LayerNorm, whose input enters its two
+    uses (the variance in fp32, `x * rsqrt(...)` promoted) separately.
     """
     col_block = tl.program_id(0)
     group = tl.program_id(1)
@@ -263,7 +266,10 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
             c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)
             if not IS_RMS:
                 c2 = tl.load(C2 + rows, mask=row_mask, other=0.0)
-        if IS_RMS:
+        if IS_RMS and ROUND_DX_TERMS:
+            dx = ((wdy * rstd[:, None]).to(DX.dtype.element_ty).to(ACC)
+                  + (-(x_hat * c1[:, None]) * rstd[:, None]).to(DX.dtype.element_ty).to(ACC))
+        elif IS_RMS:
             dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
         else:
             dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
@@ -367,12 +373,14 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                    is_rms: bool, dresidual: Optional[torch.Tensor] = None,
-                   round_xhat: bool = False, dx_dtype: Optional[torch.dtype] = None
+                   round_xhat: bool = False, dx_dtype: Optional[torch.dtype] = None,
+                   round_dx_terms: bool = False
                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """dx, dweight, dbias (None where there is no weight / bias) for a 2-D x and dy.
     Only the dtype of `bias` is used: dbias comes back in it. `x` is the norm's input (h for the
     fused residual form); `dresidual`, the gradient of h from its other uses, is added into dx.
-    dx has `dx_dtype` (default x's dtype); `round_xhat` as in the forward."""
+    dx has `dx_dtype` (default x's dtype); `round_xhat` as in the forward; `round_dx_terms`
+    (RMSNorm) rounds dx's two terms separately (T5LayerNorm's autograd)."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=dx_dtype or x.dtype, device=x.device)
     has_dresidual = dresidual is not None
@@ -413,7 +421,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
             dresidual if has_dresidual else rstd,
             M, N, x.stride(0), dy.stride(0), dx.stride(0),
             dresidual.stride(0) if has_dresidual else 0, rows_per_program, **flags,
-            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROW_STATS_IN_TILE=whole_row,
+            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
+            ROW_STATS_IN_TILE=whole_row,
             BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=_num_warps(block_m * block_n))
     dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
