@@ -56,7 +56,10 @@ setup(
         # numpy 2.4 rejects; the tests run the kernels through that interpreter.
         # scikit-learn/tqdm/matplotlib: the trainer's embedded dataset, progress bar and
         # plots; the test suite runs the trainer.
-        "test": ["pytest", "numpy<2.4", "matplotlib", "scikit-learn", "tqdm"],
+        # transformers: tests/test_convert.py builds tiny Llama/Mistral/Qwen2/Gemma/T5 models
+        # from configs (no download); it does not depend on torch (~170 MB, ~20 small packages).
+        "test": ["pytest", "numpy<2.4", "matplotlib", "scikit-learn", "tqdm",
+                 "transformers>=4.45"],
         "bench": ["matplotlib"],
         "train": ["scikit-learn", "tqdm", "matplotlib"],
     },

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
+from ._dtypes import residual_stream_dtype
 
 if importlib.util.find_spec("triton") is not None:
     from . import ops as _ops  # noqa: F401  (registers the custom ops; needs triton)
@@ -25,6 +26,10 @@ _REDUCED = (torch.float16, torch.bfloat16)
 # rms_norm(eps=None): torch's rule, the machine epsilon of the computation (opmath) type.
 _EPS32 = torch.finfo(torch.float32).eps
 _EPS64 = torch.finfo(torch.float64).eps
+
+
+def _rms_eps(dtype: torch.dtype) -> float:
+    return _EPS64 if dtype == torch.float64 else _EPS32
 
 
 def _check_float_input(name: str, input: Tensor) -> None:
@@ -113,13 +118,22 @@ def _flat(param: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+               residual: Optional[Tensor] = None, prenorm: bool = False,
+               residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Layer normalization over the trailing `normalized_shape` dims, as
     `torch.nn.functional.layer_norm`.
 
     Statistics are computed in fp32 (fp64 for fp64 input); the output has the input's dtype, and
     weight/bias may be fp32 with a low-precision input.
+
+    Fused residual add (flash-attn's `layer_norm_fn` conventions): with `residual=r` the norm
+    runs on `h = input + r` in one pass; `prenorm=True` returns `(y, h)`, the new residual
+    stream, else `y` only. h has r's dtype, or fp32 with `residual_in_fp32=True`.
     """
+    if residual is not None or prenorm:
+        return _add_norm("layer_norm", input, residual, normalized_shape, weight, bias, eps,
+                         False, prenorm, residual_in_fp32)
     if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
         return F.layer_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
                             else normalized_shape, weight, bias, eps)
@@ -136,12 +150,18 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
 
 
 def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
-             eps: Optional[float] = None) -> Tensor:
+             eps: Optional[float] = None, *, residual: Optional[Tensor] = None,
+             prenorm: bool = False,
+             residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Root-mean-square normalization over the trailing `normalized_shape` dims, as
     `torch.nn.functional.rms_norm`. `eps=None` is torch's rule: the machine epsilon of the
     computation type, `torch.finfo(torch.float32).eps` for float16/bfloat16/float32 input and
     `torch.finfo(torch.float64).eps` for float64. As in torch, the weight may have any floating
-    dtype; the output has the input's."""
+    dtype; the output has the input's.
+    `residual`, `prenorm`, `residual_in_fp32`: the fused residual add, as in `layer_norm`."""
+    if residual is not None or prenorm:
+        return _add_norm("rms_norm", input, residual, normalized_shape, weight, None, eps,
+                         True, prenorm, residual_in_fp32)
     if _backend.torch_selected(input) or _backend.transformed(input, weight):
         return F.rms_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
                           else normalized_shape, weight, eps)
@@ -149,7 +169,7 @@ def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor]
     shape, n = _normalized_rows("rms_norm", input, normalized_shape)
     _check_param("rms_norm", "weight", weight, input, shape, "normalized_shape")
     if eps is None:
-        eps = _EPS64 if input.dtype == torch.float64 else _EPS32
+        eps = _rms_eps(input.dtype)
     if _backend.resolve(input, "rms_norm") == "torch":
         return F.rms_norm(input, shape, weight, eps)
     y, _rstd = torch.ops.fastnorm.rms_norm_fwd(_rows_view(input, shape, n), _flat(weight), float(eps))
@@ -308,3 +328,130 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
         x3, _flat(weight), _flat(bias), int(num_groups), float(eps), activation or "none")
     return y.view(input.shape)
+
+
+# --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
+
+def _check_residual(name: str, input: Tensor, residual: Tensor) -> None:
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"fastnorm.{name}: expected residual to be a Tensor, got "
+                        f"{type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"fastnorm.{name}: residual must have the input's shape "
+                           f"{list(input.shape)}, got {list(residual.shape)}")
+    if residual.device != input.device:
+        raise RuntimeError(f"fastnorm.{name}: expected input and residual on the same device, "
+                           f"but input is on {input.device} and residual on {residual.device}")
+    if not (residual.dtype == input.dtype or
+            (residual.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16))):
+        raise TypeError(f"fastnorm.{name}: residual must have the input's dtype ({input.dtype}) "
+                        f"or be float32 with a float16/bfloat16 input, got {residual.dtype}")
+
+
+def norm_reference(src: Tensor, shape: Sequence[int], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, is_rms: bool, rounding: str,
+                   out_dtype: torch.dtype) -> Tensor:
+    """The norm of the fused residual op (on h = x + r) in torch's own, differentiable ops: its
+    torch backend, and its double backward (fastnorm::add_layer_norm_fwd's autograd)."""
+    if is_rms and rounding != "none":  # the transformers adapters' roundings (see _add_norm)
+        x_hat = F.rms_norm(src.to(torch.float32 if src.dtype != torch.float64 else src.dtype),
+                           shape, None, eps).to(out_dtype)
+        return x_hat if weight is None else (weight * x_hat).to(out_dtype)
+    w = None if weight is None else weight.to(src.dtype)
+    if is_rms:
+        return F.rms_norm(src, shape, w, eps).to(out_dtype)
+    b = None if bias is None else bias.to(src.dtype)
+    return F.layer_norm(src, shape, w, b, eps).to(out_dtype)
+
+
+def _add_residual(input: Tensor, residual: Tensor, residual_in_fp32: bool) -> Tensor:
+    """h = input + residual, unfused, in the dtype the fused op gives h."""
+    h_dtype = residual_stream_dtype(input.dtype, residual.dtype, residual_in_fp32)
+    return input.to(h_dtype) + residual.to(h_dtype)
+
+
+def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_shape: _shape_t,
+              weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
+              is_rms: bool, prenorm: bool, residual_in_fp32: bool,
+              rounding: str = "none") -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """layer_norm / rms_norm with a fused residual add (see `layer_norm`). Also the entry of the
+    transformers adapters (fastnorm.convert), which pass `rounding="llama"` (x_hat rounded to
+    the input dtype before the weight multiply, Llama's `weight * hidden.to(input_dtype)`) or
+    "t5" (the same forward; see fastnorm::add_layer_norm_fwd for the backward)."""
+    _check_float_input(name, input)
+    shape, n = _normalized_rows(name, input, normalized_shape)
+    _check_param(name, "weight", weight, input, shape, "normalized_shape")
+    _check_param(name, "bias", bias, input, shape, "normalized_shape")
+    if not is_rms:
+        _check_dtypes(name, input, {"weight": weight, "bias": bias}, True)
+    if residual is not None:
+        _check_residual(name, input, residual)
+    if eps is None:
+        eps = _rms_eps(input.dtype)
+    if residual is None:
+        if residual_in_fp32 and input.dtype in (torch.float16, torch.bfloat16):
+            h = input.float()  # flash-attn: the first layer starts an fp32 residual stream
+        else:
+            h = input
+    if rounding == "none" and input.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Unfused torch keeps h in the residual's dtype and runs the norm in fp32 under CUDA
+        # autocast (fp32 output); the fused op cannot do both, so add, then the plain op.
+        if residual is not None:
+            h = _add_residual(input, residual, residual_in_fp32)
+        src = h if residual is not None else input
+        y = (rms_norm(src, shape, weight, eps) if is_rms
+             else layer_norm(src, shape, weight, bias, eps))
+        return (y, h) if prenorm else y
+    # Forward-mode AD and torch.func transforms run torch's ops (the kernels have no jvp or
+    # batching rule), as in every other fastnorm op.
+    if _backend.transformed(input, residual, weight, bias) or \
+            _backend.resolve(input, name) == "torch":
+        if residual is not None:
+            h = _add_residual(input, residual, residual_in_fp32)
+        src = h if residual is not None else input
+        y = norm_reference(src, shape, weight, bias, eps, is_rms, rounding, input.dtype)
+        return (y, h) if prenorm else y
+    x2d = _rows_view(input, shape, n)
+    r2d = None if residual is None else _rows_view(residual, shape, n)
+    # h is written when it is returned or a backward needs it; else the kernel skips that write.
+    store = prenorm or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias)))
+    y, h2d, _mean, _rstd = torch.ops.fastnorm.add_layer_norm_fwd(
+        x2d, r2d, _flat(weight), _flat(bias), float(eps), is_rms, bool(residual_in_fp32),
+        rounding, bool(store))
+    y = y.view(input.shape)
+    if not prenorm:
+        return y
+    return y, (h2d.view(input.shape) if residual is not None else h)
+
+
+def fused_add_rms_norm_(input: Tensor, residual: Tensor, weight: Optional[Tensor],
+                        eps: Optional[float] = None) -> None:
+    """In place, as vLLM's `fused_add_rms_norm`: `residual += input`, then
+    `input = rms_norm(residual, weight, eps)` over the last dim, in one pass (inference only:
+    no autograd). Both must have the same shape and dtype and unit stride in the last dim."""
+    _check_float_input("fused_add_rms_norm_", input)
+    _check_residual("fused_add_rms_norm_", input, residual)
+    if residual.dtype != input.dtype:
+        raise TypeError("fastnorm.fused_add_rms_norm_: residual must have the input's dtype "
+                        f"({input.dtype}) to be updated in place, got {residual.dtype}")
+    if torch.is_grad_enabled() and (input.requires_grad or residual.requires_grad or
+                                    (weight is not None and weight.requires_grad)):
+        raise RuntimeError("fastnorm.fused_add_rms_norm_ updates its inputs in place and has "
+                           "no backward; use rms_norm(x, ..., residual=r, prenorm=True) to train")
+    n = input.shape[-1] if input.dim() else 1
+    shape = (n,)
+    _normalized_rows("fused_add_rms_norm_", input, shape)
+    _check_param("fused_add_rms_norm_", "weight", weight, input, shape, "normalized_shape")
+    if eps is None:
+        eps = _rms_eps(input.dtype)
+    if _backend.resolve(input, "rms_norm") == "torch":
+        residual.add_(input)
+        input.copy_(F.rms_norm(residual, shape, weight, eps))
+        return
+    x2d = input.view(-1, n) if input.numel() else input.reshape(-1, n)
+    r2d = residual.view(-1, n) if residual.numel() else residual.reshape(-1, n)
+    if x2d.stride(-1) != 1 or r2d.stride(-1) != 1:
+        raise RuntimeError("fastnorm.fused_add_rms_norm_: input and residual need unit stride in "
+                           "the last dim and rows viewable as (-1, N)")
+    torch.ops.fastnorm.add_layer_norm_inplace(x2d, r2d, _flat(weight), None, float(eps), True)

@@ -1,6 +1,6 @@
 """Drop-in modules: subclasses of the torch.nn normalization layers that override `forward`
 only, so constructor arguments, defaults, parameters and state_dict keys are torch's own.
-`convert(model)` swaps a model's torch.nn norm layers for these in place.
+`convert(model)` (fastnorm/convert.py) swaps a model's norm layers for these in place.
 
 TorchScript: `torch.jit.script` works on these modules (and on models holding them), but a
 scripted module computes with torch's own ops — TorchScript cannot call Triton kernels or
@@ -35,34 +35,6 @@ class RMSNorm(nn.RMSNorm):
         if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
             return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return F_fast.rms_norm(input, self.normalized_shape, self.weight, self.eps)
-
-
-# torch.nn class -> fastnorm class. Exact type match: a user's own subclass of nn.LayerNorm may
-# override forward, so it is left alone.
-_SWAPS: dict[type, type] = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm}
-
-
-def convert(module: nn.Module, sync_batchnorm: bool = False,
-            process_group: Optional[Any] = None) -> nn.Module:
-    """Swap every torch.nn norm layer in `module` (itself included) that fastnorm implements
-    (LayerNorm, RMSNorm, GroupNorm, BatchNorm1d/2d/3d, SyncBatchNorm) for the fastnorm one, in
-    place, and return `module`. Idempotent.
-
-    The layers keep their identity: only their class changes, so Parameter objects, buffers,
-    hooks and optimizer state stay as they were (the fastnorm classes add no state).
-
-    sync_batchnorm=True also replaces BatchNorm1d/2d/3d (torch's or fastnorm's) by new
-    `fastnorm.nn.SyncBatchNorm` modules on `process_group` (default: the whole world), like
-    `torch.nn.SyncBatchNorm.convert_sync_batchnorm`: they share the Parameter and buffer
-    objects, so an optimizer built before still works. When `module` itself is replaced, the
-    new module is returned."""
-    for sub in module.modules():
-        new_cls = _SWAPS.get(type(sub))
-        if new_cls is not None:
-            sub.__class__ = new_cls
-    if sync_batchnorm:
-        module = _to_sync_batchnorm(module, process_group)
-    return module
 
 
 # --- BatchNorm -----------------------------------------------------------------------------------
@@ -148,35 +120,6 @@ class SyncBatchNorm(nn.SyncBatchNorm):
                                            self.bias, factor, self.eps, group)
 
 
-_SWAPS.update({nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
-               nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm})
-
-_SYNC_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d,
-                 BatchNorm3d)
-
-
-def _to_sync_batchnorm(module: nn.Module, process_group: Optional[Any]) -> nn.Module:
-    """torch.nn.SyncBatchNorm.convert_sync_batchnorm for exact BatchNorm{1,2,3}d types, building
-    fastnorm SyncBatchNorm modules that share the original Parameters and buffers."""
-    out = module
-    if type(module) in _SYNC_SOURCES:
-        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group,
-                            bias=module.bias is not None)
-        with torch.no_grad():
-            out.weight = module.weight
-            out.bias = module.bias
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.training = module.training
-        if hasattr(module, "qconfig"):
-            out.qconfig = module.qconfig
-    for name, child in module.named_children():
-        out.add_module(name, _to_sync_batchnorm(child, process_group))
-    return out
-
-
 class GroupNorm(nn.GroupNorm):
     """`torch.nn.GroupNorm` computed by fastnorm's kernels (see `fastnorm.group_norm`), with an
     optional fused activation: `GroupNorm(32, 320, activation="silu")` computes
@@ -214,4 +157,13 @@ class GroupNorm(nn.GroupNorm):
         return super().extra_repr() + extra
 
 
-_SWAPS[nn.GroupNorm] = GroupNorm
+
+def _fastnorm_name(self) -> str:
+    return "fastnorm." + type(self).__name__
+
+
+# repr shows a module is fastnorm's: "fastnorm.LayerNorm((64,), eps=1e-05, ...)".
+for _cls in (LayerNorm, RMSNorm, GroupNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm):
+    _cls._get_name = _fastnorm_name
+
+from .convert import convert  # noqa: E402  (re-export: fastnorm.nn.convert; needs the classes)

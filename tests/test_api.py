@@ -81,7 +81,7 @@ def test_modules_match_torch_nn(backend, device):
                       (nn.RMSNorm(6), fastnorm.nn.RMSNorm(6)),
                       (nn.RMSNorm([4, 6], eps=1e-3), fastnorm.nn.RMSNorm([4, 6], eps=1e-3))]:
         assert isinstance(ours, type(ref))
-        assert repr(ours) == repr(ref)
+        assert repr(ours) == "fastnorm." + repr(ref)  # the same text, marked as fastnorm's
         ours.load_state_dict(ref.state_dict())
         ref, ours = ref.to(device), ours.to(device)
         for p in ref.parameters():

@@ -275,3 +275,25 @@ def test_weight_on_other_device():
     with pytest.raises(RuntimeError, match="same device"):
         fastnorm.layer_norm(x, (10,), w)
 
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("N", [64, 20000])  # fused and chunked forward
+def test_float64_tiny_eps(kind, N, device):
+    # Small-variance rows with eps = 1e-10: an eps rounded to fp32 on its way into a compiled
+    # kernel (a plain Python float argument) would show at ~1e-9 relative; fp64 needs ~1e-12.
+    # The interpreter keeps Python floats exact, so on CPU the signature check below is what
+    # can fail; on a GPU the values do.
+    from fastnorm.triton import layer_norm as kernels
+    import inspect
+    for kernel in (kernels._layer_norm_fwd_kernel, kernels._layer_norm_fwd_chunked_kernel):
+        assert inspect.signature(kernel.fn).parameters["eps"].annotation == "fp64"
+    torch.manual_seed(0)
+    x = torch.randn(3, N, device=device, dtype=torch.float64) * 3e-5
+    w = torch.randn(N, device=device, dtype=torch.float64)
+    if kind == "layer":
+        got = fastnorm.layer_norm(x, (N,), w, None, 1e-10)
+        want = F.layer_norm(x, (N,), w, None, 1e-10)
+    else:
+        got, want = fastnorm.rms_norm(x, (N,), w, 1e-10), F.rms_norm(x, (N,), w, 1e-10)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)

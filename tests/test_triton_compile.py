@@ -24,33 +24,51 @@ def _ln_specs():
     for dt, acc in (("bf16", "float32"), ("fp32", "float32"), ("fp16", "float32"),
                     ("fp64", "float64")):
         stat = "fp64" if dt == "fp64" else "fp32"
-        for is_rms in (False, True):
+        # Fused residual add (HAS_RESIDUAL, STORE_RESIDUAL, HAS_DRESIDUAL) and the transformers
+        # Llama and T5 roundings (ROUND_XHAT, ROUND_DX_TERMS): the plain variants and ones with the flags on, per dtype;
+        # for bf16 also a residual stream in fp32 (residual_in_fp32).
+        for is_rms, residual, round_xhat, store in ((False, False, False, False),
+                                                    (True, False, False, False),
+                                                    (False, True, False, True),
+                                                    (True, True, True, True),
+                                                    (True, True, False, False)):
             flags = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": not is_rms, "ACC": acc}
-            fwd_sig = {**ptrs("XY", f"*{dt}"), **ptrs("WB", f"*{dt}"), **ptrs(["Mean", "Rstd"], f"*{stat}"),
-                       "M": "i32", "N": "i32", "stride_x": "i32", "stride_y": "i32", "eps": "fp32"}
-            specs.append(("layer_norm", "_layer_norm_fwd_kernel", fwd_sig,
-                          {**flags, "BLOCK_M": 4, "BLOCK_N": 1024}, 8))
-            specs.append(("layer_norm", "_layer_norm_fwd_kernel", fwd_sig,
-                          {**flags, "BLOCK_M": 1, "BLOCK_N": 16384 if dt != "fp64" else 8192}, 16))
-            chunk_sig = {k: v for k, v in fwd_sig.items() if k != "M"}
-            specs.append(("layer_norm", "_layer_norm_fwd_chunked_kernel", chunk_sig,
-                          {**flags, "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
-            stats_sig = {"X": f"*{dt}", "W": f"*{dt}", "DY": f"*{dt}", "Mean": f"*{stat}",
+            fwd_flags = {**flags, "HAS_RESIDUAL": residual, "STORE_RESIDUAL": store,
+                         "ROUND_XHAT": round_xhat}
+            for res_dt in ((dt, "fp32") if residual and dt == "bf16" else (dt,)):
+                fwd_sig = {**ptrs("XY", f"*{dt}"), **ptrs("WB", f"*{dt}"),
+                           **ptrs(["Mean", "Rstd"], f"*{stat}"), "R": f"*{res_dt}",
+                           "H": f"*{res_dt}", "M": "i32", "N": "i32", "stride_x": "i32",
+                           "stride_y": "i32", "stride_r": "i32", "stride_h": "i32", "eps": "fp64"}
+                specs.append(("layer_norm", "_layer_norm_fwd_kernel", fwd_sig,
+                              {**fwd_flags, "BLOCK_M": 4, "BLOCK_N": 1024}, 8))
+                specs.append(("layer_norm", "_layer_norm_fwd_kernel", fwd_sig,
+                              {**fwd_flags, "BLOCK_M": 1,
+                               "BLOCK_N": 16384 if dt != "fp64" else 8192}, 16))
+                chunk_sig = {k: v for k, v in fwd_sig.items() if k != "M"}
+                specs.append(("layer_norm", "_layer_norm_fwd_chunked_kernel", chunk_sig,
+                              {**fwd_flags, "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
+            # backward: X is the norm's input (h, fp32 for an fp32 residual stream)
+            x_dt = "fp32" if residual and dt == "bf16" else dt
+            stats_sig = {"X": f"*{x_dt}", "W": f"*{dt}", "DY": f"*{dt}", "Mean": f"*{stat}",
                          "Rstd": f"*{stat}", "C1": f"*{stat}", "C2": f"*{stat}", "N": "i32",
                          "stride_x": "i32", "stride_dy": "i32"}
             specs.append(("layer_norm", "_layer_norm_bwd_row_stats_kernel", stats_sig,
-                          {"IS_RMS": is_rms, "HAS_WEIGHT": True, "ACC": acc, "BLOCK_N": 4096}, 8))
-            bwd_sig = {"X": f"*{dt}", "W": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}",
+                          {"IS_RMS": is_rms, "HAS_WEIGHT": True, "ROUND_XHAT": round_xhat,
+                           "ACC": acc, "BLOCK_N": 4096}, 8))
+            bwd_sig = {"X": f"*{x_dt}", "W": f"*{dt}", "DY": f"*{dt}", "DX": f"*{x_dt}",
                        "Mean": f"*{stat}", "Rstd": f"*{stat}", "C1": f"*{stat}", "C2": f"*{stat}",
-                       "DW_partial": f"*{stat}", "DB_partial": f"*{stat}", "M": "i32", "N": "i32",
-                       "stride_x": "i32", "stride_dy": "i32", "stride_dx": "i32",
-                       "rows_per_program": "i32"}
+                       "DW_partial": f"*{stat}", "DB_partial": f"*{stat}", "DRES": f"*{x_dt}",
+                       "M": "i32", "N": "i32", "stride_x": "i32", "stride_dy": "i32",
+                       "stride_dx": "i32", "stride_dres": "i32", "rows_per_program": "i32"}
             for in_tile, block_m, block_n, warps in ((True, 2, 1024, 4), (True, 1, 8192, 16),
                                                      (False, 1, 4096, 8)):
                 if dt == "fp64" and block_n == 8192:
                     block_n = 4096
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
-                              {**flags, "ROW_STATS_IN_TILE": in_tile, "BLOCK_M": block_m,
+                              {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
+                               "ROUND_DX_TERMS": round_xhat,  # T5: with the Llama rounding
+                               "ROW_STATS_IN_TILE": in_tile, "BLOCK_M": block_m,
                                "BLOCK_N": block_n}, warps))
     for dt in ("fp32", "fp64"):
         specs.append(("_common", "_column_sum_kernel",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dtypes import stats_dtype
+from .._dtypes import residual_stream_dtype, stats_dtype
 from ..triton import layer_norm as kernels
 from ._common import empty_if_none, register_fp32_autocast, torch_grads
 
@@ -122,3 +122,138 @@ def _rms_norm_backward(ctx, dy, _drstd):
 
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
 register_fp32_autocast(rms_norm_fwd)
+
+
+# --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
+# fastnorm::add_layer_norm_fwd(x, residual?, weight?, bias?, eps, is_rms, residual_in_fp32,
+#                              rounding, store_residual) -> (y, h, mean, rstd)
+# fastnorm::add_layer_norm_bwd(dy, dh?, h, weight?, bias?, mean, rstd, is_rms, rounding)
+#                              -> (dh_total, dweight, dbias)
+# fastnorm::add_layer_norm_inplace(x!, residual!, weight?, bias?, eps, is_rms) -> ()
+# With a residual, the norm runs on h = x + residual, which comes back as the new residual
+# stream (in fp32 with residual_in_fp32, else in residual's dtype); without one h is empty and
+# the op is the plain norm. `rounding` reproduces a model's own roundings: "none"; "llama"
+# (x_hat rounded to x's dtype before the weight multiply, and the backward's w*dy and dW terms,
+# as torch's autograd does for transformers' Llama-style RMSNorm); "t5" (the same, plus dx's two
+# terms rounded separately, as for T5LayerNorm). store_residual=False skips writing h
+# (h comes back empty; for calls that need neither h nor a backward). The backward adds the
+# gradient of h from its other uses (dh) into the norm's input gradient in the same kernel;
+# dh_total has h's dtype.
+
+def _check_rounding(rounding: str) -> str:
+    if rounding not in ("none", "llama", "t5"):
+        raise ValueError(f"fastnorm::add_layer_norm: rounding must be 'none', 'llama' or 't5', "
+                         f"got {rounding!r}")
+    return rounding
+
+
+def _add_norm_h_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool):
+    if residual is None:
+        return None
+    return residual_stream_dtype(x.dtype, residual.dtype, residual_in_fp32)
+
+
+@torch.library.custom_op("fastnorm::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], eps: float, is_rms: bool, residual_in_fp32: bool,
+                       rounding: str, store_residual: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, rstd, h = kernels.add_layer_norm_fwd(
+        x, residual, weight, bias, eps, is_rms,
+        residual_dtype=_add_norm_h_dtype(x, residual, residual_in_fp32),
+        round_xhat=_check_rounding(rounding) != "none",
+        store_residual=store_residual)
+    return y, h, mean, rstd
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, rounding, store_residual):
+    _check_rounding(rounding)
+    m = x.shape[0]
+    stats = stats_dtype(x.dtype)
+    h_dtype = _add_norm_h_dtype(x, residual, residual_in_fp32)
+    h = x.new_empty(0) if h_dtype is None or not store_residual \
+        else x.new_empty(x.shape, dtype=h_dtype)
+    mean = x.new_empty(0 if is_rms else m, dtype=stats)
+    return x.new_empty(x.shape), h, mean, x.new_empty(m, dtype=stats)
+
+
+@torch.library.custom_op("fastnorm::add_layer_norm_bwd", mutates_args=())
+def add_layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
+                       rounding: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = kernels.layer_norm_bwd(dy, h, weight, None if is_rms else bias, mean, rstd,
+                                        is_rms=is_rms, dresidual=dh,
+                                        round_xhat=_check_rounding(rounding) != "none",
+                                        round_dx_terms=is_rms and rounding == "t5")
+    return dx, empty_if_none(dw, h), empty_if_none(db, h)
+
+
+@add_layer_norm_bwd.register_fake
+def _(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding):
+    dw = h.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = h.new_empty(0) if bias is None or is_rms else torch.empty_like(bias)
+    return h.new_empty(h.shape), dw, db
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms, _fp32, rounding, store_residual = inputs
+    _y, h, mean, rstd = output
+    ctx.eps = eps
+    ctx.has_residual = residual is not None
+    ctx.stored = residual is None or store_residual
+    ctx.is_rms = is_rms
+    ctx.rounding = rounding
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+    ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused residual stream costs no zero tensor
+
+
+def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    if not ctx.stored:
+        raise RuntimeError("fastnorm::add_layer_norm_fwd ran with store_residual=False, which "
+                           "keeps no input for a backward; call it with store_residual=True "
+                           "(fastnorm.layer_norm/rms_norm do when a gradient is required)")
+    if dy is None:
+        dy = torch.zeros(h.shape, dtype=ctx.dtypes[0], device=h.device)
+    if not ctx.has_residual:
+        dh = None
+    elif dh is not None:
+        dh = dh.contiguous()
+    x_dtype, r_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
+        from ..functional import norm_reference
+
+        bias_used = None if ctx.is_rms else bias
+        dh_total, dw, db = torch_grads(
+            lambda h, w, b: norm_reference(h, h.shape[1:], w, b, ctx.eps, ctx.is_rms,
+                                           ctx.rounding, x_dtype),
+            (h, weight, bias_used), (need[0] or need[1], need[2], need[3]), dy)
+        if dh is not None:
+            dh_total = dh if dh_total is None else dh_total + dh
+    else:
+        dh_total, dw, db = add_layer_norm_bwd(dy.contiguous(), dh, h, weight, bias, mean, rstd,
+                                              ctx.is_rms, ctx.rounding)
+    # d(x + r)/dx = d(x + r)/dr = 1: both get the gradient of h, each in its own dtype.
+    return (dh_total.to(x_dtype) if need[0] else None,
+            dh_total.to(r_dtype) if ctx.has_residual and need[1] else None,
+            dw if weight is not None and need[2] else None,
+            db if bias is not None and not ctx.is_rms and need[3] else None,
+            None, None, None, None, None)
+
+
+add_layer_norm_fwd.register_autograd(_add_layer_norm_backward,
+                                     setup_context=_add_layer_norm_setup_context)
+
+
+@torch.library.custom_op("fastnorm::add_layer_norm_inplace", mutates_args=("x", "residual"))
+def add_layer_norm_inplace(x: Tensor, residual: Tensor, weight: Optional[Tensor],
+                           bias: Optional[Tensor], eps: float, is_rms: bool) -> None:
+    kernels.add_layer_norm_fwd(x, residual, weight, bias, eps, is_rms, inplace=True)
+
+
+@add_layer_norm_inplace.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    return None

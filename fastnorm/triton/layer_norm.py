@@ -14,8 +14,15 @@ program in fp32 registers, written as [programs, N] partial sums, then reduced i
 a second kernel (`column_sum`): deterministic and bitwise repeatable, no atomics. When a row is
 too wide for dW/dB accumulators to stay in registers, a first kernel computes (c1, c2) per row and
 the main kernel splits the columns into chunks.
+
+Feature flags (constexpr, one code path): HAS_RESIDUAL / STORE_RESIDUAL normalize h = x + r and
+write h (the fused residual add), HAS_DRESIDUAL adds h's incoming gradient into dx, ROUND_XHAT
+rounds x_hat to the input dtype before the weight multiply (transformers' Llama-style RMSNorm).
+eps is passed as an fp64 scalar and converted to the accumulation dtype inside the kernels.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton reads the kernels' annotations (eps: "fp64")
+# as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
+from typing import Optional
 
 import torch
 import triton
@@ -31,9 +38,39 @@ CHUNK_N = 4096
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, stride_x, stride_y, eps,
+def _eps_in(eps, ACC: tl.constexpr):
+    """eps in the accumulation dtype. The launchers pass eps as an fp64 scalar (a plain Python
+    float would reach a compiled kernel as fp32, rounding e.g. 1e-10 for fp64 inputs)."""
+    return (tl.zeros([], dtype=tl.float64) + eps).to(ACC)
+
+
+@triton.jit
+def _load_row_input(X, R, H, offs, mask, HAS_RESIDUAL: tl.constexpr, STORE: tl.constexpr,
+                    ACC: tl.constexpr):
+    """The norm's input at `offs` in ACC: x, or with HAS_RESIDUAL h = x + r rounded to H's
+    dtype (stored to H when STORE), so the norm sees the residual stream exactly as it is
+    stored: the same result as the unfused `h = x + r; norm(h)`."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_RESIDUAL:
+        h = (x + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(H.dtype.element_ty)
+        if STORE:
+            tl.store(H + offs, h, mask=mask)
+        x = h.to(ACC)
+    return x
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, R, H, M, N, stride_x, stride_y, stride_r,
+                           stride_h, eps: "fp64",
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+                           ROUND_XHAT: tl.constexpr,
                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """HAS_RESIDUAL: normalize h = x + r (R, row stride stride_r), rounded to H's dtype, and with
+    STORE_RESIDUAL store it (H, stride_h); without, H only gives the dtype (inference, y only).
+    Safe in place (Y is X, H is R): a tile is read whole before it is written.
+    ROUND_XHAT: round x_hat to the input dtype before the weight multiply (transformers' Llama:
+    `weight * hidden.to(input_dtype)`)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -41,7 +78,15 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, stride_x, stride_y, eps
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+    if HAS_RESIDUAL:
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(ACC)
+        h = (x + r).to(H.dtype.element_ty)
+        if STORE_RESIDUAL:
+            tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(ACC)
+    else:
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
     if IS_RMS:
         xc = x
     else:
@@ -51,9 +96,11 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, stride_x, stride_y, eps
         mean += tl.sum(tl.where(mask, x - mean[:, None], 0.0), axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         tl.store(Mean + rows, mean, mask=row_mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + _eps_in(eps, ACC))
     tl.store(Rstd + rows, rstd, mask=row_mask)
     y = xc * rstd[:, None]
+    if ROUND_XHAT:
+        y = y.to(X.dtype.element_ty).to(ACC)
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
     if HAS_BIAS:
@@ -62,12 +109,19 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, stride_x, stride_y, eps
 
 
 @triton.jit
-def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y, eps,
+def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, N, stride_x, stride_y,
+                                   stride_r, stride_h, eps: "fp64",
                                    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-                                   BLOCK_N: tl.constexpr):
+                                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                   STORE_RESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
+                                   ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flags as in _layer_norm_fwd_kernel; with HAS_RESIDUAL the first walk stores h and the
+    second walk reads it back (without STORE_RESIDUAL it adds x + r again). Safe in place
+    (Y is X, H is R): each element of x and r is read before it is overwritten."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
+    r_row = R + row * stride_r
+    h_row = H + row * stride_h
     y_row = Y + row * stride_y
     # Statistics relative to a shift (the first chunk's mean): with means like 1e4 a running
     # mean in fp32 would round at every merge; the relative mean stays O(std), and the merged
@@ -76,7 +130,9 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
         shift = tl.full([], 0.0, ACC)
     else:
         first = tl.arange(0, BLOCK_N) < N
-        x0 = tl.load(x_row + tl.arange(0, BLOCK_N), mask=first, other=0.0).to(ACC)
+        # Not stored yet: in place (H is R) the walk below still has to read this chunk's r.
+        x0 = _load_row_input(x_row, r_row, h_row, tl.arange(0, BLOCK_N), first, HAS_RESIDUAL,
+                             False, ACC)
         shift = tl.sum(x0) / tl.minimum(N, BLOCK_N)
     mean = tl.full([], 0.0, ACC)
     m2 = tl.full([], 0.0, ACC)
@@ -84,7 +140,7 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = cols < N
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        x = _load_row_input(x_row, r_row, h_row, cols, mask, HAS_RESIDUAL, STORE_RESIDUAL, ACC)
         if IS_RMS:
             m2 += tl.sum(x * x)
         else:
@@ -97,18 +153,23 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
             mean += delta * (n_chunk / total)
             m2 += tl.sum(dev * dev) + delta * delta * (count * n_chunk / total)
             count = total
-    rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    rstd = 1.0 / tl.sqrt(m2 / N + _eps_in(eps, ACC))
     tl.store(Rstd + row, rstd)
     if not IS_RMS:
         tl.store(Mean + row, shift + mean)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = cols < N
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        if HAS_RESIDUAL and STORE_RESIDUAL:
+            x = tl.load(h_row + cols, mask=mask, other=0.0).to(ACC)
+        else:
+            x = _load_row_input(x_row, r_row, h_row, cols, mask, HAS_RESIDUAL, False, ACC)
         if IS_RMS:
             y = x * rstd
         else:
             y = ((x - shift) - mean) * rstd
+        if ROUND_XHAT:
+            y = y.to(X.dtype.element_ty).to(ACC)
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
         if HAS_BIAS:
@@ -119,7 +180,8 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, N, stride_x, stride_y
 @triton.jit
 def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, stride_dy,
                                      IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                                     ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+                                     ROUND_XHAT: tl.constexpr, ACC: tl.constexpr,
+                                     BLOCK_N: tl.constexpr):
     """Per row: c1 = mean(x_hat * w*dy) and c2 = mean(w*dy), for the column-chunked backward."""
     row = tl.program_id(0).to(tl.int64)
     rstd = tl.load(Rstd + row).to(ACC)
@@ -134,6 +196,8 @@ def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, 
         wdy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
         if HAS_WEIGHT:
             wdy = wdy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+            if ROUND_XHAT:
+                wdy = wdy.to(DY.dtype.element_ty).to(ACC)
         if IS_RMS:
             x_hat = x * rstd
         else:
@@ -146,16 +210,23 @@ def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, 
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial,
-                           M, N, stride_x, stride_dy, stride_dx, rows_per_program,
+def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial, DRES,
+                           M, N, stride_x, stride_dy, stride_dx, stride_dres, rows_per_program,
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           ROW_STATS_IN_TILE: tl.constexpr, ACC: tl.constexpr,
+                           HAS_DRESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
+                           ROUND_DX_TERMS: tl.constexpr, ROW_STATS_IN_TILE: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (column blocks, row groups). Each program owns rows [g*rows_per_program, ...) of one
     column block: writes dx there and one row of the dW/dB partial sums.
 
     ROW_STATS_IN_TILE: the column block is the whole row, so c1/c2 come from the tile itself;
     otherwise they were computed by _layer_norm_bwd_row_stats_kernel.
+    HAS_DRESIDUAL: the gradient of the stored residual stream h (DRES) is added into dx.
+    ROUND_XHAT: reproduce the forward's rounding: w*dy and the dW terms dy*x_hat are rounded to
+    the input dtype, x_hat too (what torch's autograd does through `weight * x_hat.to(dtype)`).
+    ROUND_DX_TERMS (RMSNorm): dx = round(wdy * rstd) + round(-x_hat * c1 * rstd), each term
+    rounded to dx's dtype, as torch's autograd does for T5LayerNorm, whose input enters its two
+    uses (the variance in fp32, `x * rsqrt(...)` promoted) separately.
     """
     col_block = tl.program_id(0)
     group = tl.program_id(1)
@@ -183,6 +254,8 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
             x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_WEIGHT:
             wdy = dy * w[None, :]
+            if ROUND_XHAT:
+                wdy = wdy.to(DY.dtype.element_ty).to(ACC)
         else:
             wdy = dy
         if ROW_STATS_IN_TILE:
@@ -193,14 +266,24 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
             c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)
             if not IS_RMS:
                 c2 = tl.load(C2 + rows, mask=row_mask, other=0.0)
-        if IS_RMS:
+        if IS_RMS and ROUND_DX_TERMS:
+            dx = ((wdy * rstd[:, None]).to(DX.dtype.element_ty).to(ACC)
+                  + (-(x_hat * c1[:, None]) * rstd[:, None]).to(DX.dtype.element_ty).to(ACC))
+        elif IS_RMS:
             dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
         else:
             dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DRESIDUAL:
+            dx += tl.load(DRES + rows64[:, None] * stride_dres + cols[None, :], mask=mask,
+                          other=0.0).to(ACC)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
                  mask=mask)
         if HAS_WEIGHT:
-            dw_acc += dy * x_hat
+            if ROUND_XHAT:
+                x_hat_in = x_hat.to(DY.dtype.element_ty).to(ACC)
+                dw_acc += (dy * x_hat_in).to(DY.dtype.element_ty).to(ACC)
+            else:
+                dw_acc += dy * x_hat
         if HAS_BIAS:
             db_acc += dy
     if HAS_WEIGHT:
@@ -222,48 +305,85 @@ def _fused_limit(limit: int, dtype: torch.dtype) -> int:
     return limit // 2 if dtype == torch.float64 else limit
 
 
-def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd for a 2-D x (rows of N features, unit column stride). For RMSNorm `mean`
     is empty. mean/rstd are fp32 (fp64 for fp64 x)."""
+    y, mean, rstd, _h = add_layer_norm_fwd(x, None, weight, bias, eps, is_rms)
+    return y, mean, rstd
+
+
+def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
+                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                       is_rms: bool, residual_dtype: Optional[torch.dtype] = None,
+                       round_xhat: bool = False, inplace: bool = False,
+                       store_residual: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, mean, rstd, h. With a `residual` (2-D like x, unit column stride) the norm runs on
+    h = x + residual, stored in `residual_dtype` (default: residual's dtype) and returned;
+    otherwise h is empty. `round_xhat` rounds x_hat to x's dtype before the weight multiply.
+    `inplace`: y is written into x and h into residual (which must be given, in x's dtype).
+    `store_residual=False`: h is not written (and comes back empty): y only, one write less."""
     M, N = x.shape
+    has_residual = residual is not None
+    store_residual = has_residual and (store_residual or inplace)
     stats_dtype = acc_dtype(x.dtype)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = x if inplace else torch.empty((M, N), dtype=x.dtype, device=x.device)
     rstd = torch.empty(M, dtype=stats_dtype, device=x.device)
     mean = torch.empty(0 if is_rms else M, dtype=stats_dtype, device=x.device)
     if M == 0 or N == 0:
         if N == 0:  # like torch: no features means NaN statistics
             rstd.fill_(float("nan"))
             mean.fill_(float("nan"))
-        return y, mean, rstd
+        h = (x + residual).to(residual_dtype or residual.dtype) if store_residual \
+            else x.new_empty(0)
+        return y, mean, rstd, h
     flags = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 HAS_RESIDUAL=has_residual, STORE_RESIDUAL=store_residual, ROUND_XHAT=round_xhat,
                  ACC=tl_acc_dtype(x.dtype))
     # Unused pointers still need a tensor argument; rstd stands in for them.
     w = weight if weight is not None else rstd
     b = bias if bias is not None else rstd
     mean_arg = rstd if is_rms else mean
+    r = residual if has_residual else rstd
+    h = h_arg = rstd
+    if inplace:
+        h = h_arg = residual
+    elif has_residual:
+        # Not stored: an empty tensor still tells the kernel h's dtype.
+        h = h_arg = torch.empty((M, N) if store_residual else (0,),
+                                dtype=residual_dtype or residual.dtype, device=x.device)
+    strides = (x.stride(0), y.stride(0), r.stride(0) if has_residual else 0,
+               h.stride(0) if store_residual else 0)
     block_n = triton.next_power_of_2(N)
+    # eps as a float64 scalar: the kernels declare it "fp64" and convert it to their ACC dtype.
     if block_n <= _fused_limit(MAX_FUSED_N_FWD, x.dtype):
         block_m = _row_tile(block_n)
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
-            x, y, w, b, mean_arg, rstd, M, N, x.stride(0), y.stride(0), eps, **flags,
+            x, y, w, b, mean_arg, rstd, r, h_arg, M, N, *strides, float(eps), **flags,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n))
     else:
         chunk = _fused_limit(CHUNK_N, x.dtype)
         _layer_norm_fwd_chunked_kernel[(M,)](
-            x, y, w, b, mean_arg, rstd, N, x.stride(0), y.stride(0), eps, **flags,
+            x, y, w, b, mean_arg, rstd, r, h_arg, N, *strides, float(eps), **flags,
             BLOCK_N=chunk, num_warps=8)
-    return y, mean, rstd
+    return y, mean, rstd, (h if store_residual else x.new_empty(0))
 
 
-def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                   bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-                   is_rms: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                   is_rms: bool, dresidual: Optional[torch.Tensor] = None,
+                   round_xhat: bool = False, dx_dtype: Optional[torch.dtype] = None,
+                   round_dx_terms: bool = False
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """dx, dweight, dbias (None where there is no weight / bias) for a 2-D x and dy.
-    Only the dtype of `bias` is used: dbias comes back in it."""
+    Only the dtype of `bias` is used: dbias comes back in it. `x` is the norm's input (h for the
+    fused residual form); `dresidual`, the gradient of h from its other uses, is added into dx.
+    dx has `dx_dtype` (default x's dtype); `round_xhat` as in the forward; `round_dx_terms`
+    (RMSNorm) rounds dx's two terms separately (T5LayerNorm's autograd)."""
     M, N = x.shape
-    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dx = torch.empty((M, N), dtype=dx_dtype or x.dtype, device=x.device)
+    has_dresidual = dresidual is not None
     has_weight = weight is not None
     has_bias = bias is not None
     partial_dtype = acc_dtype(x.dtype)
@@ -293,13 +413,17 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
             c2 = c1 if is_rms else torch.empty(M, dtype=partial_dtype, device=x.device)
             _layer_norm_bwd_row_stats_kernel[(M,)](
                 x, w, dy, mean_arg, rstd, c1, c2, N, x.stride(0), dy.stride(0),
-                IS_RMS=is_rms, HAS_WEIGHT=has_weight, ACC=flags["ACC"], BLOCK_N=block_n,
-                num_warps=8)
+                IS_RMS=is_rms, HAS_WEIGHT=has_weight, ROUND_XHAT=round_xhat, ACC=flags["ACC"],
+                BLOCK_N=block_n, num_warps=8)
         _layer_norm_bwd_kernel[(col_blocks, groups)](
             x, w, dy, dx, mean_arg, rstd, c1, c2,
             dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-            M, N, x.stride(0), dy.stride(0), dx.stride(0), rows_per_program, **flags,
-            ROW_STATS_IN_TILE=whole_row, BLOCK_M=block_m, BLOCK_N=block_n,
+            dresidual if has_dresidual else rstd,
+            M, N, x.stride(0), dy.stride(0), dx.stride(0),
+            dresidual.stride(0) if has_dresidual else 0, rows_per_program, **flags,
+            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
+            ROW_STATS_IN_TILE=whole_row,
+            BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=_num_warps(block_m * block_n))
     dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
     dbias = column_sum(db_partial, bias.dtype) if has_bias else None

@@ -1,0 +1,307 @@
+"""fastnorm.convert on real model classes: torch.nn norms, transformers' RMSNorm variants (tiny
+random-weight models built from configs, no download), register_convert, convert_report, repr."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastnorm
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device(device):
+    """Tensors made without a device land on the test device (CUDA on a GPU machine)."""
+    with torch.device(device):
+        yield
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.rms = nn.RMSNorm(16)
+        self.inorm = nn.InstanceNorm1d(4)
+
+
+class _MyLayerNorm(nn.LayerNorm):
+    pass
+
+
+def test_torch_modules_report_repr_and_state():
+    model = nn.Sequential(_Block(), _MyLayerNorm(16), nn.GroupNorm(2, 4))
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    assert fastnorm.convert(model) is model
+    assert fastnorm.nn.convert is fastnorm.convert
+    assert {n: p for n, p in model.named_parameters()} == params
+    assert list(model.state_dict()) == keys
+    assert repr(model[0].ln).startswith("fastnorm.LayerNorm((16,)")
+    assert repr(model[2]).startswith("fastnorm.GroupNorm(2, 4")
+    report = fastnorm.convert_report(model)
+    assert [n for n, _ in report.converted] == ["0.ln", "0.rms", "2"]
+    why = {name: reason for name, _cls, reason in report.left_alone}
+    assert set(why) == {"0.inorm", "1"}
+    assert "no kernel" in why["0.inorm"]
+    assert "subclass of torch.nn.modules.normalization.LayerNorm" in why["1"]
+    assert "converted 2 fastnorm.LayerNorm" not in str(report)  # one LN converted, one left
+    assert "converted 1 fastnorm.LayerNorm, 1 fastnorm.RMSNorm, 1 fastnorm.GroupNorm" in str(report)
+
+
+def test_register_convert_and_log(caplog):
+    class Scale(nn.Module):  # "Norm" nowhere in the name: not reported until registered
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * self.weight
+
+    class MyNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n))
+
+        def forward(self, x):
+            return torch.nn.functional.rms_norm(x, x.shape[-1:], self.weight, 1e-6)
+
+    class FastMyNorm(MyNorm):
+        def forward(self, x):
+            return fastnorm.rms_norm(x, x.shape[-1:], self.weight, 1e-6)
+
+    def factory(m):
+        if m.weight.numel() < 4:
+            return "too narrow"
+        m.__class__ = FastMyNorm
+        return m
+
+    model = nn.Sequential(MyNorm(8), MyNorm(2), Scale())
+    report = fastnorm.convert_report(model)
+    assert [n for n, _c, _r in report.left_alone] == ["0", "1"]
+    assert "register_convert" in report.left_alone[0][2]
+    fastnorm.register_convert(MyNorm, factory)
+    with caplog.at_level("INFO", logger="fastnorm"):
+        fastnorm.convert(model)
+    assert "left alone 1 norm-like module" in caplog.text
+    assert type(model[0]) is FastMyNorm and type(model[1]) is MyNorm
+    assert fastnorm.convert_report(model).left_alone[0][2] == "too narrow"
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        fastnorm.register_convert(int, factory)
+
+
+def test_look_alike_class_with_other_formula_is_left_alone():
+    # Named and placed like a transformers class, but its forward is not Llama's formula.
+    ns = {}
+    exec("class LlamaRMSNorm(nn.Module):\n"
+         "    def __init__(self, n):\n"
+         "        super().__init__()\n"
+         "        self.weight = nn.Parameter(torch.ones(n))\n"
+         "        self.variance_epsilon = 1e-6\n"
+         "    def forward(self, x):\n"
+         "        return self.weight * x / x.abs().amax(-1, keepdim=True)\n",
+         {"nn": nn, "torch": torch, "__name__": "transformers.models.fake"}, ns)
+    model = nn.Sequential(ns["LlamaRMSNorm"](8))
+    fastnorm.convert(model)
+    assert type(model[0]) is ns["LlamaRMSNorm"]
+    (name, _cls, reason), = fastnorm.convert_report(model).left_alone
+    assert "differs from the llama-style RMSNorm formula" in reason
+
+
+# --- transformers --------------------------------------------------------------------------------
+
+def _tiny(family):
+    transformers = pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                    num_heads=4, decoder_start_token_id=0)
+        return transformers.T5ForConditionalGeneration(cfg), "T5LayerNorm"
+    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+           "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+           "gemma": ("GemmaConfig", "GemmaForCausalLM")}[family]
+    extra = {"head_dim": 8} if family == "gemma" else {}
+    model = getattr(transformers, cls[1])(getattr(transformers, cls[0])(**common, **extra))
+    if family == "gemma":  # Gemma initializes its weights to 0 (1 + w = 1): make the offset matter
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m).__name__ == "GemmaRMSNorm":
+                    m.weight.normal_(0, 0.5)
+    return model, {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm",
+                   "qwen2": "Qwen2RMSNorm", "gemma": "GemmaRMSNorm"}[family]
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad()
+    kwargs = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    logits = model(input_ids=ids, **kwargs).logits
+    logits.float().square().mean().backward()
+    return logits, [p.grad.float() for p in model.parameters() if p.grad is not None]
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "t5"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_model(family, dtype):
+    model, norm_cls = _tiny(family)
+    model = model.to(dtype).eval()  # eval: no dropout (T5 has some); backward still runs
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    fastnorm.convert(model)
+    report = fastnorm.convert_report(model)
+    n_norms = sum(type(m).__name__ == norm_cls for m in ref.modules())
+    assert len(report.converted) == n_norms > 0 and not report.left_alone, str(report)
+    assert list(model.state_dict()) == keys
+    assert all(isinstance(m, type(next(m2 for m2 in ref.modules()
+                                        if type(m2).__name__ == norm_cls)))
+               for m in model.modules() if type(m).__name__ == norm_cls)
+    ids = torch.randint(0, 64, (2, 7))
+    want, want_g = _logits_and_grads(ref, ids)
+    if ids.device.type == "cpu":  # "auto" on CPU runs torch, the model's own code: bitwise
+        got, got_g = _logits_and_grads(model, ids)
+        assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_g, want_g))
+    with fastnorm.use_backend("triton"):
+        got, got_g = _logits_and_grads(model, ids)
+    # fp32: the kernels' sums run in another order than torch's. bf16: the same roundings as the
+    # model (x_hat to bf16 before the weight multiply, for Llama/T5), but Triton's CPU
+    # interpreter truncates fp32 -> bf16 where a GPU rounds to nearest, so a few outputs differ
+    # by one bf16 ulp here and the logits by a few.
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32
+                                            else dict(atol=0.1, rtol=0.1)))
+
+
+def _norm_module(family, dtype):
+    model, norm_cls = _tiny(family)
+    norm = next(m for m in model.modules() if type(m).__name__ == norm_cls).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(0, 1)
+    return norm, norm_cls
+
+
+def _ulps(a, b, dtype):
+    """|a - b| in units of the dtype's spacing at b (an upper bound)."""
+    spacing = b.float().abs().clamp_min(torch.finfo(dtype).tiny) * torch.finfo(dtype).eps
+    return (a.float() - b.float()).abs() / spacing
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "t5"])
+def test_transformers_norm_rounding_fp16(family):
+    """One norm module in fp16, where the CPU interpreter rounds like a GPU: forward and weight
+    gradient bitwise equal to the module's own code (the plain RMSNorm kernel is not, for
+    Llama/T5: the x_hat rounding matters), dx within one ulp in nearly all elements (T5's own
+    backward rounds its two dx terms separately: so does fastnorm's for T5)."""
+    norm, norm_cls = _norm_module(family, torch.float16)
+    ref = copy.deepcopy(norm)
+    torch.manual_seed(1)
+    x = (torch.randn(256, 32) * 3).half()
+    dy = torch.randn(256, 32).half()
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    fastnorm.convert(norm)
+    assert repr(norm).startswith(f"fastnorm.{norm_cls}(")
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with fastnorm.use_backend("triton"):
+        got = norm(xs[0])
+        w = (1.0 + norm.weight.float()) if family == "gemma" else norm.weight
+        plain = fastnorm.rms_norm(x, (32,), w.detach(), eps)
+    want = ref(xs[1])
+    got.backward(dy)
+    want.backward(dy)
+    # sums run in another order than torch's: allow a rare one-ulp flip
+    assert (got != want).float().mean() <= 1e-3 and (_ulps(got, want, torch.float16) <= 1).all()
+    if family != "gemma":
+        assert (plain != want).float().mean() > 0.1
+    torch.testing.assert_close(norm.weight.grad, ref.weight.grad, atol=0, rtol=2e-3)
+    dx_ulps = _ulps(xs[0].grad, xs[1].grad, torch.float16)
+    assert (xs[0].grad != xs[1].grad).float().mean() <= 2e-3
+    if family == "t5":  # a flipped rounding of one of T5's two dx terms: an ulp of that term
+        scale = xs[1].grad.abs().max() * torch.finfo(torch.float16).eps
+        assert ((xs[0].grad - xs[1].grad).abs() <= 2 * scale).all()
+    else:
+        assert (dx_ulps <= 1).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "t5"])
+def test_transformers_norm_module_bf16(family):
+    """bf16: within 2 ulps of the module's own code on CPU (Triton's interpreter truncates
+    fp32 -> bf16 where a GPU rounds to nearest, so bitwise needs a GPU); the x_hat rounding is
+    taken for Llama/T5 and not for Gemma."""
+    norm, _ = _norm_module(family, torch.bfloat16)
+    torch.manual_seed(1)
+    x = (torch.randn(64, 32) * 3).bfloat16()
+    want = norm(x)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    fastnorm.convert(norm)
+    with fastnorm.use_backend("triton"):
+        got = norm(x)
+        w = (1.0 + norm.weight.float()) if family == "gemma" else norm.weight
+        plain = fastnorm.rms_norm(x, (32,), w.detach(), eps)
+    assert got.dtype == want.dtype and (_ulps(got, want, torch.bfloat16) <= 2).all()
+    assert torch.equal(got, plain) == (family == "gemma")
+
+
+def test_explain():
+    x = torch.randn(4, 8)
+    info = fastnorm.explain(x, "rms_norm")
+    assert info["backend"] == "torch" and "cpu" in info["reason"] and info["selected"] == "auto"
+    with fastnorm.use_backend("triton"):
+        info = fastnorm.explain(x, "layer_norm")
+    assert info["backend"] == "triton" and "'triton' was selected" in info["reason"]
+    with pytest.raises(ValueError, match="unknown op"):
+        fastnorm.explain(x, "instance_norm")
+
+
+def test_transformers_compile_fullgraph():
+    model, _ = _tiny("llama")
+    model.eval()
+    fastnorm.convert(model)
+    ids = torch.randint(0, 64, (2, 7))
+    with fastnorm.use_backend("triton"):
+        want, want_g = _logits_and_grads(model, ids)
+        compiled = torch.compile(lambda i: model(input_ids=i).logits, fullgraph=True,
+                                 backend="aot_eager")
+        model.zero_grad()
+        got = compiled(ids)
+        got.float().square().mean().backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip([p.grad for p in model.parameters() if p.grad is not None], want_g):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_transformers_promoting_dtype_mix_runs_model_code(family):
+    # bf16 input with an fp32 weight: the model's output is fp32 (type promotion); the adapter
+    # leaves such calls to the model's own forward, whatever the backend.
+    model, norm_cls = _tiny(family)
+    norm = next(m for m in model.modules() if type(m).__name__ == norm_cls)
+    ref = copy.deepcopy(norm)
+    fastnorm.convert(norm)
+    x = torch.randn(3, 32).bfloat16()
+    with fastnorm.use_backend("triton"):
+        got = norm(x)
+    want = ref(x)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_converted_transformers_model_pickles():
+    import io
+
+    model, _ = _tiny("qwen2")
+    model.eval()
+    fastnorm.convert(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert fastnorm.convert_report(loaded).summary() == fastnorm.convert_report(model).summary()
+    ids = torch.randint(0, 64, (1, 5))
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert type(copy.deepcopy(model).model.norm) is type(model.model.norm)
