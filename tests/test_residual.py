@@ -224,3 +224,31 @@ def test_residual_stream_not_written_when_unused(N):
                                                True, True, "none", False)[0]
     with pytest.raises(RuntimeError, match="store_residual=False"):
         yo.float().sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_forward_ad_and_vmap_as_unfused(kind):
+    """Tangents and torch.func transforms run torch's ops, as for the plain norms."""
+    torch.manual_seed(0)
+    x, r, vx, vr = (torch.randn(4, 6, dtype=torch.float64) for _ in range(4))
+    w, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    got = torch.func.jvp(lambda x, r: _fused(kind, x, r, w, b), (x, r), (vx, vr))
+    want = torch.func.jvp(lambda x, r: _unfused(kind, x, r, w, b), (x, r), (vx, vr))
+    for g, t in zip(got[1], want[1]):
+        torch.testing.assert_close(g, t)
+        assert g.abs().max() > 0
+    per_row = torch.func.vmap(lambda x, r: _fused(kind, x, r, w, b)[0])(x, r)
+    torch.testing.assert_close(per_row, _unfused(kind, x, r, w, b)[0])
+
+
+def test_double_backward():
+    """Without a residual, prenorm is the plain norm and differentiable twice; with one, a
+    double backward raises an error that says what to do."""
+    torch.manual_seed(0)
+    x, r = (torch.randn(3, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: fastnorm.rms_norm(x, (8,), w, prenorm=True)[0].sin().sum(), (x, w))
+    y, h = fastnorm.layer_norm(x, (8,), w, residual=r, prenorm=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported; compute h"):
+        torch.autograd.grad((y.sin() * h).sum(), (x,), create_graph=True)

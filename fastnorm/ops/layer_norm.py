@@ -223,16 +223,21 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
         dh = dh.contiguous()
     x_dtype, r_dtype = ctx.dtypes
     need = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
+    if torch.is_grad_enabled() and ctx.has_residual:
+        # create_graph=True. Only h is saved (not x and the residual, which would keep two more
+        # activations alive in every training step), and h is this op's own output, so its
+        # gradient cannot be rebuilt as a differentiable function of x and the residual.
+        raise RuntimeError(
+            "fastnorm::add_layer_norm_fwd: double backward (create_graph=True) through the fused "
+            "residual add + norm is not supported; compute h = x + residual and call "
+            "fastnorm.layer_norm/rms_norm on h without residual= (differentiable twice)")
+    if torch.is_grad_enabled():  # no residual: the plain norm of x, differentiable again
         from ..functional import norm_reference
 
-        bias_used = None if ctx.is_rms else bias
         dh_total, dw, db = torch_grads(
-            lambda h, w, b: norm_reference(h, h.shape[1:], w, b, ctx.eps, ctx.is_rms,
+            lambda x, w, b: norm_reference(x, x.shape[1:], w, b, ctx.eps, ctx.is_rms,
                                            ctx.rounding, x_dtype),
-            (h, weight, bias_used), (need[0] or need[1], need[2], need[3]), dy)
-        if dh is not None:
-            dh_total = dh if dh_total is None else dh_total + dh
+            (h, weight, None if ctx.is_rms else bias), (need[0], need[2], need[3]), dy)
     else:
         dh_total, dw, db = add_layer_norm_bwd(dy.contiguous(), dh, h, weight, bias, mean, rstd,
                                               ctx.is_rms, ctx.rounding)
