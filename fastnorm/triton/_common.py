@@ -109,6 +109,15 @@ def modeled_hbm_bytes(launches: tuple[LaunchCost, ...], l2_bytes: int) -> int:
 
 
 @triton.jit
+def as_acc(value, ACC: tl.constexpr):
+    """A scalar float argument declared `tl.float64` (eps, momentum) in ACC: exact for fp64
+    kernels, rounded once to fp32 for fp32 ones. (An undeclared Python float reaches a compiled
+    kernel as fp32; the interpreter passes the Python float itself.)"""
+    # tl.full, not tl.cast: the interpreter would round a Python float to fp32 in tl.cast.
+    return tl.full([], value, ACC)
+
+
+@triton.jit
 def load_affine(W, B, idx, mask, placeholder, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ACC: tl.constexpr):
     """(weight, bias) at channel indices `idx` in ACC; `placeholder` stands in for an absent one
@@ -135,17 +144,19 @@ def _column_sum_kernel(P, Out, num_rows, N, stride_p,
         mask = (rows < num_rows)[:, None] & col_mask[None, :]
         p = tl.load(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(p, axis=0)
-    tl.store(Out + cols, acc, mask=col_mask)
+    # Cast on store: the result's dtype costs no separate torch launch.
+    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=col_mask)
 
 
 def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Sum a [P, N] tensor of per-program partial sums over P; the result is cast to out_dtype."""
+    """Sum a [P, N] tensor of per-program partial sums over P (in P's dtype); the result is
+    rounded once to out_dtype, in the same launch."""
     num_rows, n = partial.shape
-    out = torch.empty(n, dtype=partial.dtype, device=partial.device)
+    out = torch.empty(n, dtype=out_dtype, device=partial.device)
     if n == 0:
-        return out.to(out_dtype)
+        return out
     block_n = 128
     block_p = 32
     _column_sum_kernel[(triton.cdiv(n, block_n),)](
         partial, out, num_rows, n, partial.stride(0), BLOCK_P=block_p, BLOCK_N=block_n)
-    return out.to(out_dtype)
+    return out

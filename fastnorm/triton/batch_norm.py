@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchCost, acc_dtype, load_affine, num_warps_for, reduce_programs,
+from ._common import (LaunchCost, acc_dtype, as_acc, load_affine, num_warps_for, reduce_programs,
                       tl_acc_dtype)
 
 # Elements per tile: a few thousand keeps loads wide and registers bounded (fp32 accumulators).
@@ -99,7 +99,7 @@ def _batch_norm_reduce_cl_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, M, 
     if BACKWARD:
         mean = tl.load(Mean + cols, mask=col_mask, other=0.0).to(ACC)
         rstd = 1.0 / tl.sqrt(tl.load(Var + cols, mask=col_mask, other=0.0).to(ACC)
-                             + tl.cast(eps, ACC))
+                             + as_acc(eps, ACC))
         w, b = load_affine(W, B, cols, col_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     else:
         shift = tl.load(X + cols, mask=col_mask, other=0.0).to(ACC)
@@ -144,7 +144,7 @@ def _batch_norm_reduce_cf_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, N, 
     group = tl.program_id(1)
     if BACKWARD:
         mean = tl.load(Mean + c).to(ACC)
-        rstd = 1.0 / tl.sqrt(tl.load(Var + c).to(ACC) + tl.cast(eps, ACC))
+        rstd = 1.0 / tl.sqrt(tl.load(Var + c).to(ACC) + as_acc(eps, ACC))
         if HAS_WEIGHT:
             w = tl.load(W + c).to(ACC)
         if HAS_BIAS:
@@ -225,7 +225,7 @@ def _batch_norm_combine_kernel(Partial1, Partial2, X, Out1, Out2, RunningMean, R
             if MOMENTUM_PTR:
                 m = tl.load(Momentum).to(ACC)
             else:
-                m = tl.cast(momentum, ACC)
+                m = as_acc(momentum, ACC)
             running_mean = tl.load(RunningMean + cols, mask=col_mask, other=0.0).to(ACC)
             running_var = tl.load(RunningVar + cols, mask=col_mask, other=0.0).to(ACC)
             # count - 1 == 0 never reaches here: training with one value per channel raises.
@@ -275,7 +275,7 @@ def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, ch_mask, eps,
     weight, bias and (backward, training) the means of g and g*x_hat. Absent ones are
     placeholders the constexpr flags never read."""
     mean = tl.load(Mean + ch, mask=ch_mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=ch_mask, other=0.0).to(ACC) + tl.cast(eps, ACC))
+    rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=ch_mask, other=0.0).to(ACC) + as_acc(eps, ACC))
     w, b = load_affine(W, B, ch, ch_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     mean_dy = mean
     mean_dy_xhat = mean
