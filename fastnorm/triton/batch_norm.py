@@ -44,6 +44,9 @@ COMBINE_BLOCK_P = 128
 COMBINE_BLOCK_C = 32
 # The grid's second dimension is limited to 65535 programs.
 MAX_GROUPS = 65535
+# Fewest tiles a reduce program sums: its partial row (written, then read by the combine) stays
+# a few % of the bytes it reads, also for small inputs.
+MIN_TILES_PER_PROGRAM = 8
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -393,8 +396,8 @@ class BatchNormReducePlan:
             m = n * s
             block_0, block_1 = _cl_tile(c, TILE_ELEMS)
             col_blocks = triton.cdiv(c, block_1)
-            groups = max(1, min(triton.cdiv(m, block_0), triton.cdiv(target, col_blocks),
-                                MAX_GROUPS))
+            groups = max(1, min(triton.cdiv(m, block_0 * MIN_TILES_PER_PROGRAM),
+                                triton.cdiv(target, col_blocks), MAX_GROUPS))
             per_program = triton.cdiv(triton.cdiv(m, groups), block_0) * block_0
             groups = triton.cdiv(m, per_program)
             grid = (col_blocks, groups)
@@ -402,7 +405,8 @@ class BatchNormReducePlan:
         else:
             block_0, block_1 = _cf_tile(n, s, TILE_ELEMS)
             num_chunks = triton.cdiv(n, block_0) * triton.cdiv(s, block_1)
-            groups = max(1, min(num_chunks, triton.cdiv(target, c), MAX_GROUPS))
+            groups = max(1, min(triton.cdiv(num_chunks, MIN_TILES_PER_PROGRAM),
+                                triton.cdiv(target, c), MAX_GROUPS))
             per_program = triton.cdiv(num_chunks, groups)
             groups = triton.cdiv(num_chunks, per_program)
             grid = (c, groups)
