@@ -323,8 +323,10 @@ def blocks_per_sm(regs: int, num_warps: int, shared: int, target: Target) -> int
 
 # --- the report --------------------------------------------------------------------------------
 
-def build(ops: list[str], targets: list[str], quick: bool = False) -> dict[str, Any]:
-    """Trace, compile and model every case; returns {"launches": rows, "cases": rows}."""
+def build(ops: list[str], targets: list[str], quick: bool = False,
+          compile_kernels: bool = True) -> dict[str, Any]:
+    """Trace, compile and model every case; returns {"launches": rows, "cases": rows}.
+    Without `compile_kernels` only the byte model runs (register columns are None)."""
     from fastnorm.triton._common import L2_REUSE_FRACTION, modeled_hbm_bytes
 
     traced = []  # (target, case, mode, path, [(spec, grid, cost)])
@@ -354,6 +356,11 @@ def build(ops: list[str], targets: list[str], quick: bool = False) -> dict[str, 
                 for spec, _grid in rec:
                     unique.setdefault(json.dumps(spec, sort_keys=True), spec)
         keys = list(unique)
+        if not compile_kernels:
+            for k in keys:
+                stats[(target.name, k)] = {"error": None, "regs": None, "spill_stores": 0,
+                                           "spill_loads": 0, "shared": 0, "minmax": {}}
+            continue
         results = _compile.run_specs([unique[k] for k in keys], target.cc, stats=True)
         for k, r in zip(keys, results):
             stats[(target.name, k)] = r
@@ -364,7 +371,8 @@ def build(ops: list[str], targets: list[str], quick: bool = False) -> dict[str, 
             st = stats[(target.name, json.dumps(spec, sort_keys=True))]
             if st["error"]:
                 raise RuntimeError(st["error"])
-            bps = blocks_per_sm(st["regs"], spec[4], st["shared"], target)
+            bps = (blocks_per_sm(st["regs"], spec[4], st["shared"], target)
+                   if st["regs"] is not None else None)
             programs = math.prod(grid)
             row = dict(gpu=target.name, op=case["op"], case=case["case"], dtype=case["dtype"],
                        layout=case["layout"], mode=mode, path=path, kernel=spec[1],
@@ -373,14 +381,16 @@ def build(ops: list[str], targets: list[str], quick: bool = False) -> dict[str, 
                        grid=programs, num_warps=spec[4], regs=st["regs"],
                        spill_bytes=st["spill_stores"] + st["spill_loads"], shared=st["shared"],
                        blocks_per_sm=bps,
-                       waves=round(programs / max(1, bps * target.sms), 3),
+                       waves=(round(programs / max(1, bps * target.sms), 3)
+                              if bps is not None else None),
                        reads=cost.reads, writes=cost.writes, l2_reread=cost.l2_reread,
                        max_plain=sum(v for k, v in st["minmax"].items() if ".NaN." not in k),
                        max_nan=sum(v for k, v in st["minmax"].items() if ".NaN." in k))
             launch_rows.append(row)
             spills += row["spill_bytes"]
-            max_regs = max(max_regs, row["regs"])
-            worst_blocks = bps if worst_blocks is None else min(worst_blocks, bps)
+            max_regs = max(max_regs, row["regs"] or 0)
+            if bps is not None:
+                worst_blocks = bps if worst_blocks is None else min(worst_blocks, bps)
         modeled = modeled_hbm_bytes(plan, target.l2_bytes)
         ideal = _ideal_bytes(case, mode)
         case_rows.append(dict(
@@ -421,7 +431,7 @@ def fwdbwd_rows(cases: list[dict]) -> list[dict]:
             modeled = modes["fwd"]["modeled_bytes"] + modes["bwd"]["modeled_bytes"]
             out.append(dict(zip(("gpu", "op", "case", "dtype", "layout"), key), mode="fwdbwd",
                             predicted_ceiling_pct=round(100 * ideal / modeled, 1)))
-        for mode in ("fwd", "eval"):
+        for mode in ("fwd", "bwd", "eval"):
             if mode in modes:
                 out.append(dict(zip(("gpu", "op", "case", "dtype", "layout"), key), mode=mode,
                                 predicted_ceiling_pct=modes[mode]["predicted_ceiling_pct"]))
@@ -499,13 +509,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--targets", default="sm_80,sm_90")
     p.add_argument("--quick", action="store_true", help="a representative subset of cases")
     p.add_argument("--compare", default="", help="folder of bench_*.py JSON results")
+    p.add_argument("--no-compile", action="store_true",
+                   help="byte model only (seconds): no registers, spills or occupancy")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         # Kernels defined under the interpreter cannot be compiled: run without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or
                                    sys.argv[1:])], env)
-    report = build(args.ops.split(","), args.targets.split(","), args.quick)
+    report = build(args.ops.split(","), args.targets.split(","), args.quick,
+                   compile_kernels=not args.no_compile)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "static_report.json"), "w") as f:
         json.dump(report, f, indent=1)
