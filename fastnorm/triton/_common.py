@@ -61,9 +61,11 @@ def num_parallel_programs(device: torch.device) -> int:
 REDUCE_PROGRAMS_PER_SM = 8
 # Below this many programs per SM a one-program-per-group kernel leaves SMs idle.
 MIN_PROGRAMS_PER_SM = 2
-# Tile elements per warp: 16 per thread keeps an fp32 tile (and a second operand in the backward)
-# in registers without spilling.
-ELEMS_PER_WARP = 512
+# Tile elements per warp: 8 per thread (16-byte loads for 16-bit dtypes). The static cost report
+# found 16 per thread (4096-element tiles at 8 warps) spilling at sm_90's 80-register choice in
+# the GroupNorm apply / SiLU reduce and BatchNorm channels-last dx kernels; 8 per thread does not.
+ELEMS_PER_WARP = 256
+MAX_WARPS = 16
 
 
 def reduce_programs(device: torch.device) -> int:
@@ -76,7 +78,7 @@ def min_fill_programs(device: torch.device) -> int:
     return MIN_PROGRAMS_PER_SM * num_parallel_programs(device)
 
 
-def num_warps_for(tile_elems: int, max_warps: int = 8,
+def num_warps_for(tile_elems: int, max_warps: int = MAX_WARPS,
                   elems_per_warp: int = ELEMS_PER_WARP) -> int:
     """Warps for a program working on a tile of `tile_elems` elements: one per `elems_per_warp`,
     between 1 and `max_warps`."""

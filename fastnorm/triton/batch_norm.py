@@ -22,9 +22,26 @@ Passes (each is one read of its inputs; the ideal training step is 3 passes forw
   per program from the per-channel var.
 
 Reductions fill the GPU: the N*S elements of a channel block are split over `groups` programs so
-that (channel blocks x groups) is several times the SM count. Outputs are allocated with the
-input's strides, so they keep its memory format. The launchers return per-channel statistics in
-fp32 (fp64 for fp64 input); SyncBatchNorm combines them across ranks (fastnorm.distributed).
+that (channel blocks x groups) is several times the SM count (REDUCE_PROGRAMS_PER_SM in
+_common), each summing at least MIN_TILES_PER_PROGRAM tiles so the partials stay a few % of the
+traffic. Outputs are allocated with the input's strides, so they keep its memory format. The
+launchers return per-channel statistics in fp32 (fp64 for fp64 input); SyncBatchNorm combines
+them across ranks (fastnorm.distributed).
+
+Launch plans are data: BatchNormReducePlan / BatchNormElementwisePlan (and plan_batch_norm for a
+whole op call) hold the tiles, grid, warps and partial rows the launchers use, and the HBM bytes
+of each launch (benchmarks/static_report.py checks them against the launches actually made).
+
+Cost (HBM passes over numel * elem_size; unmeasured): training forward 3 (x for the statistics,
+x again and y for the apply), backward 5 (x, dy twice, dx). The elementwise pass walks x from the
+end backwards, the reverse of the reduction, so the bytes read last by the reduction (the usable
+part of L2, modeled as half) come from L2: a tensor within it costs 2 / 3 passes. Running
+statistics are updated by the combine kernel (UPDATE_RUNNING), not by extra torch launches.
+
+Edge semantics as torch: the fused ReLU keeps NaN (tl.maximum with NaN propagation: sm_90's
+plain max.f32 returns the non-NaN operand), its backward masks where relu(y) <= 0 (a NaN passes
+dy through, as torch's threshold_backward on the output), the variance clamp keeps NaN; eps and
+momentum are declared tl.float64 and the count is an integer, so fp64 inputs lose nothing.
 """
 from __future__ import annotations
 
@@ -411,7 +428,7 @@ class BatchNormReducePlan:
             groups = triton.cdiv(num_chunks, per_program)
             grid = (c, groups)
             name = "_batch_norm_reduce_cf_kernel"
-        num_warps = num_warps_for(block_0 * block_1, elems_per_warp=256)
+        num_warps = num_warps_for(block_0 * block_1)
         # Narrow channel blocks and tall tiles: few channels still get several programs, and each
         # walks its ~REDUCE_PROGRAMS_PER_SM * SMs partial rows in a handful of iterations.
         combine_block_c = min(triton.next_power_of_2(c), COMBINE_BLOCK_C)
@@ -454,8 +471,7 @@ class BatchNormElementwisePlan:
             block_0, block_1 = _cf_tile(n * c, s, ELEMWISE_TILE_ELEMS)
             grid = (triton.cdiv(n * c, block_0), triton.cdiv(s, block_1))
             name = "_batch_norm_elementwise_cf_kernel"
-        # The backward holds x and dy: fewer elements per warp keeps it out of local memory.
-        num_warps = num_warps_for(block_0 * block_1, elems_per_warp=256)
+        num_warps = num_warps_for(block_0 * block_1)
         data = n * c * s * _elem_size(dtype)
         reads = data * (2 if backward else 1)
         launch = LaunchCost(name, grid, num_warps, reads=reads, writes=data,

@@ -42,7 +42,12 @@ Split path, backward, the same three-step shape:
 Cost (HBM passes over numel * elem_size, unmeasured so far): the fused path does the minimum,
 2 forward and 3 backward. The split path: forward 2 (x in, y out) when the re-read of x hits L2,
 3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5. The partials
-are C floats per (sample, split): noise next to x. Why the split path is not one kernel: a group
+are C floats per (sample, split): noise next to x. The model (`plan_group_norm`, which states
+every launch with its grid, warps and bytes; _common.modeled_hbm_bytes) counts the reversed
+second walk's re-read as an L2 hit up to half the L2 (H100: 25 of 50 MB), the rest from HBM;
+benchmarks/static_report.py prints it per shape and the GPU check compares it with measurements.
+NaN/Inf propagate to the group's statistics and outputs (the M2 clamp is NaN-preserving), and
+eps is declared tl.float64 so fp64 inputs get it exactly. Why the split path is not one kernel: a group
 split over several programs needs its statistics before any program can normalize, and programs
 cannot wait on each other without grid-wide synchronisation (which Triton's interpreter could not
 run either), so the statistics go through memory and the next launch.
@@ -464,7 +469,7 @@ def fused_tile(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
         limit //= 2
     if block_s * block_c > limit or n * num_groups < min_fill_programs(device):
         return None
-    return block_s, block_c, num_warps_for(block_s * block_c, max_warps=16)
+    return block_s, block_c, num_warps_for(block_s * block_c)
 
 
 def _elem_size(dtype: torch.dtype) -> int:
