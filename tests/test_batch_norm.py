@@ -333,6 +333,11 @@ def test_opcheck(device, triton_backend):
             (ops.batch_norm_fwd, (grad(x), grad(weight), grad(bias), 1e-5, True)),
             (ops.batch_norm_fwd, (x, None, None, 1e-5, False)),
             (ops.batch_norm_bwd, (dy, x, weight, None, mean, var, 1e-5, False, True)),
+            (ops.batch_norm_stats_update, (x, mean.clone(), var.clone(), 0.1, None)),
+            (ops.batch_norm_stats_update, (x, mean.clone(), var.clone(), 0.0,
+                                           torch.full((1,), 0.5, device=device))),
+            (ops.batch_norm_train_apply, (grad(x), mean, var, grad(weight), grad(bias), 1e-5,
+                                          True)),
         ]
         for op, args in cases:
             torch.library.opcheck(op, args)
