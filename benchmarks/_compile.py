@@ -98,20 +98,39 @@ def compile_one(spec: list, cc: int, stats: bool) -> dict[str, Any]:
     return out
 
 
-def run_specs(specs: list, cc: int, stats: bool = False, timeout: float = 1200) -> list[dict]:
-    """Compile `specs` for sm_<cc> in a subprocess without TRITON_INTERPRET; one result per spec."""
+def run_specs(specs: list, cc: int, stats: bool = False, timeout: float = 1200,
+              jobs: int | None = None) -> list[dict]:
+    """Compile `specs` for sm_<cc> in `jobs` subprocesses (default: one per CPU, at most 4)
+    without TRITON_INTERPRET; one result per spec, in order."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"specs": specs, "cc": cc, "stats": stats}, f)
+    jobs = max(1, min(jobs or min(os.cpu_count() or 1, 4), len(specs)))
+    chunks = [specs[i::jobs] for i in range(jobs)]
+    paths, procs = [], []
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), f.name],
-                              capture_output=True, text=True, env=env, timeout=timeout)
+        for chunk in chunks:
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump({"specs": chunk, "cc": cc, "stats": stats}, f)
+            paths.append(f.name)
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), f.name],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env))
+        outputs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compile subprocess failed:\n{err[-4000:]}")
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
     finally:
-        os.unlink(f.name)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compile subprocess failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for path in paths:
+            os.unlink(path)
+    results: list = [None] * len(specs)
+    for j, chunk_results in enumerate(outputs):
+        results[j::jobs] = chunk_results
+    return results
 
 
 def main(path: str) -> None:

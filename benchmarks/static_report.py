@@ -69,6 +69,10 @@ DESIGN_EXCEPTIONS = {
     ("layer_norm", "bwd", "chunked"): "rows longer than the fused limit: x and dy read twice "
                                       "(LN plans and the 3-pass fix come later)",
     ("rms_norm", "bwd", "chunked"): "as layer_norm",
+    ("layer_norm", "fwd", "chunked"): "each program walks its row twice; the second walk hits "
+                                      "L2 only if the rows in flight fit (at 1024x65536 all "
+                                      "1024 rows, 128 MB in bf16, are in flight at once)",
+    ("rms_norm", "fwd", "chunked"): "as layer_norm",
 }
 
 
