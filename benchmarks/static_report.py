@@ -141,8 +141,8 @@ _TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "f
                     "int32": "i32", "int64": "i64"}
 
 
-def _launch_spec(fn, args: tuple, kwargs: dict) -> tuple[list, int]:
-    """(compile spec, programs) of one launch `fn[grid](*args, **kwargs)`, typed and
+def _launch_spec(fn, args: tuple, kwargs: dict) -> list:
+    """The compile spec of one launch `fn[grid](*args, **kwargs)`, typed and
     specialized the way Triton's launcher would (ints equal to 1 become constants; 16-aligned
     pointers and multiples of 16 are marked divisible)."""
     import torch
@@ -155,10 +155,9 @@ def _launch_spec(fn, args: tuple, kwargs: dict) -> tuple[list, int]:
     for param in fn.params:
         name, value = param.name, values[param.name]
         if param.is_constexpr:
-            constexprs[name] = getattr(value, "name", value) if name == "ACC" else value
-            if name == "ACC":
-                constexprs[name] = {"fp32": "float32", "fp64": "float64"}.get(
-                    str(value), str(value))
+            # ACC is a triton dtype; specs name it ("float32"), as _compile expects.
+            constexprs[name] = ({"fp32": "float32", "fp64": "float64"}[str(value)]
+                                if name == "ACC" else value)
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
             divisible.append(name)
@@ -176,7 +175,7 @@ def _launch_spec(fn, args: tuple, kwargs: dict) -> tuple[list, int]:
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
     module = fn.fn.__module__.rsplit(".", 1)[-1]
-    return [module, fn.__name__, signature, constexprs, num_warps, divisible], 0
+    return [module, fn.__name__, signature, constexprs, num_warps, divisible]
 
 
 @contextlib.contextmanager
@@ -191,8 +190,7 @@ def recording() -> Iterator[list]:
     def getitem(self, grid):
         def launch(*args, **kwargs):
             g = grid(kwargs) if callable(grid) else grid
-            spec, _ = _launch_spec(self, args, kwargs)
-            launches.append((spec, tuple(int(v) for v in g)))
+            launches.append((_launch_spec(self, args, kwargs), tuple(int(v) for v in g)))
         return launch
 
     JITFunction.__getitem__ = getitem
@@ -278,7 +276,6 @@ def _layer_norm_costs(case: dict, mode: str, rec: list) -> tuple[str, tuple]:
     costs, path = [], "fused"
     for spec, grid in rec:
         kernel = spec[1]
-        programs = math.prod(grid)
         if kernel == "_layer_norm_fwd_kernel":
             cost = LaunchCost(kernel, grid, spec[4], reads=data, writes=data + 8 * m)
         elif kernel == "_layer_norm_fwd_chunked_kernel":
@@ -296,7 +293,6 @@ def _layer_norm_costs(case: dict, mode: str, rec: list) -> tuple[str, tuple]:
             cost = LaunchCost(kernel, grid, spec[4], reads=0, writes=n * es)
         else:
             raise KeyError(f"no byte model for {kernel}")
-        del programs
         costs.append(cost)
     return path, tuple(costs)
 
