@@ -3,10 +3,17 @@
 Effective bandwidth = ideal bytes / median time, reported in GB/s and as % of the device copy
 bandwidth measured in the same run (a copy of 1 GiB, counting read + write). Each bench_<op>.py
 builds its cases with an explicit ideal-bytes formula and calls `run_case` per provider.
+
+What is timed is the call alone: a provider's backend selection (`backend=`) is entered once
+around the timing loop, not per call, and the "bwd" mode times only the backward of a forward
+run beforehand (`backward_only`). Next to the time each result records the kernel launches of
+one call, counted by the torch profiler on CUDA (None on a CPU, where the interpreted Triton
+kernels are no device launches).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -32,6 +39,7 @@ class Result:
     gbs: Optional[float]
     pct_copy: Optional[float]
     ideal_bytes: int
+    launches: Optional[int] = None
     error: str = ""
 
 
@@ -87,28 +95,63 @@ def forward_backward(fn: Callable[[], torch.Tensor], dy: torch.Tensor) -> Callab
     return run
 
 
+def backward_only(fn: Callable[[], torch.Tensor], dy: torch.Tensor) -> Callable[[], None]:
+    """A closure running only the backward of one forward (run lazily, on the first call, so
+    it happens inside the provider's backend selection; the graph is kept for the repeats)."""
+    state: dict = {}
+
+    def run():
+        if "y" not in state:
+            state["y"] = fn()
+            return
+        state["y"].backward(dy, retain_graph=True)
+    return run
+
+
+def count_launches(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+    """Device kernel launches of one call of fn (torch profiler), None on a CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def run_case(run: Run, *, op: str, case: str, mode: str, provider: str, dtype: torch.dtype,
              layout: str, ideal_bytes: int, fn: Callable[[], Any],
-             grad_to_none=None) -> Result:
+             grad_to_none=None, backend: Optional[str] = None) -> Result:
     """Times one provider on one case and records the result (errors are recorded, not raised:
     one provider failing must not hide the others). Past the run's deadline the case is
-    recorded as skipped, so a time-boxed run still writes every row it has."""
+    recorded as skipped, so a time-boxed run still writes every row it has. `backend`: a
+    fastnorm backend entered once around the timing, outside the timed calls."""
     if time.monotonic() > run.deadline:
         result = Result(op, case, mode, provider, str(dtype).replace("torch.", ""), layout, None,
                         None, None, ideal_bytes, error="skipped: --max-seconds budget spent")
         run.results.append(result)
         return result
     try:
-        ms = time_ms(fn, run.device, grad_to_none=grad_to_none, quick=run.quick)
+        with (_use_backend(backend) if backend else contextlib.nullcontext()):
+            ms = time_ms(fn, run.device, grad_to_none=grad_to_none, quick=run.quick)
+            launches = count_launches(fn, run.device)
         gbs = ideal_bytes / (ms * 1e-3) / 1e9
         result = Result(op, case, mode, provider, str(dtype).replace("torch.", ""), layout, ms,
-                        gbs, 100 * gbs / run.copy_gbs, ideal_bytes)
+                        gbs, 100 * gbs / run.copy_gbs, ideal_bytes, launches)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         result = Result(op, case, mode, provider, str(dtype).replace("torch.", ""), layout, None,
                         None, None, ideal_bytes, error=msg)
     run.results.append(result)
     return result
+
+
+def _use_backend(name: str):
+    import fastnorm
+
+    return fastnorm.use_backend(name)
 
 
 def metadata(run: Run) -> dict:
@@ -166,7 +209,8 @@ def format_table(run: Run) -> str:
             elif r.gbs is None:
                 cells.append("skipped" if r.error.startswith("skipped") else "error")
             else:
-                cells.append(f"{r.gbs:.4g} ({r.pct_copy:.3g}%)")
+                launches = f", {r.launches} launches" if r.launches is not None else ""
+                cells.append(f"{r.gbs:.4g} ({r.pct_copy:.3g}%{launches})")
         ours = [r.gbs for p, r in by_provider.items() if p.startswith("fastnorm") and r.gbs]
         others = [r.gbs for p, r in by_provider.items() if not p.startswith("fastnorm") and r.gbs]
         cells.append(f"{max(ours) / max(others):.2f}x" if ours and others else "")

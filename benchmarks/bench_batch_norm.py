@@ -4,7 +4,9 @@ per-GPU SyncBatchNorm path without communication (fastnorm's vs torch's kernel c
 Ideal bytes (weights, biases and statistics ignored, as in ../shared/perf/anchors-h100.md):
   training forward          read x + write y                          = 2 * numel * elem_size
   training forward+backward forward + read x + read dy + write dx     = 5 * numel * elem_size
+  training backward alone   read x + read dy + write dx (mode "bwd")  = 3 * numel * elem_size
   eval forward              read x + write y                          = 2 * numel * elem_size
+fastnorm's backend is selected once around the timing, not inside the timed call.
 A training step needs at least 3 passes forward and 8 forward+backward unless x stays on chip,
 so these numbers top out near 67 % / 62.5 % of the copy bandwidth for activations beyond L2.
 
@@ -47,8 +49,7 @@ def _torch_bn(x, w, b, rm, rv, training):
 
 
 def _fastnorm_bn(x, w, b, rm, rv, training):
-    with fastnorm.use_backend("triton"):
-        return fastnorm.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS)
+    return fastnorm.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS)
 
 
 def _fastnorm_sync_chain(x, w, b, rm, rv, training):
@@ -97,15 +98,15 @@ def _torch_sync_chain(x, w, b, rm, rv, training):
 def providers(device: torch.device, shape: tuple, dtype: torch.dtype
               ) -> dict[str, tuple[Callable, tuple[str, ...]]]:
     """Name -> (fn(x, w, b, running_mean, running_var, training), modes it runs)."""
-    all_modes = ("fwd", "fwdbwd", "eval")
+    all_modes = ("fwd", "fwdbwd", "bwd", "eval")
     out: dict[str, tuple[Callable, tuple[str, ...]]] = {"torch": (_torch_bn, all_modes)}
     if "triton" in fastnorm.available_backends():
         out["fastnorm-triton"] = (_fastnorm_bn, all_modes)
-        out["fastnorm-syncbn-chain"] = (_fastnorm_sync_chain, ("fwd", "fwdbwd"))
+        out["fastnorm-syncbn-chain"] = (_fastnorm_sync_chain, ("fwd", "fwdbwd", "bwd"))
     if device.type == "cuda":
         if (shape, dtype) in COMPILE_CASES:
             out["torch.compile"] = (torch.compile(_torch_bn, dynamic=False), all_modes)
-        out["torch-syncbn-chain"] = (_torch_sync_chain, ("fwd", "fwdbwd"))
+        out["torch-syncbn-chain"] = (_torch_sync_chain, ("fwd", "fwdbwd", "bwd"))
     return out
 
 
@@ -126,10 +127,11 @@ def main(argv=None) -> _harness.Run:
                 rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
                 size = x.numel() * x.element_size()
                 case = "x".join(map(str, shape))
-                common = dict(op="batch_norm", case=case, dtype=dtype, layout=layout)
                 for name, (fn, modes) in providers(device, shape, dtype).items():
                     if not _harness.wanted(args, name):
                         continue
+                    common = dict(op="batch_norm", case=case, dtype=dtype, layout=layout,
+                                  backend="triton" if name.startswith("fastnorm") else None)
                     if "fwd" in modes:
                         _harness.run_case(run, **common, mode="fwd", provider=name,
                                           ideal_bytes=2 * size,
@@ -139,6 +141,13 @@ def main(argv=None) -> _harness.Run:
                         _harness.run_case(
                             run, **common, mode="fwdbwd", provider=name, ideal_bytes=5 * size,
                             fn=_harness.forward_backward(
+                                lambda fn=fn, leaves=leaves: fn(*leaves, rm, rv, True), dy),
+                            grad_to_none=leaves)
+                    if "bwd" in modes:
+                        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+                        _harness.run_case(
+                            run, **common, mode="bwd", provider=name, ideal_bytes=3 * size,
+                            fn=_harness.backward_only(
                                 lambda fn=fn, leaves=leaves: fn(*leaves, rm, rv, True), dy),
                             grad_to_none=leaves)
                     if "eval" in modes:

@@ -4,6 +4,7 @@
 #   2. the CUDA extension build, when csrc/ holds sources (none yet: CUDA kernels are a later issue)
 #   3. the test suite on the GPU (compiled Triton, no interpreter)
 #   4. every benchmarks/bench_*.py at the anchor shapes of ../shared/perf/anchors-h100.md
+#   5. measured vs predicted ceiling per case (benchmarks/static_report.py --compare)
 # Writes under $OUT (default ./gpu_check_out): tests.log, bench.log, results.tar.gz (CSV/JSON per
 # op family), summary.md (printed last). Usage from the repo root:  bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -38,12 +39,17 @@ for bench in benchmarks/bench_*.py; do
   timeout 110 $PY "$bench" --out "$OUT/results" --max-seconds 75 >> "$OUT/bench.log" 2>&1 \
     || echo "$bench exited with $?" | tee -a "$OUT/bench.log"
 done
-tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$OUT/results"
+echo "## measured vs predicted ceiling (static report byte model, H100 parameters)" | tee -a "$OUT/bench.log"
+# Byte model only (seconds); the registers/spills half of the report needs no GPU and runs in CI.
+timeout 120 $PY benchmarks/static_report.py --no-compile --targets sm_90 --out "$OUT/static" \
+  --compare "$OUT/results" 2>&1 | sed -n '/^## Measured vs predicted/,$p' | tee "$OUT/measured_vs_predicted.md" >> "$OUT/bench.log"
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results static && rm -rf "$OUT/results" "$OUT/static"
 
 {
   echo "# GPU check summary ($(( $(date +%s) - start )) s); tests exit status $test_status"
   tail -n 3 "$OUT/tests.log"
   grep -E '^(# |op \||--- \||[a-z_]+ \| )|^error:' "$OUT/bench.log"
+  cat "$OUT/measured_vs_predicted.md"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
 exit "$test_status"

@@ -273,10 +273,17 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return F.relu(y) if relu else y
     x = _batch_norm_view(input)
     if training:
-        y, mean, var = torch.ops.fastnorm.batch_norm_fwd(x, _flat(weight), _flat(bias),
-                                                         float(eps), relu)
         if running_mean is not None and count > 0:
-            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            # The running statistics are updated by the launch that finalizes the batch ones.
+            momentum_t = momentum.reshape(1) if isinstance(momentum, Tensor) else None
+            mean, var = torch.ops.fastnorm.batch_norm_stats_update(
+                x.detach(), _flat(running_mean), _flat(running_var),
+                0.0 if momentum_t is not None else float(momentum), momentum_t)
+            y = torch.ops.fastnorm.batch_norm_train_apply(x, mean, var, _flat(weight),
+                                                          _flat(bias), float(eps), relu)
+        else:
+            y, mean, var = torch.ops.fastnorm.batch_norm_fwd(x, _flat(weight), _flat(bias),
+                                                             float(eps), relu)
     else:
         y = torch.ops.fastnorm.batch_norm_apply(x, _flat(running_mean), _flat(running_var),
                                                 _flat(weight), _flat(bias), float(eps), relu)

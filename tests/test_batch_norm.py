@@ -333,6 +333,11 @@ def test_opcheck(device, triton_backend):
             (ops.batch_norm_fwd, (grad(x), grad(weight), grad(bias), 1e-5, True)),
             (ops.batch_norm_fwd, (x, None, None, 1e-5, False)),
             (ops.batch_norm_bwd, (dy, x, weight, None, mean, var, 1e-5, False, True)),
+            (ops.batch_norm_stats_update, (x, mean.clone(), var.clone(), 0.1, None)),
+            (ops.batch_norm_stats_update, (x, mean.clone(), var.clone(), 0.0,
+                                           torch.full((1,), 0.5, device=device))),
+            (ops.batch_norm_train_apply, (grad(x), mean, var, grad(weight), grad(bias), 1e-5,
+                                          True)),
         ]
         for op, args in cases:
             torch.library.opcheck(op, args)
@@ -415,3 +420,85 @@ def test_sync_batch_norm_rejects_cpu_tensor_on_nccl():
 
 def test_sync_group_without_init_process_group():
     assert distributed.sync_group(None) is None
+
+
+# --- kernel-level: fused running statistics, partials over several programs, NaN/Inf ----------
+
+from fastnorm.triton import batch_norm as bn_kernels  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
+def test_running_stats_updated_by_the_combine_kernel(device, dtype, momentum_kind):
+    """batch_norm_fwd with running stats updates them in place, as torch's batch_norm does,
+    without a torch op of its own (the combine kernel writes them)."""
+    x = _make_input((4, 3, 30), "channels_last_1d", dtype, device, mean=3.0)
+    rm = torch.linspace(-1, 1, 3, dtype=dtype, device=device)
+    rv = torch.linspace(0.5, 2, 3, dtype=dtype, device=device)
+    ref_m, ref_v = rm.clone(), rv.clone()
+    momentum = 0.25 if momentum_kind == "float" else torch.full((1,), 0.25, dtype=dtype,
+                                                                device=device)
+    y, mean, var = bn_kernels.batch_norm_fwd(x, None, None, 1e-5, False, rm, rv, momentum)
+    F.batch_norm(x, ref_m, ref_v, None, None, True, 0.25, 1e-5)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rm, ref_m, **tol)
+    torch.testing.assert_close(rv, ref_v, **tol)
+
+
+def test_running_stats_need_two_values_per_channel(device):
+    x = torch.randn(1, 3, 1, device=device)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        bn_kernels.batch_norm_stats(x, torch.zeros(3), torch.ones(3), 0.1)
+
+
+@pytest.mark.parametrize("layout", ["cl", "cf"])
+def test_partials_over_many_programs(device, monkeypatch, layout):
+    """Small inputs fill one reduce program; forcing one tile per program exercises the
+    multi-row partials and their fixed-order combine (same result up to rounding, repeatable)."""
+    monkeypatch.setattr(bn_kernels, "MIN_TILES_PER_PROGRAM", 1)
+    monkeypatch.setattr(bn_kernels, "TILE_ELEMS", 64)
+    fmt = "channels_last_1d" if layout == "cl" else None
+    x = _make_input((16, 4, 40), fmt, torch.float32, device, mean=100.0)
+    plan = bn_kernels.BatchNormReducePlan.make(16, 4, 40, x.dtype, layout == "cl", False, device)
+    assert plan.groups > 1
+    mean, var = bn_kernels.batch_norm_stats(x)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2)), atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(var.double(), x64.var((0, 2), unbiased=False), atol=1e-4,
+                               rtol=1e-5)
+    again = bn_kernels.batch_norm_stats(x)
+    assert torch.equal(mean, again[0]) and torch.equal(var, again[1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("shape,fmt", [((4, 3, 5), None), ((4, 3, 5), "channels_last_1d")],
+                         ids=["NCL", "NLC"])
+def test_relu_nan_inf_channel_matches_torch(device, triton_backend, bad, shape, fmt):
+    """A channel holding a NaN/Inf: the output (NaN, through the ReLU too) and every gradient
+    as torch's batch_norm + relu, whose ReLU backward masks with `output <= 0` (False for NaN),
+    so the bias gradient of that channel is sum(dy)."""
+    x = _make_input(shape, fmt, torch.float32, device)
+    x[1, 1, 2] = bad
+    weight, bias = _params(shape[1], device)[:2]
+    dy = _make_input(shape, fmt, torch.float32, device, seed=5)
+    outs = []
+    for fn in (lambda *a: fastnorm.batch_norm(*a, activation="relu"),
+               lambda *a: F.relu(F.batch_norm(*a))):
+        xl, wl, bl = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+        y = fn(xl, None, None, wl, bl, True, 0.1, 1e-5)
+        y.backward(dy)
+        outs.append((y, xl.grad, wl.grad, bl.grad))
+    for ours, ref, name in zip(outs[0], outs[1], ("y", "dx", "dweight", "dbias")):
+        torch.testing.assert_close(ours, ref, equal_nan=True, atol=1e-5, rtol=1e-5, msg=name)
+    assert outs[0][0][:, 1].isnan().all()
+    assert torch.isfinite(outs[0][3][1]), "dbias of the NaN channel is sum(dy), finite"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_eval_relu_keeps_nan(device, triton_backend, bad):
+    x = torch.randn(4, 3, 5, device=device)
+    x[0, 0, 0] = bad
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = fastnorm.batch_norm(x, rm, rv, None, None, False, 0.1, 1e-5, activation="relu")
+    ref = F.relu(F.batch_norm(x, rm, rv, None, None, False, 0.1, 1e-5))
+    torch.testing.assert_close(y, ref, equal_nan=True)

@@ -432,3 +432,17 @@ def test_torch_backend_matches_torch(device):
     with fastnorm.use_backend("torch"):
         y = fastnorm.group_norm(x, 3, w, b, activation="silu")
     torch.testing.assert_close(y, F.silu(F.group_norm(x, 3, w, b)))
+
+
+@pytest.mark.parametrize("split", [None, 4], ids=["auto", "split"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_inf_group_propagates(device, bad, split):
+    """A NaN/Inf in a group makes that group's statistics and outputs NaN (torch's result), on
+    the fused and the split path; other groups are untouched."""
+    x = torch.randn(2, 8, 16, device=device)
+    x[1, 2, 3] = bad
+    w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    y, mean, rstd = gn_kernels.group_norm_fwd(x, w, b, 4, 1e-5, split_size=split)
+    ref = F.group_norm(x, 4, w, b, 1e-5)
+    torch.testing.assert_close(y, ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+    assert y[1, 2:4].isnan().all() and not y[0].isnan().any()

@@ -3,15 +3,17 @@
 The CPU tests run the kernels through Triton's interpreter, which accepts code the GPU compiler
 rejects (and the reverse); this test runs the real compiler ahead of time (ptxas included) in a
 subprocess without TRITON_INTERPRET, so a kernel that would not build on an A100/H100 fails CI.
-Add an entry to SPECS for each new kernel or constexpr variant.
+Add an entry to SPECS for each new kernel or constexpr variant. The compile machinery lives in
+benchmarks/_compile.py, shared with the static cost report (benchmarks/static_report.py).
 """
-import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import _compile  # noqa: E402
 
 # (module, kernel, signature: arg -> triton type (runtime args) or "constexpr", constexpr values,
 #  num_warps). ACC values name a triton dtype.
@@ -90,7 +92,7 @@ def _gn_specs():
         combine_sig = {"PMean": f"*{stat}", "PM2": f"*{stat}", "Mean": f"*{stat}",
                        "Rstd": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
                        "group_size": "i32", "split_size": "i32", "num_splits": "i32",
-                       "eps": "fp32"}
+                       "eps": "fp64"}
         apply_sig = {"X": f"*{dt}", "Y": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
                      "Mean": f"*{stat}", "Rstd": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
                      "group_size": "i32", "num_s_blocks": "i32", "num_c_blocks": "i32",
@@ -125,7 +127,7 @@ def _gn_specs():
                     specs.append(("group_norm", "_group_norm_bwd_dx_kernel", dx_sig, flags, 8))
         fused_fwd_sig = {"X": f"*{dt}", "Y": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
                          "Mean": f"*{stat}", "Rstd": f"*{stat}", "HW": "i32", "G": "i32",
-                         "group_size": "i32", "eps": "fp32"}
+                         "group_size": "i32", "eps": "fp64"}
         fused_bwd_sig = {"X": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "W": f"*{dt}",
                          "B": f"*{dt}", "Mean": f"*{stat}", "Rstd": f"*{stat}", "P1": f"*{stat}",
                          "P2": f"*{stat}", "C": "i32", "HW": "i32", "G": "i32",
@@ -174,37 +176,10 @@ def _gn_specs():
 
 SPECS += _gn_specs()
 
-_COMPILER = textwrap.dedent("""
-    import importlib, json, sys
-    import triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    specs, cc = json.loads(sys.argv[1]), int(sys.argv[2])
-    failures = []
-    for module, kernel, signature, constexprs, num_warps in specs:
-        fn = getattr(importlib.import_module("fastnorm.triton." + module), kernel)
-        constexprs = {k: getattr(tl, v) if k == "ACC" else v for k, v in constexprs.items()}
-        sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                      target=GPUTarget("cuda", cc, 32),
-                                      options={"num_warps": num_warps})
-            assert compiled.asm.get("cubin"), "no cubin produced"
-        except Exception as exc:
-            failures.append(f"{kernel} {constexprs} sm_{cc}: {type(exc).__name__}: {exc}"[:2000])
-    print(json.dumps(failures))
-""")
-
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernels_compile_for_gpu(cc):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILER, json.dumps(SPECS), str(cc)],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    failures = [r["error"] for r in _compile.run_specs(SPECS, cc) if r["error"]]
     assert not failures, "\n".join(failures)
 
 
@@ -223,12 +198,12 @@ def _bn_specs():
             flags = {"BACKWARD": backward, "HAS_WEIGHT": affine, "HAS_BIAS": affine,
                      "RELU": relu, "ACC": acc}
             cl_sig = {**ptr_sig, "Partial1": f"*{stat}", "Partial2": f"*{stat}", "M": "i32",
-                      "C": "i32", "rows_per_program": "i32", "eps": "fp32"}
+                      "C": "i32", "rows_per_program": "i32", "eps": "fp64"}
             for block_m, block_c in cl_tiles:
                 specs.append(("batch_norm", "_batch_norm_reduce_cl_kernel", cl_sig,
                               {**flags, "BLOCK_M": block_m, "BLOCK_C": block_c}, 8))
             cf_sig = {**ptr_sig, "Partial1": f"*{stat}", "Partial2": f"*{stat}", "N": "i32",
-                      "C": "i32", "S": "i32", "chunks_per_program": "i32", "eps": "fp32"}
+                      "C": "i32", "S": "i32", "chunks_per_program": "i32", "eps": "fp64"}
             for block_n, block_s in cf_tiles:
                 specs.append(("batch_norm", "_batch_norm_reduce_cf_kernel", cf_sig,
                               {**flags, "BLOCK_N": block_n, "BLOCK_S": block_s}, 8))
@@ -240,19 +215,62 @@ def _bn_specs():
             sig = {**ptr_sig, "Out": f"*{dt}", "SumDy": f"*{stat}", "SumDyXhat": f"*{stat}",
                    "Count": f"*{stat}"}
             specs.append(("batch_norm", "_batch_norm_elementwise_cl_kernel",
-                          {**sig, "M": "i32", "C": "i32", "eps": "fp32"},
+                          {**sig, "M": "i32", "C": "i32", "eps": "fp64"},
                           {**flags, "BLOCK_M": 16, "BLOCK_C": 256}, 8))
             for block_r, block_s in ((16, 256), (32, 128)):
                 specs.append(("batch_norm", "_batch_norm_elementwise_cf_kernel",
-                              {**sig, "R": "i32", "C": "i32", "S": "i32", "eps": "fp32"},
+                              {**sig, "R": "i32", "C": "i32", "S": "i32", "eps": "fp64"},
                               {**flags, "BLOCK_R": block_r, "BLOCK_S": block_s}, 8))
-        for backward in (False, True):
-            specs.append(("batch_norm", "_batch_norm_combine_kernel",
-                          {"Partial1": f"*{stat}", "Partial2": f"*{stat}", "X": f"*{dt}",
-                           "Out1": f"*{stat}", "Out2": f"*{stat}", "num_partials": "i32",
-                           "C": "i32", "shift_stride": "i32", "count": "fp32"},
-                          {"BACKWARD": backward, "ACC": acc, "BLOCK_P": 128, "BLOCK_C": 32}, 4))
+        combine_sig = {"Partial1": f"*{stat}", "Partial2": f"*{stat}", "X": f"*{dt}",
+                       "Out1": f"*{stat}", "Out2": f"*{stat}", "RunningMean": "*fp32",
+                       "RunningVar": "*fp32", "Momentum": f"*{stat}", "num_partials": "i32",
+                       "C": "i32", "shift_stride": "i32", "count": "i64", "momentum": "fp64"}
+        for backward, update, momentum_ptr in ((False, True, False), (False, True, True),
+                                               (True, False, False)):
+            specs.append(("batch_norm", "_batch_norm_combine_kernel", combine_sig,
+                          {"BACKWARD": backward, "UPDATE_RUNNING": update,
+                           "MOMENTUM_PTR": momentum_ptr, "ACC": acc, "BLOCK_P": 128,
+                           "BLOCK_C": 32}, 4))
     return specs
 
 
 SPECS += _bn_specs()
+
+
+def _nan_specs():
+    """The kernels whose max/clamp touch data, in fp32 and bf16 (fused ReLU, variance and M2
+    clamps)."""
+    return [s for s in SPECS if s[1] in ("_batch_norm_combine_kernel",
+                                         "_batch_norm_elementwise_cl_kernel",
+                                         "_group_norm_fwd_stats_kernel")
+            and s[2].get("X") in ("*fp32", "*bf16") and s[3].get("BLOCK_C") != 64
+            and (s[3].get("RELU", True) and not s[3].get("BACKWARD", False))]
+
+
+def test_max_and_clamp_propagate_nan_in_ptx(cc=90):
+    """The interpreter propagates NaN through tl.maximum whatever the code says; the GPU
+    compiler emits max.f32 (drops a NaN operand) unless asked for max.NaN.f32. Check the PTX
+    (sm_90; sm_80 PTX has the same instructions): every float max/min the data touches is the
+    NaN-propagating form. What the hardware then does is only checkable on a GPU."""
+    specs = _nan_specs()
+    assert {s[1] for s in specs} == {"_batch_norm_combine_kernel",
+                                     "_batch_norm_elementwise_cl_kernel",
+                                     "_group_norm_fwd_stats_kernel"}
+    for spec, result in zip(specs, _compile.run_specs(specs, cc, stats=True)):
+        assert result["error"] is None, result["error"]
+        counts = result["minmax"]
+        assert any(".NaN." in k for k in counts), (spec[1], spec[3], counts)
+        plain = {k: v for k, v in counts.items() if ".NaN." not in k}
+        assert not plain, (spec[1], spec[3], plain)
+
+
+def test_fp64_kernels_take_fp64_eps():
+    """A Python float argument reaches a compiled kernel as fp32 unless declared otherwise:
+    eps (and the BatchNorm momentum) are declared tl.float64, so fp64 kernels get them exactly."""
+    specs = [s for s in SPECS if s[2].get("eps") == "fp64" and s[2].get("X") == "*fp64"][:2]
+    specs += [s for s in SPECS if s[1] == "_batch_norm_combine_kernel"
+              and s[2]["X"] == "*fp64"][:1]
+    assert len(specs) == 3
+    for spec, result in zip(specs, _compile.run_specs(specs, 90, stats=True)):
+        assert result["error"] is None, result["error"]
+        assert result["f64_params"] >= 1, spec[1]

@@ -178,3 +178,47 @@ def _apply_backward(ctx, dy):
 
 
 batch_norm_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
+
+
+# --- training forward with the running-statistic update inside the statistics launch ----------
+# A custom op that mutates its inputs cannot carry an autograd formula, so the update lives in a
+# non-differentiable op (on x.detach()) and the differentiable part in batch_norm_train_apply,
+# whose backward is the full training backward (the statistics' dependence on x included).
+
+@torch.library.custom_op("fastnorm::batch_norm_stats_update",
+                         mutates_args=("running_mean", "running_var"))
+def batch_norm_stats_update(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                            momentum: float, momentum_tensor: Optional[Tensor]
+                            ) -> tuple[Tensor, Tensor]:
+    """Batch (mean, biased var) of x; running_mean/running_var updated in place by the same
+    launch (momentum_tensor, a 1-element device tensor, overrides momentum)."""
+    return kernels.batch_norm_stats(x, running_mean, running_var,
+                                    momentum if momentum_tensor is None else momentum_tensor)
+
+
+@batch_norm_stats_update.register_fake
+def _(x, running_mean, running_var, momentum, momentum_tensor):
+    return _channel_stats_like(x)
+
+
+@torch.library.custom_op("fastnorm::batch_norm_train_apply", mutates_args=())
+def batch_norm_train_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                           bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
+    """y from the batch statistics of x itself (from batch_norm_stats_update)."""
+    return kernels.batch_norm_apply(x, mean, var, weight, bias, eps, relu)
+
+
+@batch_norm_train_apply.register_fake
+def _(x, mean, var, weight, bias, eps, relu):
+    return torch.empty_like(x)
+
+
+def _train_apply_backward(ctx, dy):
+    x, mean, var, weight, bias = ctx.saved_tensors
+    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
+    return (dx if ctx.needs_input_grad[0] else None, None, None, *_param_grads(ctx, dw, db, 3),
+            None, None)
+
+
+batch_norm_train_apply.register_autograd(_train_apply_backward,
+                                         setup_context=_apply_setup_context)

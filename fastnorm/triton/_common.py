@@ -1,8 +1,12 @@
-"""Helpers shared by the Triton launchers: accumulation dtype, launch sizing, the second-stage
-column reduction used by every deterministic weight-gradient path."""
+"""Helpers shared by the Triton launchers: accumulation dtype, launch sizing (one rule for warps
+and one notion of "programs per SM"), the per-launch byte accounting of launch plans, and the
+second-stage column reduction used by every deterministic weight-gradient path."""
 from __future__ import annotations
 
+import contextlib
 import functools
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import triton
@@ -24,15 +28,95 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_assumed_sm_count: int | None = None
+
+
+@contextlib.contextmanager
+def assume_sm_count(sm_count: int) -> Iterator[None]:
+    """Plan launches as if the device had `sm_count` SMs (the static cost report plans for an
+    A100's 108 or an H100's 132 on a machine without a GPU)."""
+    global _assumed_sm_count
+    previous, _assumed_sm_count = _assumed_sm_count, sm_count
+    try:
+        yield
+    finally:
+        _assumed_sm_count = previous
+
+
 def num_parallel_programs(device: torch.device) -> int:
-    """How many programs fill the device for a persistent / partial-sum grid.
+    """How many programs fill the device for a persistent / partial-sum grid: the SM count.
 
     Under the interpreter programs run one after another, so a handful is enough to exercise the
     multi-program partial sums without making the tests slow.
     """
+    if _assumed_sm_count is not None:
+        return _assumed_sm_count
     if device.type == "cuda" and not triton_interpreted():
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+# Programs per SM a reduction grid aims for (partial-sum rows, GroupNorm splits): enough loads in
+# flight to cover HBM latency; more only adds partials to combine.
+REDUCE_PROGRAMS_PER_SM = 8
+# Below this many programs per SM a one-program-per-group kernel leaves SMs idle.
+MIN_PROGRAMS_PER_SM = 2
+# Tile elements per warp: 8 per thread (16-byte loads for 16-bit dtypes). The static cost report
+# found 16 per thread (4096-element tiles at 8 warps) spilling at sm_90's 80-register choice in
+# the GroupNorm apply / SiLU reduce and BatchNorm channels-last dx kernels; 8 per thread does not.
+ELEMS_PER_WARP = 256
+MAX_WARPS = 16
+
+
+def reduce_programs(device: torch.device) -> int:
+    """Target number of programs for a reduction grid on `device`."""
+    return REDUCE_PROGRAMS_PER_SM * num_parallel_programs(device)
+
+
+def min_fill_programs(device: torch.device) -> int:
+    """Fewest programs a grid of whole-group programs needs to keep every SM busy."""
+    return MIN_PROGRAMS_PER_SM * num_parallel_programs(device)
+
+
+def num_warps_for(tile_elems: int, max_warps: int = MAX_WARPS,
+                  elems_per_warp: int = ELEMS_PER_WARP) -> int:
+    """Warps for a program working on a tile of `tile_elems` elements: one per `elems_per_warp`,
+    between 1 and `max_warps`."""
+    return max(1, min(max_warps, tile_elems // elems_per_warp))
+
+
+@dataclass(frozen=True)
+class LaunchCost:
+    """One kernel launch of a plan: its name, grid, warps and the HBM bytes it reads and writes
+    (reads of data a previous launch just read count in full; `l2_reread` says how many of
+    them may come from L2 instead: the cost model, `modeled_hbm_bytes`, decides)."""
+    kernel: str
+    grid: tuple[int, ...]
+    num_warps: int
+    reads: int
+    writes: int
+    l2_reread: int = 0
+
+
+# Fraction of the L2 a second pass can expect to find still holding the first pass's last bytes
+# (half: the other half is the writes and the data the first pass read earlier). Unmeasured.
+L2_REUSE_FRACTION = 0.5
+
+
+def modeled_hbm_bytes(launches: tuple[LaunchCost, ...], l2_bytes: int) -> int:
+    """HBM traffic of a plan: every read and write, less the re-read bytes that fit in the
+    usable part of the L2 (see L2_REUSE_FRACTION)."""
+    usable = int(L2_REUSE_FRACTION * l2_bytes)
+    return sum(l.reads + l.writes - min(l.l2_reread, usable) for l in launches)
+
+
+@triton.jit
+def as_acc(value, ACC: tl.constexpr):
+    """A scalar float argument declared `tl.float64` (eps, momentum) in ACC: exact for fp64
+    kernels, rounded once to fp32 for fp32 ones. (An undeclared Python float reaches a compiled
+    kernel as fp32; the interpreter passes the Python float itself.)"""
+    # tl.full, not tl.cast: the interpreter would round a Python float to fp32 in tl.cast.
+    return tl.full([], value, ACC)
 
 
 @triton.jit
@@ -62,17 +146,19 @@ def _column_sum_kernel(P, Out, num_rows, N, stride_p,
         mask = (rows < num_rows)[:, None] & col_mask[None, :]
         p = tl.load(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(p, axis=0)
-    tl.store(Out + cols, acc, mask=col_mask)
+    # Cast on store: the result's dtype costs no separate torch launch.
+    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=col_mask)
 
 
 def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Sum a [P, N] tensor of per-program partial sums over P; the result is cast to out_dtype."""
+    """Sum a [P, N] tensor of per-program partial sums over P (in P's dtype); the result is
+    rounded once to out_dtype, in the same launch."""
     num_rows, n = partial.shape
-    out = torch.empty(n, dtype=partial.dtype, device=partial.device)
+    out = torch.empty(n, dtype=out_dtype, device=partial.device)
     if n == 0:
-        return out.to(out_dtype)
+        return out
     block_n = 128
     block_p = 32
     _column_sum_kernel[(triton.cdiv(n, block_n),)](
         partial, out, num_rows, n, partial.stride(0), BLOCK_P=block_p, BLOCK_N=block_n)
-    return out.to(out_dtype)
+    return out

@@ -22,27 +22,48 @@ Passes (each is one read of its inputs; the ideal training step is 3 passes forw
   per program from the per-channel var.
 
 Reductions fill the GPU: the N*S elements of a channel block are split over `groups` programs so
-that (channel blocks x groups) is several times the SM count. Outputs are allocated with the
-input's strides, so they keep its memory format. The launchers return per-channel statistics in
-fp32 (fp64 for fp64 input); SyncBatchNorm combines them across ranks (fastnorm.distributed).
+that (channel blocks x groups) is several times the SM count (REDUCE_PROGRAMS_PER_SM in
+_common), each summing at least MIN_TILES_PER_PROGRAM tiles so the partials stay a few % of the
+traffic. Outputs are allocated with the input's strides, so they keep its memory format. The
+launchers return per-channel statistics in fp32 (fp64 for fp64 input); SyncBatchNorm combines
+them across ranks (fastnorm.distributed).
+
+Launch plans are data: BatchNormReducePlan / BatchNormElementwisePlan (and plan_batch_norm for a
+whole op call) hold the tiles, grid, warps and partial rows the launchers use, and the HBM bytes
+of each launch (benchmarks/static_report.py checks them against the launches actually made).
+
+Cost (HBM passes over numel * elem_size; unmeasured): training forward 3 (x for the statistics,
+x again and y for the apply), backward 5 (x, dy twice, dx). The elementwise pass walks x from the
+end backwards, the reverse of the reduction, so the bytes read last by the reduction (the usable
+part of L2, modeled as half) come from L2: a tensor within it costs 2 / 3 passes. Running
+statistics are updated by the combine kernel (UPDATE_RUNNING), not by extra torch launches.
+
+Edge semantics as torch: the fused ReLU keeps NaN (tl.maximum with NaN propagation: sm_90's
+plain max.f32 returns the non-NaN operand), its backward masks where relu(y) <= 0 (a NaN passes
+dy through, as torch's threshold_backward on the output), the variance clamp keeps NaN; eps and
+momentum are declared tl.float64 and the count is an integer, so fp64 inputs lose nothing.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, load_affine, num_parallel_programs, tl_acc_dtype
+from ._common import (LaunchCost, acc_dtype, as_acc, load_affine, num_warps_for, reduce_programs,
+                      tl_acc_dtype)
 
 # Elements per tile: a few thousand keeps loads wide and registers bounded (fp32 accumulators).
 TILE_ELEMS = 4096
 ELEMWISE_TILE_ELEMS = 4096
-# Programs per SM for the reductions: enough partials in flight to cover memory latency.
-PROGRAMS_PER_SM = 8
 COMBINE_BLOCK_P = 128
 COMBINE_BLOCK_C = 32
 # The grid's second dimension is limited to 65535 programs.
 MAX_GROUPS = 65535
+# Fewest tiles a reduce program sums: its partial row (written, then read by the combine) stays
+# a few % of the bytes it reads, also for small inputs.
+MIN_TILES_PER_PROGRAM = 8
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -71,8 +92,21 @@ def _check_layout(x: torch.Tensor) -> bool:
 # --- kernels -----------------------------------------------------------------------------------
 
 @triton.jit
+def _relu(y):
+    """max(y, 0) with NaN kept: sm_90's plain max.f32 would return 0 for a NaN y."""
+    return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _relu_grad(y, dy):
+    """torch's ReLU backward, written on the pre-activation y: 0 where relu(y) <= 0, else dy, so
+    a NaN y passes dy through (torch masks with `output <= 0`, which is false for NaN)."""
+    return tl.where(y <= 0.0, 0.0, dy)
+
+
+@triton.jit
 def _batch_norm_reduce_cl_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, M, C,
-                                 rows_per_program, eps,
+                                 rows_per_program, eps: tl.float64,
                                  BACKWARD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                                  HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -84,7 +118,8 @@ def _batch_norm_reduce_cl_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, M, 
     col_mask = cols < C
     if BACKWARD:
         mean = tl.load(Mean + cols, mask=col_mask, other=0.0).to(ACC)
-        rstd = 1.0 / tl.sqrt(tl.load(Var + cols, mask=col_mask, other=0.0).to(ACC) + eps)
+        rstd = 1.0 / tl.sqrt(tl.load(Var + cols, mask=col_mask, other=0.0).to(ACC)
+                             + as_acc(eps, ACC))
         w, b = load_affine(W, B, cols, col_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     else:
         shift = tl.load(X + cols, mask=col_mask, other=0.0).to(ACC)
@@ -106,7 +141,7 @@ def _batch_norm_reduce_cl_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, M, 
                     y = y * w[None, :]
                 if HAS_BIAS:
                     y = y + b[None, :]
-                dy = tl.where(y > 0, dy, 0.0)
+                dy = _relu_grad(y, dy)
             acc1 += dy
             acc2 += dy * x_hat
         else:
@@ -119,7 +154,7 @@ def _batch_norm_reduce_cl_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, M, 
 
 @triton.jit
 def _batch_norm_reduce_cf_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, N, C, S,
-                                 chunks_per_program, eps,
+                                 chunks_per_program, eps: tl.float64,
                                  BACKWARD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                                  HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -129,7 +164,7 @@ def _batch_norm_reduce_cf_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, N, 
     group = tl.program_id(1)
     if BACKWARD:
         mean = tl.load(Mean + c).to(ACC)
-        rstd = 1.0 / tl.sqrt(tl.load(Var + c).to(ACC) + eps)
+        rstd = 1.0 / tl.sqrt(tl.load(Var + c).to(ACC) + as_acc(eps, ACC))
         if HAS_WEIGHT:
             w = tl.load(W + c).to(ACC)
         if HAS_BIAS:
@@ -158,7 +193,7 @@ def _batch_norm_reduce_cf_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, N, 
                     y = y * w
                 if HAS_BIAS:
                     y = y + b
-                dy = tl.where(y > 0, dy, 0.0)
+                dy = _relu_grad(y, dy)
             acc1 += dy
             acc2 += dy * x_hat
         else:
@@ -170,12 +205,17 @@ def _batch_norm_reduce_cf_kernel(X, DY, Mean, Var, W, B, Partial1, Partial2, N, 
 
 
 @triton.jit
-def _batch_norm_combine_kernel(Partial1, Partial2, X, Out1, Out2, num_partials, C, shift_stride,
-                               count, BACKWARD: tl.constexpr, ACC: tl.constexpr,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _batch_norm_combine_kernel(Partial1, Partial2, X, Out1, Out2, RunningMean, RunningVar,
+                               Momentum, num_partials, C, shift_stride, count,
+                               momentum: tl.float64, BACKWARD: tl.constexpr,
+                               UPDATE_RUNNING: tl.constexpr, MOMENTUM_PTR: tl.constexpr,
+                               ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Second stage, fixed order: per channel, the sums of the [num_partials, C] partials.
     Forward: Out1 = mean = shift + s1/count, Out2 = biased var = s2/count - (s1/count)^2 with
-    shift = X[c * shift_stride] as in the reduce kernels. Backward: Out1, Out2 = the sums."""
+    shift = X[c * shift_stride] as in the reduce kernels; with UPDATE_RUNNING also
+    running = (1 - m) * running + m * batch (unbiased var) in place, m = `momentum` or, with
+    MOMENTUM_PTR, the 1-element tensor Momentum (no host sync). count is an integer: exact in
+    fp64. Backward: Out1, Out2 = the sums."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
@@ -192,11 +232,30 @@ def _batch_norm_combine_kernel(Partial1, Partial2, X, Out1, Out2, num_partials, 
         tl.store(Out1 + cols, s1, mask=col_mask)
         tl.store(Out2 + cols, s2, mask=col_mask)
     else:
+        n = tl.cast(count, ACC)
         shift = tl.load(X + cols.to(tl.int64) * shift_stride, mask=col_mask, other=0.0).to(ACC)
-        mean_shifted = s1 / count
-        var = tl.maximum(s2 / count - mean_shifted * mean_shifted, 0.0)
-        tl.store(Out1 + cols, shift + mean_shifted, mask=col_mask)
+        mean_shifted = s1 / n
+        # Rounding can take the difference below 0; the clamp keeps a NaN (sm_90 max.f32 would not).
+        var = tl.maximum(s2 / n - mean_shifted * mean_shifted, 0.0,
+                         propagate_nan=tl.PropagateNan.ALL)
+        mean = shift + mean_shifted
+        tl.store(Out1 + cols, mean, mask=col_mask)
         tl.store(Out2 + cols, var, mask=col_mask)
+        if UPDATE_RUNNING:
+            if MOMENTUM_PTR:
+                m = tl.load(Momentum).to(ACC)
+            else:
+                m = as_acc(momentum, ACC)
+            running_mean = tl.load(RunningMean + cols, mask=col_mask, other=0.0).to(ACC)
+            running_var = tl.load(RunningVar + cols, mask=col_mask, other=0.0).to(ACC)
+            # count - 1 == 0 never reaches here: training with one value per channel raises.
+            unbiased = var * (n / (n - 1.0))
+            running_mean = (1.0 - m) * running_mean + m * mean
+            running_var = (1.0 - m) * running_var + m * unbiased
+            tl.store(RunningMean + cols, running_mean.to(RunningMean.dtype.element_ty),
+                     mask=col_mask)
+            tl.store(RunningVar + cols, running_var.to(RunningVar.dtype.element_ty),
+                     mask=col_mask)
 
 
 @triton.jit
@@ -215,7 +274,7 @@ def _batch_norm_elementwise(x, dy, mean, rstd, w, b, mean_dy, mean_dy_xhat,
     if BACKWARD:
         g = dy
         if RELU:
-            g = tl.where(y > 0, dy, 0.0)
+            g = _relu_grad(y, dy)
         if TRAINING:
             g = g - (mean_dy + x_hat * mean_dy_xhat)
         out = g * rstd
@@ -224,7 +283,7 @@ def _batch_norm_elementwise(x, dy, mean, rstd, w, b, mean_dy, mean_dy_xhat,
     else:
         out = y
         if RELU:
-            out = tl.maximum(y, 0.0)
+            out = _relu(y)
     return out
 
 
@@ -236,7 +295,7 @@ def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, ch_mask, eps,
     weight, bias and (backward, training) the means of g and g*x_hat. Absent ones are
     placeholders the constexpr flags never read."""
     mean = tl.load(Mean + ch, mask=ch_mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=ch_mask, other=0.0).to(ACC) + eps)
+    rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=ch_mask, other=0.0).to(ACC) + as_acc(eps, ACC))
     w, b = load_affine(W, B, ch, ch_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     mean_dy = mean
     mean_dy_xhat = mean
@@ -249,14 +308,14 @@ def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, ch_mask, eps,
 
 @triton.jit
 def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyXhat, Count,
-                                      M, C, eps,
+                                      M, C, eps: tl.float64,
                                       BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
                                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                                       RELU: tl.constexpr, ACC: tl.constexpr,
                                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (row blocks, channel blocks) over an (M, C) row-major x: y or dx, see
-    _batch_norm_elementwise."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _batch_norm_elementwise. Row blocks run last to first: the reduce pass read the end last."""
+    rows = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = (rows < M)[:, None] & col_mask[None, :]
@@ -276,14 +335,15 @@ def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
 
 @triton.jit
 def _batch_norm_elementwise_cf_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyXhat, Count,
-                                      R, C, S, eps,
+                                      R, C, S, eps: tl.float64,
                                       BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
                                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                                       RELU: tl.constexpr, ACC: tl.constexpr,
                                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (row blocks, position blocks) over a contiguous (N, C, S) x seen as R = N*C rows of
-    S values; row r holds channel r % C. Several short rows share a tile when S is small."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    S values; row r holds channel r % C. Several short rows share a tile when S is small. Row
+    blocks run last to first: the reduce pass read the last images last."""
+    rows = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_R + tl.arange(0, BLOCK_R)
     ss = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = rows < R
     mask = row_mask[:, None] & (ss < S)[None, :]
@@ -302,11 +362,7 @@ def _batch_norm_elementwise_cf_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
     tl.store(Out + offsets, out.to(Out.dtype.element_ty), mask=mask)
 
 
-# --- launchers ---------------------------------------------------------------------------------
-
-def _num_warps(tile_elems: int) -> int:
-    return max(1, min(8, tile_elems // 256))
-
+# --- launch planning ---------------------------------------------------------------------------
 
 def _cl_tile(c: int, tile_elems: int) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(c), 256)
@@ -324,16 +380,143 @@ def _cf_tile(n: int, s: int, tile_elems: int) -> tuple[int, int]:
     return max(1, min(triton.next_power_of_2(n), tile_elems // block_s)), block_s
 
 
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class BatchNormReducePlan:
+    """A reduction pass (forward statistics or backward sums) and its combine. Tiles are
+    [block_0, block_1] = [BLOCK_M rows, BLOCK_C channels] (channels-last) or [BLOCK_N images,
+    BLOCK_S positions] (channels-first); `groups` programs per channel block each sum
+    `per_program` rows (CL) or chunks (CF) into a partial row of [groups, C]."""
+    channels_last: bool
+    backward: bool
+    block_0: int
+    block_1: int
+    groups: int
+    per_program: int
+    grid: tuple[int, int]
+    num_warps: int
+    combine_block_c: int
+    combine_grid: tuple[int]
+    launches: tuple[LaunchCost, ...]
+
+    @classmethod
+    def make(cls, n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
+             backward: bool, device: torch.device,
+             running_dtype: torch.dtype | None = None) -> "BatchNormReducePlan":
+        """The heuristic: tiles of TILE_ELEMS; (channel blocks x groups) ~ reduce_programs().
+        `running_dtype` (forward): the running statistics updated in the combine."""
+        target = reduce_programs(device)
+        if channels_last:
+            m = n * s
+            block_0, block_1 = _cl_tile(c, TILE_ELEMS)
+            col_blocks = triton.cdiv(c, block_1)
+            groups = max(1, min(triton.cdiv(m, block_0 * MIN_TILES_PER_PROGRAM),
+                                triton.cdiv(target, col_blocks), MAX_GROUPS))
+            per_program = triton.cdiv(triton.cdiv(m, groups), block_0) * block_0
+            groups = triton.cdiv(m, per_program)
+            grid = (col_blocks, groups)
+            name = "_batch_norm_reduce_cl_kernel"
+        else:
+            block_0, block_1 = _cf_tile(n, s, TILE_ELEMS)
+            num_chunks = triton.cdiv(n, block_0) * triton.cdiv(s, block_1)
+            groups = max(1, min(triton.cdiv(num_chunks, MIN_TILES_PER_PROGRAM),
+                                triton.cdiv(target, c), MAX_GROUPS))
+            per_program = triton.cdiv(num_chunks, groups)
+            groups = triton.cdiv(num_chunks, per_program)
+            grid = (c, groups)
+            name = "_batch_norm_reduce_cf_kernel"
+        num_warps = num_warps_for(block_0 * block_1)
+        # Narrow channel blocks and tall tiles: few channels still get several programs, and each
+        # walks its ~REDUCE_PROGRAMS_PER_SM * SMs partial rows in a handful of iterations.
+        combine_block_c = min(triton.next_power_of_2(c), COMBINE_BLOCK_C)
+        combine_grid = (triton.cdiv(c, combine_block_c),)
+        data = n * c * s * _elem_size(dtype)
+        acc = _elem_size(acc_dtype(dtype))
+        partials = 2 * groups * c * acc
+        reads = data * (2 if backward else 1)
+        reduce = LaunchCost(name, grid, num_warps,
+                            reads=reads + (3 if backward else 0) * c * acc, writes=partials)
+        running = 0 if running_dtype is None else 2 * c * _elem_size(running_dtype)
+        combine = LaunchCost("_batch_norm_combine_kernel", combine_grid, 4,
+                             reads=partials + running, writes=2 * c * acc + running)
+        return cls(channels_last, backward, block_0, block_1, groups, per_program, grid,
+                   num_warps, combine_block_c, combine_grid, (reduce, combine))
+
+
+@dataclass(frozen=True)
+class BatchNormElementwisePlan:
+    """The elementwise pass (y, or dx): tiles [block_0, block_1] = [BLOCK_M rows, BLOCK_C
+    channels] (channels-last) or [BLOCK_R rows of S, BLOCK_S positions] (channels-first).
+    Programs walk the tiles from the end of x backwards, the reverse of the reduce pass before,
+    so its last-read bytes may still be in L2 (`l2_reread` of the launch)."""
+    channels_last: bool
+    block_0: int
+    block_1: int
+    grid: tuple[int, int]
+    num_warps: int
+    launches: tuple[LaunchCost, ...]
+
+    @classmethod
+    def make(cls, n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
+             backward: bool, after_reduce: bool) -> "BatchNormElementwisePlan":
+        """`after_reduce`: a reduction over the same x (and dy) ran just before (training)."""
+        if channels_last:
+            block_0, block_1 = _cl_tile(c, ELEMWISE_TILE_ELEMS)
+            grid = (triton.cdiv(n * s, block_0), triton.cdiv(c, block_1))
+            name = "_batch_norm_elementwise_cl_kernel"
+        else:
+            block_0, block_1 = _cf_tile(n * c, s, ELEMWISE_TILE_ELEMS)
+            grid = (triton.cdiv(n * c, block_0), triton.cdiv(s, block_1))
+            name = "_batch_norm_elementwise_cf_kernel"
+        num_warps = num_warps_for(block_0 * block_1)
+        data = n * c * s * _elem_size(dtype)
+        reads = data * (2 if backward else 1)
+        launch = LaunchCost(name, grid, num_warps, reads=reads, writes=data,
+                            l2_reread=reads if after_reduce else 0)
+        return cls(channels_last, block_0, block_1, grid, num_warps, (launch,))
+
+
+def plan_batch_norm(n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
+                    mode: str, device: torch.device,
+                    running_dtype: torch.dtype | None = None) -> tuple[LaunchCost, ...]:
+    """Every launch of one op call, in order: mode "fwd" (training forward, stats + apply),
+    "bwd" (training backward, reduce + dx), "eval" (apply with running statistics) or
+    "eval_bwd"."""
+    if mode in ("fwd", "bwd"):
+        backward = mode == "bwd"
+        red = BatchNormReducePlan.make(n, c, s, dtype, channels_last, backward, device,
+                                       None if backward else running_dtype)
+        ew = BatchNormElementwisePlan.make(n, c, s, dtype, channels_last, backward, True)
+        return red.launches + ew.launches
+    if mode == "eval_bwd":
+        red = BatchNormReducePlan.make(n, c, s, dtype, channels_last, True, device)
+        ew = BatchNormElementwisePlan.make(n, c, s, dtype, channels_last, True, True)
+        return red.launches + ew.launches
+    if mode == "eval":
+        return BatchNormElementwisePlan.make(n, c, s, dtype, channels_last, False, False).launches
+    raise ValueError(f"unknown batch_norm plan mode {mode!r}")
+
+
+# --- launchers ---------------------------------------------------------------------------------
+
 def _reduce(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor | None,
             var: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-            eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            eps: float, relu: bool, running_mean: torch.Tensor | None = None,
+            running_var: torch.Tensor | None = None, momentum: float | torch.Tensor = 0.0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel sums of one reduction pass (forward when dy is None) as two length-C
-    vectors: forward (mean, biased var), backward (sum g, sum g*x_hat). x must be non-empty."""
+    vectors: forward (mean, biased var), backward (sum g, sum g*x_hat). x must be non-empty.
+    Forward with running_mean/running_var: those are updated in place by the combine kernel."""
     n, c, s = x.shape
     channels_last = _check_layout(x)
     dtype = acc_dtype(x.dtype)
     backward = dy is not None
-    target = PROGRAMS_PER_SM * num_parallel_programs(x.device)
+    update = running_mean is not None
+    plan = BatchNormReducePlan.make(n, c, s, x.dtype, channels_last, backward, x.device,
+                                    running_mean.dtype if update else None)
     out1 = torch.empty(c, dtype=dtype, device=x.device)
     out2 = torch.empty(c, dtype=dtype, device=x.device)
     # Unused pointer arguments still need a tensor; out1 stands in for them.
@@ -341,36 +524,21 @@ def _reduce(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor | None,
             weight if weight is not None else out1, bias if bias is not None else out1)
     flags = dict(BACKWARD=backward, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                  RELU=relu, ACC=tl_acc_dtype(x.dtype))
-    if channels_last:
-        m = n * s
-        block_m, block_c = _cl_tile(c, TILE_ELEMS)
-        col_blocks = triton.cdiv(c, block_c)
-        groups = max(1, min(triton.cdiv(m, block_m), triton.cdiv(target, col_blocks), MAX_GROUPS))
-        rows_per_program = triton.cdiv(triton.cdiv(m, groups), block_m) * block_m
-        groups = triton.cdiv(m, rows_per_program)
-        partial1 = torch.empty((groups, c), dtype=dtype, device=x.device)
-        partial2 = torch.empty((groups, c), dtype=dtype, device=x.device)
-        _batch_norm_reduce_cl_kernel[(col_blocks, groups)](
-            *args, partial1, partial2, m, c, rows_per_program, eps, **flags,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_num_warps(block_m * block_c))
-    else:
-        block_n, block_s = _cf_tile(n, s, TILE_ELEMS)
-        num_chunks = triton.cdiv(n, block_n) * triton.cdiv(s, block_s)
-        groups = max(1, min(num_chunks, triton.cdiv(target, c), MAX_GROUPS))
-        chunks_per_program = triton.cdiv(num_chunks, groups)
-        groups = triton.cdiv(num_chunks, chunks_per_program)
-        partial1 = torch.empty((groups, c), dtype=dtype, device=x.device)
-        partial2 = torch.empty((groups, c), dtype=dtype, device=x.device)
-        _batch_norm_reduce_cf_kernel[(c, groups)](
-            *args, partial1, partial2, n, c, s, chunks_per_program, eps, **flags,
-            BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_num_warps(block_n * block_s))
-    # Narrow channel blocks and tall tiles: few channels still get several programs, and each
-    # walks its ~PROGRAMS_PER_SM * SMs partial rows in a handful of iterations.
-    block_c = min(triton.next_power_of_2(c), COMBINE_BLOCK_C)
-    _batch_norm_combine_kernel[(triton.cdiv(c, block_c),)](
-        partial1, partial2, x, out1, out2, groups, c, 1 if channels_last else s, float(n * s),
-        BACKWARD=backward, ACC=flags["ACC"], BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=block_c,
-        num_warps=4)
+    partial1 = torch.empty((plan.groups, c), dtype=dtype, device=x.device)
+    partial2 = torch.empty((plan.groups, c), dtype=dtype, device=x.device)
+    kernel = _batch_norm_reduce_cl_kernel if channels_last else _batch_norm_reduce_cf_kernel
+    sizes = (n * s, c) if channels_last else (n, c, s)
+    blocks = (dict(BLOCK_M=plan.block_0, BLOCK_C=plan.block_1) if channels_last
+              else dict(BLOCK_N=plan.block_0, BLOCK_S=plan.block_1))
+    kernel[plan.grid](*args, partial1, partial2, *sizes, plan.per_program, eps, **flags,
+                      **blocks, num_warps=plan.num_warps)
+    momentum_ptr = isinstance(momentum, torch.Tensor)
+    _batch_norm_combine_kernel[plan.combine_grid](
+        partial1, partial2, x, out1, out2, running_mean if update else out1,
+        running_var if update else out1, momentum if momentum_ptr else out1, plan.groups, c,
+        1 if channels_last else s, n * s, 0.0 if momentum_ptr else float(momentum),
+        BACKWARD=backward, UPDATE_RUNNING=update, MOMENTUM_PTR=momentum_ptr, ACC=flags["ACC"],
+        BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=plan.combine_block_c, num_warps=4)
     return out1, out2
 
 
@@ -387,6 +555,8 @@ def _elementwise(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor,
         return out
     backward = dy is not None
     training = sum_dy is not None
+    plan = BatchNormElementwisePlan.make(n, c, s, x.dtype, channels_last, backward,
+                                         after_reduce=backward or training)
     placeholder = mean
     args = (x, dy if backward else placeholder, out, mean, var,
             weight if weight is not None else placeholder,
@@ -397,28 +567,36 @@ def _elementwise(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
                  ACC=tl_acc_dtype(x.dtype))
     if channels_last:
-        m = n * s
-        block_m, block_c = _cl_tile(c, ELEMWISE_TILE_ELEMS)
-        _batch_norm_elementwise_cl_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-            *args, m, c, eps, **flags, BLOCK_M=block_m, BLOCK_C=block_c,
-            num_warps=_num_warps(block_m * block_c))
+        _batch_norm_elementwise_cl_kernel[plan.grid](
+            *args, n * s, c, eps, **flags, BLOCK_M=plan.block_0, BLOCK_C=plan.block_1,
+            num_warps=plan.num_warps)
     else:
-        r = n * c
-        block_r, block_s = _cf_tile(r, s, ELEMWISE_TILE_ELEMS)
-        _batch_norm_elementwise_cf_kernel[(triton.cdiv(r, block_r), triton.cdiv(s, block_s))](
-            *args, r, c, s, eps, **flags, BLOCK_R=block_r, BLOCK_S=block_s,
-            num_warps=_num_warps(block_r * block_s))
+        _batch_norm_elementwise_cf_kernel[plan.grid](
+            *args, n * c, c, s, eps, **flags, BLOCK_R=plan.block_0, BLOCK_S=plan.block_1,
+            num_warps=plan.num_warps)
     return out
 
 
-def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_norm_stats(x: torch.Tensor, running_mean: torch.Tensor | None = None,
+                     running_var: torch.Tensor | None = None,
+                     momentum: float | torch.Tensor = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, biased var) of an (N, C, S) x, in fp32 (fp64 for fp64 x). An empty x
-    gives zeros (a rank with no samples contributes nothing to a SyncBatchNorm merge)."""
+    gives zeros (a rank with no samples contributes nothing to a SyncBatchNorm merge).
+
+    With running_mean/running_var (length C, any float dtype) they are updated in place in the
+    same launch that finalizes the statistics: running = (1 - momentum) * running + momentum *
+    batch, the variance unbiased by count / (count - 1), count = N*S (> 1 for a non-empty x).
+    `momentum` may be a 1-element tensor on x's device (e.g. 1 / num_batches_tracked)."""
     c = x.shape[1]
     if x.numel() == 0:
         zeros = torch.zeros(c, dtype=acc_dtype(x.dtype), device=x.device)
         return zeros, zeros.clone()
-    return _reduce(x, None, None, None, None, None, 0.0, False)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if running_mean is not None and x.numel() // c < 2:
+        raise ValueError("updating running statistics needs more than 1 value per channel")
+    return _reduce(x, None, None, None, None, None, 0.0, False, running_mean, running_var,
+                   momentum)
 
 
 def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
@@ -429,9 +607,13 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
 
 
 def batch_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward on batch statistics: y, mean, biased var (3 passes over x)."""
-    mean, var = batch_norm_stats(x)
+                   eps: float, relu: bool, running_mean: torch.Tensor | None = None,
+                   running_var: torch.Tensor | None = None,
+                   momentum: float | torch.Tensor = 0.1
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward on batch statistics: y, mean, biased var (3 passes over x). Running
+    statistics, when given, are updated in place without another launch (batch_norm_stats)."""
+    mean, var = batch_norm_stats(x, running_mean, running_var, momentum)
     return batch_norm_apply(x, mean, var, weight, bias, eps, relu), mean, var
 
 

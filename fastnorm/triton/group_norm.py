@@ -42,7 +42,12 @@ Split path, backward, the same three-step shape:
 Cost (HBM passes over numel * elem_size, unmeasured so far): the fused path does the minimum,
 2 forward and 3 backward. The split path: forward 2 (x in, y out) when the re-read of x hits L2,
 3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5. The partials
-are C floats per (sample, split): noise next to x. Why the split path is not one kernel: a group
+are C floats per (sample, split): noise next to x. The model (`plan_group_norm`, which states
+every launch with its grid, warps and bytes; _common.modeled_hbm_bytes) counts the reversed
+second walk's re-read as an L2 hit up to half the L2 (H100: 25 of 50 MB), the rest from HBM;
+benchmarks/static_report.py prints it per shape and the GPU check compares it with measurements.
+NaN/Inf propagate to the group's statistics and outputs (the M2 clamp is NaN-preserving), and
+eps is declared tl.float64 so fp64 inputs get it exactly. Why the split path is not one kernel: a group
 split over several programs needs its statistics before any program can normalize, and programs
 cannot wait on each other without grid-wide synchronisation (which Triton's interpreter could not
 run either), so the statistics go through memory and the next launch.
@@ -55,12 +60,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, column_sum, load_affine, num_parallel_programs, tl_acc_dtype
+from ._common import (LaunchCost, acc_dtype, as_acc, column_sum, load_affine, min_fill_programs,
+                      num_warps_for, reduce_programs, tl_acc_dtype)
 
 # Elements per tile: 4096 keeps x (and dy in the backward) in registers at 8 warps. fp64 halves it.
 TILE = 4096
 # Widest channel block in channels-last: 256 bf16 = 512 contiguous bytes per row segment.
 MAX_BLOCK_C = 256
+# Most channels in an NCHW tile (short spatial extents): each channel brings its own statistics
+# and affine values; the static report found a 64 x 64 dx tile spilling on sm_90, 64 x 32 not.
+MAX_NCHW_BLOCK_C = 32
 # Partial entries merged per iteration of a combine kernel.
 COMBINE_BLOCK = 1024
 # Largest NCHW group (padded to a [pow2 HW, pow2 C/G] tile) that one program holds in registers:
@@ -150,7 +159,9 @@ def _group_norm_fwd_stats_kernel(X, PMean, PM2, C, HW, split_size, num_splits, n
     count = (s_end - s_start).to(ACC)
     s1 = tl.sum(sum_d, axis=0)
     mean = shift + s1 / count
-    m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * (s1 / count), 0.0)
+    # Rounding can take M2 below 0; the clamp keeps a NaN (sm_90's max.f32 would drop it).
+    m2 = tl.maximum(tl.sum(sum_d2, axis=0) - s1 * (s1 / count), 0.0,
+                    propagate_nan=tl.PropagateNan.ALL)
     out = (n * num_splits + sp).to(tl.int64) * C + chans
     tl.store(PMean + out, mean, mask=c_mask)
     tl.store(PM2 + out, m2, mask=c_mask)
@@ -158,7 +169,7 @@ def _group_norm_fwd_stats_kernel(X, PMean, PM2, C, HW, split_size, num_splits, n
 
 @triton.jit
 def _group_norm_fwd_combine_kernel(PMean, PM2, Mean, Rstd, C, HW, G, group_size, split_size,
-                                   num_splits, eps,
+                                   num_splits, eps: tl.float64,
                                    ACC: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per (n, g): merges the num_splits x group_size partials into mean, rstd."""
     ng = tl.program_id(0)
@@ -186,7 +197,7 @@ def _group_norm_fwd_combine_kernel(PMean, PM2, Mean, Rstd, C, HW, G, group_size,
         delta = tl.load(PMean + offs, mask=mask, other=0.0) - mean
         m2 += tl.where(mask, tl.load(PM2 + offs, mask=mask, other=0.0) + count * delta * delta,
                        0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=0) / total + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=0) / total + as_acc(eps, ACC))
     tl.store(Mean + ng, mean)
     tl.store(Rstd + ng, rstd)
 
@@ -324,7 +335,7 @@ def _group_norm_bwd_dx_kernel(X, DY, DX, W, B, Mean, Rstd, C1, C2, C, HW, G, gro
 
 
 @triton.jit
-def _group_norm_fwd_fused_kernel(X, Y, W, B, Mean, Rstd, HW, G, group_size, eps,
+def _group_norm_fwd_fused_kernel(X, Y, W, B, Mean, Rstd, HW, G, group_size, eps: tl.float64,
                                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  ACTIVATION: tl.constexpr, ACC: tl.constexpr,
                                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -342,7 +353,7 @@ def _group_norm_fwd_fused_kernel(X, Y, W, B, Mean, Rstd, HW, G, group_size, eps,
     count = tl.cast(group_size, ACC) * HW
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xc * xc, axis=1), axis=0) / count + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xc * xc, axis=1), axis=0) / count + as_acc(eps, ACC))
     tl.store(Mean + ng, mean)
     tl.store(Rstd + ng, rstd)
     y = xc * rstd
@@ -425,18 +436,18 @@ class GroupNormPlan:
             block_s = max(1, min(triton.next_power_of_2(hw), tile // block_c))
         else:
             block_s = min(triton.next_power_of_2(hw), tile)
-            block_c = max(1, min(triton.next_power_of_2(c), tile // block_s))
+            block_c = max(1, min(triton.next_power_of_2(c), tile // block_s, MAX_NCHW_BLOCK_C))
         num_c_blocks = triton.cdiv(c, block_c)
         num_s_blocks = triton.cdiv(hw, block_s)
         if split_size is None:
-            # Enough reduce programs for ~4 waves; never less than one tile per split.
-            target = 4 * num_parallel_programs(device)
+            # Enough reduce programs to fill the GPU; never less than one tile per split.
+            target = reduce_programs(device)
             splits = max(1, min(num_s_blocks, triton.cdiv(target, max(1, n * num_c_blocks))))
             split_blocks = triton.cdiv(num_s_blocks, splits)
         else:
             split_blocks = max(1, triton.cdiv(split_size, block_s))
         split = split_blocks * block_s
-        num_warps = max(1, min(8, block_s * block_c // 512))
+        num_warps = num_warps_for(block_s * block_c)
         return cls(channels_last, block_s, block_c, num_c_blocks, num_s_blocks, split,
                    max(1, triton.cdiv(hw, split)), num_warps)
 
@@ -459,9 +470,63 @@ def fused_tile(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
     block_c = triton.next_power_of_2(c // num_groups)
     if dtype == torch.float64:
         limit //= 2
-    if block_s * block_c > limit or n * num_groups < 2 * num_parallel_programs(device):
+    if block_s * block_c > limit or n * num_groups < min_fill_programs(device):
         return None
-    return block_s, block_c, max(1, min(16, block_s * block_c // 512))
+    return block_s, block_c, num_warps_for(block_s * block_c)
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
+                    channels_last: bool, mode: str, device: torch.device,
+                    has_weight: bool = True, has_bias: bool = True,
+                    split_size: int | None = None) -> tuple[str, tuple[LaunchCost, ...]]:
+    """(path, launches) of one group_norm_fwd (mode "fwd") or group_norm_bwd ("bwd") call, in
+    launch order, with the HBM bytes each reads and writes: the same choices the launchers
+    make. Path "fused" (one program per group) or "split" (reduce, combine, elementwise; the
+    elementwise pass re-reads x (and dy) in the reverse order, `l2_reread`)."""
+    if mode not in ("fwd", "bwd"):
+        raise ValueError(f"unknown group_norm plan mode {mode!r}")
+    backward = mode == "bwd"
+    data = n * c * hw * _elem_size(dtype)
+    acc = _elem_size(acc_dtype(dtype))
+    stats = 2 * n * num_groups * acc
+    inputs = data * (2 if backward else 1)
+    launches: list[LaunchCost] = []
+    fused = None if split_size is not None else fused_tile(
+        n, c, hw, num_groups, dtype, channels_last, device,
+        MAX_FUSED_BWD if backward else MAX_FUSED_FWD)
+    if fused is not None:
+        path = "fused"
+        name = "_group_norm_bwd_fused_kernel" if backward else "_group_norm_fwd_fused_kernel"
+        partials = 2 * n * c * acc if backward else 0
+        launches.append(LaunchCost(name, (n * num_groups,), fused[2],
+                                   reads=inputs + (stats if backward else 0),
+                                   writes=data + (partials if backward else stats)))
+        rows = n
+    else:
+        path = "split"
+        plan = GroupNormPlan.make(n, c, hw, dtype, channels_last, device, split_size)
+        partials = 2 * n * plan.num_splits * c * acc
+        names = (("_group_norm_bwd_reduce_kernel", "_group_norm_bwd_combine_kernel",
+                  "_group_norm_bwd_dx_kernel") if backward else
+                 ("_group_norm_fwd_stats_kernel", "_group_norm_fwd_combine_kernel",
+                  "_group_norm_fwd_apply_kernel"))
+        launches.append(LaunchCost(names[0], plan.reduce_grid(n), plan.num_warps,
+                                   reads=inputs + (stats if backward else 0), writes=partials))
+        launches.append(LaunchCost(names[1], (n * num_groups,), 4, reads=partials, writes=stats))
+        launches.append(LaunchCost(names[2], (plan.num_tiles(n),), plan.num_warps,
+                                   reads=inputs + stats * (2 if backward else 1), writes=data,
+                                   l2_reread=inputs))
+        rows = n * plan.num_splits
+    if backward:
+        for present in (has_weight, has_bias):
+            if present:
+                launches.append(LaunchCost("_column_sum_kernel", (triton.cdiv(c, 128),), 4,
+                                           reads=rows * c * acc, writes=c * _elem_size(dtype)))
+    return path, tuple(launches)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -1,0 +1,547 @@
+"""Static cost report: what every launch the kernels would make at the benchmark shapes costs on an
+A100 (sm_80) and an H100 (sm_90), without a GPU.
+
+For each case (the bench scripts' shapes plus a few edge shapes; fp32, fp16, bf16) the real
+launchers run on `meta` tensors with the SM count of the target assumed, and every kernel launch
+they make is recorded (kernel, grid, runtime argument types, constexprs, warps), so the report
+sees exactly the launchers' choices. Each distinct launch is compiled for the target
+(benchmarks/_compile.py: Triton + the ptxas in the triton wheel) and reported with:
+  registers/thread, spill bytes, static shared memory, blocks per SM (from registers, shared
+  memory and warps against the SM's limits), grid size in waves of the SM count;
+and per case: the HBM bytes the launch plans model (GroupNorm: `plan_group_norm`, BatchNorm:
+`plan_batch_norm`, both in fastnorm/triton; LayerNorm/RMSNorm: a thin adapter here, by kernel
+name, until its launchers have plans) against the op's ideal bytes, and so the predicted ceiling
+= ideal / modeled bytes as % of copy bandwidth (a memory-bound op at copy speed moving the
+modeled bytes). Nothing here is measured; `--compare DIR` puts measured benchmark results
+(benchmarks/bench_*.py JSON, e.g. from benchmarks/gpu_check.sh) next to the predictions.
+
+    python benchmarks/static_report.py [--out DIR] [--ops group_norm,batch_norm,layer_norm]
+        [--targets sm_80,sm_90] [--quick] [--compare RESULTS_DIR]
+
+Writes DIR/static_report.{csv,json,md} (default DIR: static_report/).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import _compile  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    cc: int
+    sms: int
+    l2_bytes: int
+    regs_per_sm: int = 65536
+    smem_per_sm: int = 228 * 1024
+    max_threads_per_sm: int = 2048
+    max_blocks_per_sm: int = 32
+
+
+TARGETS = {
+    "sm_80": Target("A100", 80, 108, 40 * 2**20, smem_per_sm=164 * 1024),
+    "sm_90": Target("H100", 90, 132, 50 * 2**20),
+}
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Exceptions to "modeled HBM traffic within 10 % of ideal", with the reason (see NOTES.md).
+DESIGN_EXCEPTIONS = {
+    ("batch_norm", "fwd"): "statistics need a full pass over x before any output: 3 passes "
+                           "(x, x, y) unless the apply's reversed walk finds x in L2",
+    ("batch_norm", "bwd"): "the dx pass needs the per-channel sums of the whole batch: x and dy "
+                           "are read twice (5 passes) unless the reversed walk hits L2",
+    ("group_norm", "fwd", "split"): "a group split over programs needs its statistics first: x "
+                                    "read twice, the second read an L2 hit only for the tail",
+    ("group_norm", "bwd", "split"): "as the forward: x and dy read twice",
+    ("layer_norm", "bwd", "chunked"): "rows longer than the fused limit: x and dy read twice "
+                                      "(LN plans and the 3-pass fix come later)",
+    ("rms_norm", "bwd", "chunked"): "as layer_norm",
+    ("layer_norm", "fwd", "chunked"): "each program walks its row twice; the second walk hits "
+                                      "L2 only if the rows in flight fit (at 1024x65536 all "
+                                      "1024 rows, 128 MB in bf16, are in flight at once)",
+    ("rms_norm", "fwd", "chunked"): "as layer_norm",
+}
+
+
+# --- cases -------------------------------------------------------------------------------------
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def group_norm_cases(quick: bool) -> list[dict]:
+    shapes = list(_bench_module("bench_group_norm").SHAPES)
+    edges = [((16, 256, 16, 16), 32), ((4, 96, 7, 7), 32), ((1, 64, 96, 96), 1)]
+    out = []
+    for shape, groups in (shapes[:1] + edges[:1] if quick else shapes + edges):
+        for dtype in DTYPES:
+            for layout in ("NCHW", "NHWC"):
+                # --quick: SiLU only, the variant with the most live values per element.
+                for activation in (("silu",) if quick else ("none", "silu")):
+                    case = "x".join(map(str, shape)) + f" G={groups}" + (
+                        " +silu" if activation == "silu" else "")
+                    out.append(dict(op="group_norm", case=case, shape=shape, groups=groups,
+                                    dtype=dtype, layout=layout, activation=activation))
+    return out
+
+
+def batch_norm_cases(quick: bool) -> list[dict]:
+    shapes = list(_bench_module("bench_batch_norm").GPU_SHAPES)
+    edges = [(32, 3, 224, 224), (8, 2048, 7, 7), (1024, 512)]
+    out = []
+    for shape in (shapes[:1] + edges[-1:] if quick else shapes + edges):
+        for dtype in DTYPES:
+            for layout in (("NCHW", "NHWC") if len(shape) == 4 else ("NC",)):
+                for relu in ((True,) if quick else (False, True)):
+                    case = "x".join(map(str, shape)) + (" +relu" if relu else "")
+                    out.append(dict(op="batch_norm", case=case, shape=shape, dtype=dtype,
+                                    layout=layout, relu=relu))
+    return out
+
+
+def layer_norm_cases(quick: bool) -> list[dict]:
+    cases = _bench_module("bench_layer_norm").GPU_CASES
+    out = []
+    seen = set()
+    for kind, m, n, _dtype in (cases[:2] if quick else cases):
+        for dtype in DTYPES:
+            if (kind, m, n, dtype) in seen:
+                continue
+            seen.add((kind, m, n, dtype))
+            out.append(dict(op=kind, case=f"{m}x{n}", shape=(m, n), dtype=dtype, layout="rows"))
+    return out
+
+
+CASES: dict[str, Callable[[bool], list[dict]]] = {
+    "group_norm": group_norm_cases, "batch_norm": batch_norm_cases,
+    "layer_norm": layer_norm_cases}
+
+
+# --- tracing the launchers ---------------------------------------------------------------------
+
+_TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+                    "int32": "i32", "int64": "i64"}
+
+
+def _launch_spec(fn, args: tuple, kwargs: dict) -> list:
+    """The compile spec of one launch `fn[grid](*args, **kwargs)`, typed and
+    specialized the way Triton's launcher would (ints equal to 1 become constants; 16-aligned
+    pointers and multiples of 16 are marked divisible)."""
+    import torch
+
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps", 4)
+    values = dict(zip(fn.arg_names, args))
+    values.update(kwargs)
+    signature, constexprs, divisible = {}, {}, []
+    for param in fn.params:
+        name, value = param.name, values[param.name]
+        if param.is_constexpr:
+            # ACC is a triton dtype; specs name it ("float32"), as _compile expects.
+            constexprs[name] = ({"fp32": "float32", "fp64": "float64"}[str(value)]
+                                if name == "ACC" else value)
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
+            divisible.append(name)
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    divisible.append(name)
+        elif isinstance(value, float):
+            signature[name] = param.annotation_type or "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    module = fn.fn.__module__.rsplit(".", 1)[-1]
+    return [module, fn.__name__, signature, constexprs, num_warps, divisible]
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Within the block, Triton kernel launches are recorded instead of run:
+    yields a list that fills with (spec, grid) pairs."""
+    from triton.runtime.jit import JITFunction
+
+    launches: list = []
+    original = JITFunction.__getitem__
+
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            g = grid(kwargs) if callable(grid) else grid
+            launches.append((_launch_spec(self, args, kwargs), tuple(int(v) for v in g)))
+        return launch
+
+    JITFunction.__getitem__ = getitem
+    try:
+        yield launches
+    finally:
+        JITFunction.__getitem__ = original
+
+
+def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
+    """Run the launcher of `case` in `mode` on meta tensors; returns (recorded launches, plan
+    launches (LaunchCost), path)."""
+    import torch
+
+    from fastnorm.triton import _common
+    from fastnorm.triton import batch_norm as bn
+    from fastnorm.triton import group_norm as gn
+    from fastnorm.triton import layer_norm as ln
+
+    meta = torch.device("meta")
+    dtype = getattr(torch, case["dtype"])
+    shape = case["shape"]
+    with _common.assume_sm_count(target.sms), recording() as rec:
+        if case["op"] == "group_norm":
+            n, c = shape[:2]
+            hw = math.prod(shape[2:])
+            x = torch.empty((n, c, hw), dtype=dtype, device=meta)
+            if case["layout"] == "NHWC":
+                x = torch.empty((n, hw, c), dtype=dtype, device=meta).transpose(1, 2)
+            w = torch.empty(c, dtype=dtype, device=meta)
+            g = case["groups"]
+            if mode == "fwd":
+                gn.group_norm_fwd(x, w, w, g, 1e-5, case["activation"])
+            else:
+                stats = torch.empty((n, g), dtype=_common.acc_dtype(dtype), device=meta)
+                gn.group_norm_bwd(x.clone(), x, w, w, stats, stats, g, case["activation"])
+            path, plan = gn.plan_group_norm(n, c, hw, g, dtype, case["layout"] == "NHWC", mode,
+                                            meta)
+        elif case["op"] == "batch_norm":
+            n, c = shape[:2]
+            s = math.prod(shape[2:])
+            cl = case["layout"] in ("NHWC", "NC")
+            x = (torch.empty((n, s, c), dtype=dtype, device=meta).transpose(1, 2) if cl
+                 else torch.empty((n, c, s), dtype=dtype, device=meta))
+            w = torch.empty(c, dtype=torch.float32, device=meta)
+            stats = torch.empty(c, dtype=_common.acc_dtype(dtype), device=meta)
+            if mode == "fwd":
+                bn.batch_norm_fwd(x, w, w, 1e-5, case["relu"], w.clone(), w.clone(), 0.1)
+            elif mode == "bwd":
+                bn.batch_norm_bwd(x.clone(), x, stats, stats, w, w, 1e-5, case["relu"], True)
+            else:
+                bn.batch_norm_apply(x, stats, stats, w, w, 1e-5, case["relu"])
+            plan = bn.plan_batch_norm(n, c, s, dtype, cl, mode, meta,
+                                      torch.float32 if mode == "fwd" else None)
+            path = "cl" if cl else "cf"
+        else:
+            m, nf = shape
+            is_rms = case["op"] == "rms_norm"
+            x = torch.empty((m, nf), dtype=dtype, device=meta)
+            w = torch.empty(nf, dtype=dtype, device=meta)
+            if mode == "fwd":
+                ln.layer_norm_fwd(x, w, None if is_rms else w, 1e-5, is_rms)
+            else:
+                st = torch.empty(m, dtype=_common.acc_dtype(dtype), device=meta)
+                ln.layer_norm_bwd(x.clone(), x, w, None if is_rms else w, st, st, is_rms)
+            path, plan = None, None
+    if plan is None:
+        path, plan = _layer_norm_costs(case, mode, rec)
+    return rec, plan, path
+
+
+def _layer_norm_costs(case: dict, mode: str, rec: list) -> tuple[str, tuple]:
+    """Thin adapter until the LayerNorm launchers have plans: bytes per traced kernel, by name.
+    The chunked forward re-reads a row while it is in L2; the chunked backward re-reads x and dy
+    after the row-statistics kernel has walked all rows (an L2 hit only for the tail)."""
+    import torch
+
+    from fastnorm.triton._common import LaunchCost
+
+    m, n = case["shape"]
+    es = torch.empty((), dtype=getattr(torch, case["dtype"])).element_size()
+    data = m * n * es
+    costs, path = [], "fused"
+    for spec, grid in rec:
+        kernel = spec[1]
+        if kernel == "_layer_norm_fwd_kernel":
+            cost = LaunchCost(kernel, grid, spec[4], reads=data, writes=data + 8 * m)
+        elif kernel == "_layer_norm_fwd_chunked_kernel":
+            path = "chunked"
+            cost = LaunchCost(kernel, grid, spec[4], reads=2 * data, writes=data + 8 * m,
+                              l2_reread=data)
+        elif kernel == "_layer_norm_bwd_row_stats_kernel":
+            path = "chunked"
+            cost = LaunchCost(kernel, grid, spec[4], reads=2 * data, writes=8 * m)
+        elif kernel == "_layer_norm_bwd_kernel":
+            reread = 2 * data if path == "chunked" else 0
+            cost = LaunchCost(kernel, grid, spec[4], reads=2 * data + 8 * m, writes=data,
+                              l2_reread=reread)
+        elif kernel == "_column_sum_kernel":
+            cost = LaunchCost(kernel, grid, spec[4], reads=0, writes=n * es)
+        else:
+            raise KeyError(f"no byte model for {kernel}")
+        costs.append(cost)
+    return path, tuple(costs)
+
+
+def _ideal_bytes(case: dict, mode: str) -> int:
+    import torch
+
+    es = torch.empty((), dtype=getattr(torch, case["dtype"])).element_size()
+    data = math.prod(case["shape"]) * es
+    return {"fwd": 2, "eval": 2, "bwd": 3}[mode] * data
+
+
+def _modes(op: str) -> tuple[str, ...]:
+    return ("fwd", "bwd", "eval") if op == "batch_norm" else ("fwd", "bwd")
+
+
+# --- occupancy ---------------------------------------------------------------------------------
+
+def blocks_per_sm(regs: int, num_warps: int, shared: int, target: Target) -> int:
+    """Resident blocks per SM: registers are allocated per warp in units of 256 (regs rounded up
+    to a multiple of 8 per thread), plus the thread, block and shared-memory limits."""
+    threads = 32 * num_warps
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = (target.regs_per_sm // regs_per_warp) // num_warps
+    by_threads = target.max_threads_per_sm // threads
+    by_smem = target.smem_per_sm // shared if shared else target.max_blocks_per_sm
+    return max(0, min(by_regs, by_threads, by_smem, target.max_blocks_per_sm))
+
+
+# --- the report --------------------------------------------------------------------------------
+
+def build(ops: list[str], targets: list[str], quick: bool = False,
+          compile_kernels: bool = True) -> dict[str, Any]:
+    """Trace, compile and model every case; returns {"launches": rows, "cases": rows}.
+    Without `compile_kernels` only the byte model runs (register columns are None)."""
+    from fastnorm.triton._common import L2_REUSE_FRACTION, modeled_hbm_bytes
+
+    traced = []  # (target, case, mode, path, [(spec, grid, cost)])
+    for tname in targets:
+        target = TARGETS[tname]
+        for op in ops:
+            for case in CASES[op](quick):
+                for mode in _modes(case["op"]):
+                    rec, plan, path = _run_case(case, mode, target)
+                    names = [s[1] for s, _ in rec]
+                    plan_names = [p.kernel for p in plan]
+                    if names != plan_names:
+                        raise AssertionError(f"{case['op']} {case['case']} {mode}: launcher made "
+                                             f"{names}, plan says {plan_names}")
+                    for (spec, grid), cost in zip(rec, plan):
+                        if tuple(grid) != tuple(cost.grid) or spec[4] != cost.num_warps:
+                            raise AssertionError(f"{case['op']} {case['case']} {mode} "
+                                                 f"{spec[1]}: launcher grid {grid} warps "
+                                                 f"{spec[4]}, plan {cost.grid} {cost.num_warps}")
+                    traced.append((target, case, mode, path, rec, plan))
+    stats: dict[tuple, dict] = {}
+    for tname in targets:
+        target = TARGETS[tname]
+        unique: dict[str, list] = {}
+        for t, _c, _m, _p, rec, _plan in traced:
+            if t is target:
+                for spec, _grid in rec:
+                    unique.setdefault(json.dumps(spec, sort_keys=True), spec)
+        keys = list(unique)
+        if not compile_kernels:
+            for k in keys:
+                stats[(target.name, k)] = {"error": None, "regs": None, "spill_stores": 0,
+                                           "spill_loads": 0, "shared": 0, "minmax": {}}
+            continue
+        results = _compile.run_specs([unique[k] for k in keys], target.cc, stats=True)
+        for k, r in zip(keys, results):
+            stats[(target.name, k)] = r
+    launch_rows, case_rows = [], []
+    for target, case, mode, path, rec, plan in traced:
+        worst_blocks, spills, max_regs = None, 0, 0
+        for (spec, grid), cost in zip(rec, plan):
+            st = stats[(target.name, json.dumps(spec, sort_keys=True))]
+            if st["error"]:
+                raise RuntimeError(st["error"])
+            bps = (blocks_per_sm(st["regs"], spec[4], st["shared"], target)
+                   if st["regs"] is not None else None)
+            programs = math.prod(grid)
+            row = dict(gpu=target.name, op=case["op"], case=case["case"], dtype=case["dtype"],
+                       layout=case["layout"], mode=mode, path=path, kernel=spec[1],
+                       constexprs=json.dumps({k: v for k, v in spec[3].items()
+                                              if k.isupper()}, sort_keys=True),
+                       grid=programs, num_warps=spec[4], regs=st["regs"],
+                       spill_bytes=st["spill_stores"] + st["spill_loads"], shared=st["shared"],
+                       blocks_per_sm=bps,
+                       waves=(round(programs / max(1, bps * target.sms), 3)
+                              if bps is not None else None),
+                       reads=cost.reads, writes=cost.writes, l2_reread=cost.l2_reread,
+                       max_plain=sum(v for k, v in st["minmax"].items() if ".NaN." not in k),
+                       max_nan=sum(v for k, v in st["minmax"].items() if ".NaN." in k))
+            launch_rows.append(row)
+            spills += row["spill_bytes"]
+            max_regs = max(max_regs, row["regs"] or 0)
+            if bps is not None:
+                worst_blocks = bps if worst_blocks is None else min(worst_blocks, bps)
+        modeled = modeled_hbm_bytes(plan, target.l2_bytes)
+        ideal = _ideal_bytes(case, mode)
+        case_rows.append(dict(
+            gpu=target.name, op=case["op"], case=case["case"], dtype=case["dtype"],
+            layout=case["layout"], mode=mode, path=path, launches=len(rec),
+            max_regs=max_regs, spill_bytes=spills, min_blocks_per_sm=worst_blocks,
+            ideal_bytes=ideal, modeled_bytes=modeled,
+            traffic_vs_ideal=round(modeled / ideal, 4),
+            predicted_ceiling_pct=round(100 * ideal / modeled, 1),
+            exception=exception_for(case["op"], mode, path, modeled / ideal)))
+    return {"meta": {"l2_reuse_fraction": L2_REUSE_FRACTION,
+                     "targets": {t: vars(TARGETS[t]) for t in targets}},
+            "launches": launch_rows, "cases": case_rows}
+
+
+def exception_for(op: str, mode: str, path: str | None, ratio: float) -> str:
+    """Why a case may exceed ideal traffic by more than 10 % ("" when it does not)."""
+    if ratio <= 1.10:
+        return ""
+    base = "batch_norm" if op == "batch_norm" else op
+    for key in ((base, mode, path), (base, mode)):
+        if key in DESIGN_EXCEPTIONS:
+            return DESIGN_EXCEPTIONS[key]
+    return "UNEXPLAINED"
+
+
+def fwdbwd_rows(cases: list[dict]) -> list[dict]:
+    """Per (gpu, op, case, dtype, layout): the forward+backward prediction the benchmarks'
+    "fwdbwd" mode measures (ideal 5 passes)."""
+    out = []
+    by_key: dict[tuple, dict] = {}
+    for r in cases:
+        by_key.setdefault((r["gpu"], r["op"], r["case"], r["dtype"], r["layout"]), {})[
+            r["mode"]] = r
+    for key, modes in by_key.items():
+        if "fwd" in modes and "bwd" in modes:
+            ideal = modes["fwd"]["ideal_bytes"] + modes["bwd"]["ideal_bytes"]
+            modeled = modes["fwd"]["modeled_bytes"] + modes["bwd"]["modeled_bytes"]
+            out.append(dict(zip(("gpu", "op", "case", "dtype", "layout"), key), mode="fwdbwd",
+                            predicted_ceiling_pct=round(100 * ideal / modeled, 1)))
+        for mode in ("fwd", "bwd", "eval"):
+            if mode in modes:
+                out.append(dict(zip(("gpu", "op", "case", "dtype", "layout"), key), mode=mode,
+                                predicted_ceiling_pct=modes[mode]["predicted_ceiling_pct"]))
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Static cost report (compiled here, nothing measured)", "",
+             f"L2 reuse assumed: {report['meta']['l2_reuse_fraction']:.0%} of L2 for a "
+             "reversed second walk. Ceiling = ideal / modeled HBM bytes, as % of copy bandwidth.",
+             "", "## Cases", "",
+             "| gpu | op | case | dtype | layout | mode | path | launches | max regs | spill B "
+             "| min blocks/SM | modeled/ideal | ceiling % | exception |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["cases"]:
+        lines.append(f"| {r['gpu']} | {r['op']} | {r['case']} | {r['dtype']} | {r['layout']} | "
+                     f"{r['mode']} | {r['path']} | {r['launches']} | {r['max_regs']} | "
+                     f"{r['spill_bytes']} | {r['min_blocks_per_sm']} | "
+                     f"{r['traffic_vs_ideal']:.3f} | {r['predicted_ceiling_pct']} | "
+                     f"{r['exception']} |")
+    spilling = [r for r in report["launches"] if r["spill_bytes"]]
+    lines += ["", f"## Launches that spill: {len(spilling)}", ""]
+    for r in spilling:
+        lines.append(f"- {r['gpu']} {r['op']} {r['case']} {r['dtype']} {r['layout']} "
+                     f"{r['mode']}: {r['kernel']} {r['constexprs']} warps={r['num_warps']} "
+                     f"regs={r['regs']} spill={r['spill_bytes']} B")
+    plain = sorted({(r["kernel"], r["dtype"]) for r in report["launches"] if r["max_plain"]})
+    lines += ["", "## Kernels with non-NaN-propagating float max/min in the PTX", ""]
+    lines += [f"- {k} ({d})" for k, d in plain] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def compare(report: dict, results_dir: str) -> list[dict]:
+    """Measured (bench JSON files in results_dir, provider fastnorm-triton) vs predicted ceiling
+    per case; the GPU is matched by name (A100/H100; H200 is compared with the H100 model)."""
+    rows = []
+    preds = fwdbwd_rows(report["cases"])
+    for name in sorted(os.listdir(results_dir)):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(results_dir, name)) as f:
+            data = json.load(f)
+        if "results" not in data:
+            continue
+        device = data["meta"].get("device", "")
+        gpu = "A100" if "A100" in device else "H100"
+        for r in data["results"]:
+            if r["provider"] != "fastnorm-triton" or r.get("pct_copy") is None:
+                continue
+            for p in preds:
+                if (p["gpu"], p["op"], p["case"], p["dtype"], p["mode"]) == (
+                        gpu, r["op"], r["case"], r["dtype"], r["mode"]) and (
+                        p["layout"] == r["layout"] or p["layout"] in ("rows", "NC")):
+                    rows.append(dict(device=device, op=r["op"], case=r["case"],
+                                     dtype=r["dtype"], layout=r["layout"], mode=r["mode"],
+                                     measured_pct_copy=round(r["pct_copy"], 1),
+                                     predicted_ceiling_pct=p["predicted_ceiling_pct"],
+                                     measured_over_predicted=round(
+                                         r["pct_copy"] / p["predicted_ceiling_pct"], 3)))
+    return rows
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="static_report")
+    p.add_argument("--ops", default="group_norm,batch_norm,layer_norm")
+    p.add_argument("--targets", default="sm_80,sm_90")
+    p.add_argument("--quick", action="store_true", help="a representative subset of cases")
+    p.add_argument("--compare", default="", help="folder of bench_*.py JSON results")
+    p.add_argument("--no-compile", action="store_true",
+                   help="byte model only (seconds): no registers, spills or occupancy")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Kernels defined under the interpreter cannot be compiled: run without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or
+                                   sys.argv[1:])], env)
+    report = build(args.ops.split(","), args.targets.split(","), args.quick,
+                   compile_kernels=not args.no_compile)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "static_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    _write_csv(os.path.join(args.out, "static_report.csv"), report["launches"])
+    _write_csv(os.path.join(args.out, "static_report_cases.csv"), report["cases"])
+    md = markdown(report)
+    with open(os.path.join(args.out, "static_report.md"), "w") as f:
+        f.write(md)
+    print(md)
+    if args.compare:
+        rows = compare(report, args.compare)
+        _write_csv(os.path.join(args.out, "measured_vs_predicted.csv"), rows)
+        print("## Measured vs predicted ceiling\n")
+        print("| device | op | case | dtype | layout | mode | measured % copy | predicted % "
+              "| ratio |\n|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['device']} | {r['op']} | {r['case']} | {r['dtype']} | {r['layout']} | "
+                  f"{r['mode']} | {r['measured_pct_copy']} | {r['predicted_ceiling_pct']} | "
+                  f"{r['measured_over_predicted']} |")
+    print(f"wrote {args.out}/static_report.{{json,csv,md}}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
