@@ -10,6 +10,7 @@ check executes them.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import functools
 import os
@@ -74,13 +75,19 @@ def _compile(source: str, arch: str, out_dir: str) -> tuple[int, str, str]:
 
 
 @functools.lru_cache(maxsize=None)
+def _out_dir() -> str:
+    path = tempfile.mkdtemp(prefix="fastnorm_nvcc_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
 def _builds() -> dict[tuple[str, str], tuple[int, str, str]]:
     """All (source, arch) compiles, two at a time (the CI machine has two shared cores)."""
-    with tempfile.TemporaryDirectory() as out_dir, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         # Largest translation unit first, so the two workers finish together.
         jobs = sorted(JOBS, key=lambda job: -(CSRC / job[0]).stat().st_size)
-        futures = {job: pool.submit(_compile, job[0], job[1], out_dir) for job in jobs}
+        futures = {job: pool.submit(_compile, job[0], job[1], _out_dir()) for job in jobs}
         return {job: f.result() for job, f in futures.items()}
 
 
@@ -144,3 +151,22 @@ def test_launch_header_is_host_cxx(tmp_path):
     for name in launchers:
         assert re.search(rf"\b{name}\(const \w+& \w+(, cudaStream_t stream)?\) {{", defined), \
             f"{name} is declared in launch.h but not defined in csrc/*.cu"
+
+
+def test_selftest_links():
+    """csrc/selftest/kernel_selftest.cu (the GPU check's torch-free test of every launcher
+    against a float64 reference) compiles and links against the sm_90 objects: every launcher
+    the header declares resolves to a definition."""
+    builds = _builds()
+    objects = []
+    for source in SOURCES:
+        rc, log, _ = builds[(source, "90")]
+        assert rc == 0, log[-2000:]
+        objects.append(str(Path(_out_dir()) / f"{source}.90" / "out.o"))
+    exe = Path(_out_dir()) / "kernel_selftest"
+    cmd = [NVCC, "-std=c++17", "-O2", f"-I{INCLUDE}", "-Werror", "all-warnings",
+           "-gencode=arch=compute_90,code=sm_90", str(CSRC / "selftest" / "kernel_selftest.cu"),
+           *objects, "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert exe.exists()
