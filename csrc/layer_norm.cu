@@ -121,8 +121,11 @@ __device__ __forceinline__ float2 tile_stats(const Pack<T> (&xv)[VPT], int n_val
 // ---- register path -------------------------------------------------------------------------
 
 // TPR threads per row, RPB rows per block (RPB > 1 only for TPR == 32), E elements per thread.
+// Forward: at least 1024 resident threads per SM (<= 64 registers): with one row per block and
+// barriers in every row, a second block per SM is what overlaps one row's loads with another's
+// reductions and stores.
 template <typename T, typename PT, int TPR, int RPB, int E>
-__global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 512 ? 1 : 512 / (TPR * RPB)))
+__global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 1024 ? 1 : 1024 / (TPR * RPB)))
     layer_norm_fwd_kernel(LayerNormFwdArgs a) {
   constexpr int V = Pack<T>::kWidth;
   constexpr int VPT = E / V;
@@ -175,6 +178,7 @@ __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 512 ? 1 : 512 / (TPR 
   }
 }
 
+// Backward: x, dy and the dW/dB accumulators need more registers; >= 512 threads per SM.
 template <typename T, typename PT, int TPR, int RPB, int E>
 __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 512 ? 1 : 512 / (TPR * RPB)))
     layer_norm_bwd_kernel(LayerNormBwdArgs a, float* __restrict__ dw_partial,
@@ -277,7 +281,7 @@ __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 512 ? 1 : 512 / (TPR 
 // [r * slice, min((r + 1) * slice, N)), slice a multiple of V and <= TPR * E.
 
 template <typename T, typename PT, int TPR, int E>
-__global__ void __launch_bounds__(TPR, 1)
+__global__ void __launch_bounds__(TPR, TPR >= 1024 ? 1 : 2)  // two 512-thread CTAs per SM
     layer_norm_fwd_cluster_kernel(LayerNormFwdArgs a, int64_t slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -396,7 +400,7 @@ __global__ void __launch_bounds__(TPR, 1)
 // dW/dB accumulators live in dynamic shared memory: [has_dw + has_db][TPR * E] fp32, entry
 // (j * TPR + tid) * V + k owned by thread tid.
 template <typename T, typename PT, int TPR, int E>
-__global__ void __launch_bounds__(TPR, 1)
+__global__ void __launch_bounds__(TPR, TPR >= 1024 ? 1 : 2)  // two 512-thread CTAs per SM
     layer_norm_bwd_cluster_kernel(LayerNormBwdArgs a, int64_t slice,
                                   float* __restrict__ dw_partial,
                                   float* __restrict__ db_partial) {
