@@ -1,12 +1,13 @@
 """The CUDA C++ kernels (csrc/*.cu) compile, without a GPU and without torch.
 
-Every torch-free translation unit is compiled with nvcc for sm_80 and sm_90a (the sm_90 cluster
-LayerNorm path), keeping the PTX of that compile so cheap properties of the generated code can be checked:
-16-byte vector loads on the vector paths, the cluster barrier and distributed-shared-memory
-instructions in the sm_90 build only, and no atomics anywhere (every reduction is fixed-order).
-The launcher header is compiled by the host compiler alone, as csrc/ops.cpp will include it.
-Skips only when nvcc is absent. Nothing here runs a kernel: the kernels are unrun until a GPU
-check executes them.
+Every torch-free translation unit is compiled with nvcc, with the flags torch's extension build
+adds, for sm_80 and sm_90 (layer_norm.cu, whose thread-block-cluster path is sm_90-only, also for
+sm_90a), keeping the PTX of that compile so cheap properties of the generated code can be
+checked: 16-byte vector loads and stores, the cluster barrier and distributed-shared-memory
+addressing in the sm_90 builds only, and no atomics anywhere (every reduction is fixed-order).
+The launcher header is compiled by the host compiler alone, as csrc/ops.cpp will include it, and
+the GPU self-test (csrc/selftest) is linked against the kernels. Skips only when nvcc is absent.
+Nothing here runs a kernel: the kernels are unrun until a GPU check executes them.
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 # arch-specific feature, and layer_norm.cu is also built for sm_90a to keep that option open.
 ARCHS = ("80", "90")
 JOBS = [(s, a) for s in SOURCES for a in ARCHS] + [("layer_norm.cu", "90a")]
+# The flags torch.utils.cpp_extension adds to every nvcc call of an extension build (no implicit
+# half / bfloat16 conversions or operators): the kernels must compile under them too.
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                    "--expt-relaxed-constexpr"]
 
 
 def _nvcc() -> str | None:
@@ -63,8 +69,9 @@ def _compile(source: str, arch: str, out_dir: str) -> tuple[int, str, str]:
     front-end pass, and no cuobjdump needed). Returns (rc, log, ptx)."""
     keep = Path(out_dir) / f"{source}.{arch}"
     keep.mkdir()
-    cmd = [NVCC, "-std=c++17", "-O3", f"-I{INCLUDE}", "-c", str(CSRC / source),
-           "-o", str(keep / "out.o"), f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    cmd = [NVCC, "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, f"-I{INCLUDE}",
+           "-c", str(CSRC / source), "-o", str(keep / "out.o"),
+           f"-gencode=arch=compute_{arch},code=sm_{arch}",
            "-Werror", "all-warnings", "-keep", "-keep-dir", str(keep)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

@@ -3,6 +3,7 @@
 //   nvcc -std=c++17 -O2 -I csrc/include csrc/selftest/kernel_selftest.cu csrc/*.cu -o selftest
 //   ./selftest            # all cases; exit status 1 on any failure
 //   ./selftest quick      # a few shapes per kernel (for compute-sanitizer runs)
+//   ./selftest bench      # LayerNorm / RMSNorm bf16 bandwidth (ideal bytes / median time)
 //
 // Each case runs twice and also checks that the outputs are bitwise identical (deterministic
 // reductions). Shapes cover every path: LayerNorm register / cluster (sm_90) / fallback
@@ -506,14 +507,76 @@ void test_batch_norm(const HostType& t, const HostType& pt, int64_t N, int64_t C
   report(name, ok, msg);
 }
 
+
+// ---- bandwidth (bench mode) ----------------------------------------------------------------------
+// Ideal bytes: forward reads x and writes y; backward reads x and dy and writes dx (mean / rstd,
+// w, b and the dW/dB partials are not counted). Median of 20 timed iterations after 5 warm-ups.
+void bench_layer_norm(int64_t M, int64_t N, bool rms) {
+  const HostType& t = kBF16;
+  Buf x(t, M * N), y(t, M * N), dy(t, M * N), dx(t, M * N), w(t, N), b(t, N), dw(t, N), db(t, N);
+  Buf mean(kF32, M), rstd(kF32, M);
+  x.upload(random_values(t, M * N, 2.0, 1.0));
+  dy.upload(random_values(t, M * N, 1.0, 0.0));
+  w.upload(random_values(t, N, 0.5, 1.0));
+  b.upload(random_values(t, N, 0.5, 0.0));
+  LayerNormFwdArgs f;
+  f.dtype = f.param_dtype = t.dtype;
+  f.x = x.ptr, f.y = y.ptr, f.weight = w.ptr, f.bias = rms ? nullptr : b.ptr;
+  f.mean = static_cast<float*>(mean.ptr), f.rstd = static_cast<float*>(rstd.ptr);
+  f.M = M, f.N = N, f.x_row_stride = N, f.y_row_stride = N, f.is_rms = rms;
+  LayerNormBwdArgs g;
+  g.dtype = g.param_dtype = t.dtype;
+  g.dy = dy.ptr, g.x = x.ptr, g.weight = w.ptr, g.mean = f.mean, g.rstd = f.rstd, g.dx = dx.ptr;
+  g.dweight = dw.ptr, g.dbias = rms ? nullptr : db.ptr;
+  g.M = M, g.N = N, g.x_row_stride = N, g.dy_row_stride = N, g.dx_row_stride = N, g.is_rms = rms;
+  Workspace ws(layer_norm_bwd_workspace_bytes(g));
+  g.workspace = ws.ptr, g.workspace_bytes = ws.bytes;
+  auto time_ms = [&](const std::function<void()>& fn) {
+    cudaEvent_t start, stop;
+    CUDA_OK(cudaEventCreate(&start));
+    CUDA_OK(cudaEventCreate(&stop));
+    for (int i = 0; i < 5; ++i) fn();
+    std::vector<float> ms;
+    for (int i = 0; i < 20; ++i) {
+      CUDA_OK(cudaEventRecord(start));
+      fn();
+      CUDA_OK(cudaEventRecord(stop));
+      CUDA_OK(cudaEventSynchronize(stop));
+      float v = 0;
+      CUDA_OK(cudaEventElapsedTime(&v, start, stop));
+      ms.push_back(v);
+    }
+    std::sort(ms.begin(), ms.end());
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    return double(ms[ms.size() / 2]);
+  };
+  const double fwd = time_ms([&] { CUDA_OK(launch_layer_norm_fwd(f, nullptr)); });
+  const double bwd = time_ms([&] { CUDA_OK(launch_layer_norm_bwd(g, nullptr)); });
+  const double elems = double(M) * double(N) * double(t.size);
+  std::printf("bench %s bf16 M=%lld N=%lld: fwd %.3f ms %.0f GB/s | bwd %.3f ms %.0f GB/s | "
+              "fwd+bwd %.0f GB/s\n", rms ? "rms_norm" : "layer_norm", (long long)M, (long long)N,
+              fwd, 2 * elems / fwd / 1e6, bwd, 3 * elems / bwd / 1e6,
+              5 * elems / (fwd + bwd) / 1e6);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  const std::string mode = argc > 1 ? argv[1] : "";
+  const bool quick = mode == "quick";
   cudaDeviceProp prop;
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s (sm_%d%d, %d SMs)%s\n", prop.name, prop.major, prop.minor,
               prop.multiProcessorCount, quick ? " quick" : "");
+  if (mode == "bench") {
+    for (int64_t n : {4096, 8192, 32768, 65536, 131072, 262144}) {
+      const int64_t m = (int64_t(1) << 26) / n;  // 128 MiB of bf16 per tensor: well past L2
+      bench_layer_norm(m, n, false);
+      bench_layer_norm(m, n, true);
+    }
+    return 0;
+  }
   const HostType* types[] = {&kF32, &kF16, &kBF16};
 
   // LayerNorm / RMSNorm: register path (warp / block), cluster path (> 32768 fwd, > 8192 bwd on
