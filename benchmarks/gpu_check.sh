@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check: one call on a CUDA machine (an H100 in our lease), well under 8 minutes.
+# The GPU check: one call on a CUDA machine (an H100 or H200 in our lease), under 10 minutes.
 #   1. environment: GPU, clocks, torch/triton versions
-#   2. the CUDA extension build, when csrc/ holds sources (none yet: CUDA kernels are a later issue)
+#   2. the CUDA C++ kernels: the torch-free self-test (csrc/selftest) built with nvcc, run against
+#      a float64 reference, its LN/RMS bandwidth mode, and compute-sanitizer memcheck/racecheck on
+#      its quick set; the torch extension fastnorm._C once csrc/ops.cpp exists
 #   3. the test suite on the GPU (compiled Triton, no interpreter)
-#   4. every benchmarks/bench_*.py at the anchor shapes of ../shared/perf/anchors-h100.md
+#   4. the bandwidth benchmarks at the anchor shapes of benchmarks/anchors-h100.md, and the
+#      per-call host overhead on CUDA tensors
 #   5. measured vs predicted ceiling per case (benchmarks/static_report.py --compare)
 # Writes under $OUT (default ./gpu_check_out): tests.log, bench.log, results.tar.gz (CSV/JSON per
 # op family), summary.md (printed last). Usage from the repo root:  bash benchmarks/gpu_check.sh
@@ -21,9 +24,34 @@ start=$(date +%s)
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/bench.log"
 
-if ls csrc/*.cu csrc/*.cpp >/dev/null 2>&1; then
+echo "## CUDA C++ kernels: torch-free self-test" | tee -a "$OUT/bench.log"
+# The kernels compile in CI but have never run before this: correctness vs float64 first, then
+# the sanitizers, then speed. Objects compile in parallel (one per .cu), then link.
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+[ "$cap" = 90 ] && cap=90a  # the cluster path needs the arch-specific sm_90a target
+mkdir -p "$OUT/selftest_build"
+for src in csrc/*.cu csrc/selftest/kernel_selftest.cu; do
+  timeout 240 nvcc -std=c++17 -O3 -lineinfo -I csrc/include -gencode "arch=compute_${cap},code=sm_${cap}" \
+    -c "$src" -o "$OUT/selftest_build/$(basename "$src" .cu).o" &
+done
+wait
+if nvcc -o "$OUT/selftest_build/selftest" "$OUT"/selftest_build/*.o 2>&1 | tee -a "$OUT/bench.log"; then
+  timeout 120 "$OUT/selftest_build/selftest" > "$OUT/cuda_selftest.log" 2>&1
+  echo "cuda selftest exit status: $?" | tee -a "$OUT/bench.log"; tail -5 "$OUT/cuda_selftest.log"
+  timeout 60 "$OUT/selftest_build/selftest" bench 2>&1 | tee -a "$OUT/bench.log"
+  for tool in memcheck racecheck; do
+    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 3 "$OUT/selftest_build/selftest" quick \
+      > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit status: $? (log: sanitizer_$tool.log)" | tee -a "$OUT/bench.log"
+  done
+else
+  echo "cuda selftest: build failed" | tee -a "$OUT/bench.log"
+fi
+rm -rf "$OUT/selftest_build"
+if [ -f csrc/ops.cpp ]; then
   echo "## building the CUDA extension" | tee -a "$OUT/bench.log"
-  timeout 300 $PY setup.py build_ext --inplace 2>&1 | tail -5 | tee -a "$OUT/bench.log"
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 timeout 300 $PY setup.py build_ext --inplace 2>&1 \
+    | tail -5 | tee -a "$OUT/bench.log"
 fi
 
 echo "## tests on the GPU" | tee -a "$OUT/bench.log"
@@ -34,11 +62,13 @@ test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
 
 echo "## benchmarks" | tee -a "$OUT/bench.log"
-for bench in benchmarks/bench_*.py; do
+for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py; do
   # --max-seconds stops starting cases; timeout is the backstop for a case that hangs.
-  timeout 110 $PY "$bench" --out "$OUT/results" --max-seconds 75 >> "$OUT/bench.log" 2>&1 \
+  timeout 100 $PY "$bench" --out "$OUT/results" --max-seconds 70 >> "$OUT/bench.log" 2>&1 \
     || echo "$bench exited with $?" | tee -a "$OUT/bench.log"
 done
+timeout 60 $PY benchmarks/bench_overhead.py --device cuda >> "$OUT/bench.log" 2>&1 \
+  || echo "bench_overhead.py exited with $?" | tee -a "$OUT/bench.log"
 echo "## measured vs predicted ceiling (static report byte model, H100 parameters)" | tee -a "$OUT/bench.log"
 # Byte model only (seconds); the registers/spills half of the report needs no GPU and runs in CI.
 timeout 120 $PY benchmarks/static_report.py --no-compile --targets sm_90 --out "$OUT/static" \
@@ -47,6 +77,7 @@ tar -czf "$OUT/results.tar.gz" -C "$OUT" results static && rm -rf "$OUT/results"
 
 {
   echo "# GPU check summary ($(( $(date +%s) - start )) s); tests exit status $test_status"
+  grep -E "exit status|build failed" "$OUT/bench.log"
   tail -n 3 "$OUT/tests.log"
   grep -E '^(# |op \||--- \||[a-z_]+ \| )|^error:' "$OUT/bench.log"
   cat "$OUT/measured_vs_predicted.md"
