@@ -1,7 +1,7 @@
 """BatchNorm2d effective bandwidth: fastnorm-triton vs torch eager and torch.compile, and the
 per-GPU SyncBatchNorm path without communication (fastnorm's vs torch's kernel chain).
 
-Ideal bytes (weights, biases and statistics ignored, as in ../shared/perf/anchors-h100.md):
+Ideal bytes (weights, biases and statistics ignored, as in benchmarks/anchors-h100.md):
   training forward          read x + write y                          = 2 * numel * elem_size
   training forward+backward forward + read x + read dy + write dx     = 5 * numel * elem_size
   training backward alone   read x + read dy + write dx (mode "bwd")  = 3 * numel * elem_size

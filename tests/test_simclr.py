@@ -270,7 +270,8 @@ def _worker(rank: int, port: int, queue) -> None:
         queue.put((rank, repr(exc)))
         raise
     finally:
-        # Results travel as numpy copies and floats, not tensors (see ../shared/NOTES.md).
+        # Results travel as numpy copies and floats, not tensors: a tensor travels as a shared
+        # file descriptor, which can fail once the sending process has exited.
         if dist.is_initialized():
             dist.destroy_process_group()
 
