@@ -33,17 +33,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               "--adaptive-batch", "off", "--max-steps", max_steps, "--eval-every", 0,
               "--width", width, "--lr", 0.05]
     acc: dict[tuple[str, int], list[float]] = {}
+    loss: dict[tuple[str, int], list[float]] = {}
     for seed in seeds:
         for norm in ("gn", "ln"):
             run = _common.run_train([*common, "--norm", norm, "--seed", seed],
                                     os.path.join(args.out, "runs", f"{norm}-{seed}"))
             for b in per_device:
                 acc.setdefault((norm, b), []).append(run["summary"]["test_accuracy"])
+                loss.setdefault((norm, b), []).append(run["summary"]["test_loss"])
         for b in per_device:
             run = _common.run_train([*common, "--norm", "bn", "--virtual-devices", 64 // b,
                                      "--seed", seed],
                                     os.path.join(args.out, "runs", f"bn-{b}-{seed}"))
             acc.setdefault(("bn", b), []).append(run["summary"]["test_accuracy"])
+            loss.setdefault(("bn", b), []).append(run["summary"]["test_loss"])
 
     def mean(v: list[float]) -> float:
         return sum(v) / len(v)
@@ -57,9 +60,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for norm in ("bn", "gn", "ln"):
             row[f"{norm.upper()} accuracy"] = mean(acc[(norm, b)])
             row[f"{norm.upper()} min-max"] = spread(acc[(norm, b)])
+            row[f"{norm.upper()} test loss"] = mean(loss[(norm, b)])
         rows.append(row)
     notes = f"""
-Test accuracy (360 test images), mean over seeds {seeds} and its spread (max - min); {max_steps}
+Test accuracy (360 test images), mean over seeds {seeds} and its spread (max - min), and the mean
+test cross-entropy (more sensitive than the saturated accuracy); {max_steps}
 SGD steps at a global batch of 64, lr 0.05, width {width}, one process. BN at per-device batch b
 uses --virtual-devices 64/b; GN (8 groups) and LN (over channels) do not depend on b (one run per
 seed, repeated on every row).
@@ -67,7 +72,8 @@ seed, repeated on every row).
     _common.write_table(args.out, NAME, "BN vs GN vs LN across per-device batch sizes",
                         list(rows[0]), rows, notes,
                         {"seeds": seeds, "per_seed": {f"{k[0]}-{k[1]}": v
-                                                      for k, v in acc.items()}})
+                                                      for k, v in acc.items()},
+                         "per_seed_loss": {f"{k[0]}-{k[1]}": v for k, v in loss.items()}})
     plt = _common.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for norm, style in (("bn", "o-"), ("gn", "s--"), ("ln", "^:")):

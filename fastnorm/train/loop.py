@@ -202,7 +202,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         controller.load_state_dict(state["controller"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"][env.rank])
-        aug_gen.set_state(state["rng"][env.rank]["aug"])
+        if "aug" in state["rng"][env.rank]:   # absent in checkpoints older than simclr
+            aug_gen.set_state(state["rng"][env.rank]["aug"])
         step, samples, progress, epoch = (state["step"], state["samples"], state["progress"],
                                           state["epoch"])
     sampler.set_batch_size(controller.batch_size)
