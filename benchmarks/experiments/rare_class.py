@@ -141,23 +141,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                "rare-row variance", "rare-row var / random", "rare-row bias^2", "|G|^2",
                "batches without the rare class"]
     notes = f"""
-Digit {RARE} kept at {prevalence:.0%} of the training split (--imbalance {RARE}:{prevalence}; the test
-split is untouched, 10 % of it is class {RARE}), batch {batch}, one process, BatchNorm model
-(eval mode for the variance measurement). Variance: mean over {num_batches} batches of
+Digit {RARE} kept at {prevalence:.0%} of the training split (--imbalance {RARE}:{prevalence};
+the test split is untouched, 10 % of it is class {RARE}), batch {batch}, one process,
+BatchNorm model (eval mode for the variance measurement). Variance: mean over {num_batches}
+batches of
 |g_b - G|^2 (G: gradient of the mean loss over the whole training split); bias^2: |mean g_b - G|^2
 (about variance / {num_batches} when unbiased). "rare-row": the classifier's weight row and bias
 of class {RARE}.
 
-Class {RARE} test recall (37 test images of class {RARE}: one image is 0.027) after {steps} SGD steps
-(lr 0.1, adaptive batch off), mean over seeds {seeds}, at prevalence {recall_prevalences}:
+Class {RARE} test recall (37 test images of class {RARE}: one image is 0.027) after {steps} SGD
+steps (lr 0.1, adaptive batch off), mean over seeds {seeds}, at prevalence {recall_prevalences}:
 
 | prevalence | setting | class {RARE} recall | min | max | test accuracy |
 |---|---|---|---|---|---|
 """ + "\n".join(f"| {r['prevalence']} | {r['setting']} | {r[f'class {RARE} recall']:.4f} | "
                 f"{r['recall min']:.4f} | "
                 f"{r['recall max']:.4f} | {r['test accuracy']:.4f} |" for r in recall_rows)
-    _common.write_table(args.out, NAME, f"Rare class at {prevalence:.0%}: random vs stratified "
-                        "batches", columns, var_rows, notes,
+    _common.write_table(args.out, NAME, f"Rare class at {prevalence:.0%}: random vs "
+                        "stratified batches", columns, var_rows, notes,
                         {"recall": recall_rows, "recall_per_seed": per_seed})
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -11,6 +11,13 @@ Where the gradient noise scale comes from:
     gives such a pair; the first and the last are the pair with the widest batch ratio.)
 Both are read before clipping and divided by the loss scale squared under a GradScaler; a
 non-finite pair is skipped by the estimator (the scaler skips that step too).
+
+The two tasks share the loop. classify: cross-entropy per micro-batch (with --importance-weights,
+sum of w[y] * loss / the rank's step share, so accumulation and DDP keep it unbiased), test
+evaluation every eval_every steps, recall of the --stratify/--imbalance classes at the end.
+simclr: one micro-batch per step, two views from the rank's checkpointed generator, NT-Xent with
+negatives from all ranks; the leak gap on a fixed held-out batch every leak_every steps (a
+collective) and the kNN / linear probes at the end.
 """
 from __future__ import annotations
 
@@ -408,7 +415,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    "target_snr": cfg.target_snr, "world_size": env.world, "device": str(dev),
                    "norm": cfg.norm, "virtual_devices": cfg.virtual_devices,
                    "stratify": cfg.stratify, "imbalance": cfg.imbalance,
-                   "importance_weights": cfg.importance_weights, "optimizer": cfg.optimizer, "lr_scaling": cfg.lr_scaling,
+                   "importance_weights": cfg.importance_weights, "optimizer": cfg.optimizer,
+                   "lr_scaling": cfg.lr_scaling,
                    "adaptive_batch": cfg.adaptive_batch,
                    "train_seconds": round(train_seconds, 2),
                    "total_seconds": round(time.perf_counter() - t_start, 2), "run_dir": out_dir}
