@@ -3,7 +3,9 @@ noise scale. Run it with `python -m fastnorm.train` (or under torchrun); see REA
 
 Modules: config (TrainConfig, flags), dist (process group, the GNS communication hook), data
 (digits, DistributedBatchSampler), model (SmallCNN), controller (BatchSizeController),
-checkpoint, report (progress, metrics.jsonl, plots), loop (train)."""
+checkpoint, report (progress, metrics.jsonl, plots), loop (train), sampler
+(StratifiedBatchSampler: --stratify/--imbalance/--importance-weights) and simclr (--task simclr,
+--virtual-devices)."""
 from ..gns import GNSEstimator
 from .config import ConfigError, TrainConfig, parse_args
 from .controller import BatchSizeController

@@ -80,11 +80,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between a checkpoint's config and the current one, ignoring
     the keys that may change on resume."""
+    from .config import TrainConfig
+    defaults = TrainConfig().to_dict()
     out = []
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_CHANGES:
             continue
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        # A key added after the checkpoint was written reads as its default.
+        a, b = saved.get(key, defaults.get(key, "<absent>")), current.get(key, "<absent>")
         if a != b:
             out.append(f"{key}: checkpoint {a!r}, now {b!r}")
     return out

@@ -26,8 +26,9 @@ def _f(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
 @dataclass
 class TrainConfig:
     """All trainer settings. Batch sizes are global (summed over ranks) unless said otherwise."""
-    task: str = _f("classify", "what to train (only 'classify': a CNN on the 8x8 digits)",
-                   ("classify",))
+    task: str = _f("classify", "classify: a CNN on the 8x8 digits; simclr: contrastive "
+                               "pretraining of it (two views, NT-Xent, negatives from all ranks)",
+                   ("classify", "simclr"))
     out_dir: str = _f("", "run directory (default runs/<timestamp>)")
     max_steps: int = _f(1200, "run length in scale-invariant steps (optimizer steps at the "
                              "initial batch size; a step at a larger batch counts its LR gain)")
@@ -55,7 +56,20 @@ class TrainConfig:
     norm: str = _f("bn", "norm layer: bn (per-rank stats), syncbn (stats over all ranks), "
                          "gn, ln", ("bn", "syncbn", "gn", "ln"))
     width: int = _f(32, "CNN width (channels of the first block)")
-    sampler: str = _f("random", "batch sampler", ("random",))
+    sampler: str = _f("random", "batch sampler (--stratify switches to fixed-count "
+                                "stratified batches)", ("random",))
+    stratify: str = _f("", "fixed count per global batch of listed classes, e.g. 3:4,8:4")
+    stratify_scope: str = _f("global", "--stratify counts per global batch or per rank batch",
+                             ("global", "local"))
+    imbalance: str = _f("", "subsample training classes to these prevalences, e.g. 3:0.05")
+    importance_weights: str = _f("off", "weight the loss by population / batch class share "
+                                        "(unbiased under --stratify)", ("on", "off"))
+    virtual_devices: int = _f(1, "split each BatchNorm batch into K groups with their own "
+                                 "statistics (per-device BN on K simulated devices; --norm bn)")
+    temperature: float = _f(0.5, "simclr: NT-Xent temperature")
+    embed_dim: int = _f(32, "simclr: output (projection) dimension")
+    leak_every: int = _f(25, "simclr: leak gap on a fixed held-out batch every N steps "
+                             "(0: only at the end)")
     eval_every: int = _f(50, "test-set evaluation every N optimizer steps (0: only at the end)")
     log_every: int = _f(25, "plain progress line every N steps when stdout is not a terminal")
     ckpt_every: int = _f(100, "checkpoint every N optimizer steps (0: only at the end)")
@@ -82,14 +96,14 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(f.name)}: expected one of {list(choices)}, "
                                   f"got {value!r}")
         positive = ("max_steps", "batch_size", "micro_batch", "max_batch_size", "target_snr",
-                    "gns_memory", "lr", "width")
+                    "gns_memory", "lr", "width", "virtual_devices", "temperature", "embed_dim")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
         non_negative = ("min_batch_size", "batch_threshold", "batch_cooldown", "weight_decay",
                         "warmup_steps", "min_lr_ratio", "grad_clip", "eval_every", "log_every",
                         "threads",
-                        "ckpt_every", "momentum")
+                        "ckpt_every", "momentum", "leak_every")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)}")
@@ -109,7 +123,46 @@ class TrainConfig:
         if not self.device == "auto" and not self.device.split(":")[0] in ("cpu", "cuda"):
             raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got "
                               f"{self.device!r}")
+        self._validate_tasks()
         return self
+
+    def class_maps(self) -> tuple[dict[int, int], dict[int, float]]:
+        """(--stratify counts, --imbalance prevalences), parsed; ConfigError on bad syntax."""
+        from .sampler import parse_class_map
+        try:
+            return (parse_class_map(self.stratify, int, flag="--stratify"),
+                    parse_class_map(self.imbalance, float, flag="--imbalance"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _validate_tasks(self) -> None:
+        counts, prevalence = self.class_maps()
+        for c, n in counts.items():
+            if n < 1:
+                raise ConfigError(f"--stratify: count of class {c} must be >= 1, got {n}")
+        if prevalence and not (all(p > 0 for p in prevalence.values())
+                               and sum(prevalence.values()) < 1):
+            raise ConfigError(f"--imbalance: prevalences must be > 0 and sum below 1, got "
+                              f"{prevalence}")
+        if self.importance_weights == "on" and not counts:
+            raise ConfigError("--importance-weights on needs --stratify (with random batches "
+                              "every weight is 1)")
+        if self.virtual_devices > 1 and self.norm != "bn":
+            raise ConfigError(f"--virtual-devices {self.virtual_devices} splits per-device "
+                              f"BatchNorm statistics and needs --norm bn (got --norm "
+                              f"{self.norm}, which it would not change)")
+        if self.task == "simclr":
+            if counts or prevalence or self.importance_weights == "on":
+                raise ConfigError("--stratify, --imbalance and --importance-weights apply to "
+                                  "--task classify, not simclr")
+            if self.adaptive_batch != "off":
+                raise ConfigError("--task simclr needs --adaptive-batch off: its negatives do "
+                                  "not split into micro-batches, so the batch cannot be "
+                                  "accumulated and the one-process noise-scale estimate is "
+                                  "unavailable")
+        elif self.micro_batch % self.virtual_devices:
+            raise ConfigError(f"--virtual-devices {self.virtual_devices} must divide "
+                              f"--micro-batch {self.micro_batch} (each forward is split)")
 
     def validate_world(self, world: int) -> None:
         """Checks that depend on the number of ranks."""
@@ -127,6 +180,30 @@ class TrainConfig:
                               f"batches per step: --batch-size {self.batch_size} needs "
                               f"--micro-batch <= {self.batch_size // 2} (got {self.micro_batch})"
                               ", or --adaptive-batch off")
+        local = self.batch_size // world
+        if self.task == "simclr":
+            if self.micro_batch != local:
+                raise ConfigError(f"--task simclr takes one micro-batch per step (no "
+                                  f"accumulation: the loss couples all samples): set "
+                                  f"--micro-batch to --batch-size / world = "
+                                  f"{self.batch_size} / {world} = {local} (got "
+                                  f"{self.micro_batch})")
+            if local % self.virtual_devices:
+                raise ConfigError(f"--virtual-devices {self.virtual_devices} must divide the "
+                                  f"images per rank ({local}), so every virtual device holds "
+                                  f"both views of its images")
+        counts, _ = self.class_maps()
+        if counts:
+            need = sum(counts.values()) * (world if self.stratify_scope == "local" else 1)
+            if self.stratify_scope == "local" and sum(counts.values()) >= lo // world:
+                raise ConfigError(f"--stratify counts sum to {sum(counts.values())} per rank "
+                                  f"(--stratify-scope local), which leaves no other sample in "
+                                  f"a rank batch of {lo // world} (smallest global batch {lo} "
+                                  f"/ {world} ranks): raise --min-batch-size/--batch-size")
+            if need >= lo:
+                raise ConfigError(f"--stratify counts take {need} samples of every global "
+                                  f"batch, which leaves no other sample in the smallest batch "
+                                  f"{lo} (--min-batch-size, or --batch-size when it is 0)")
 
 
 def _flag(name: str) -> str:

@@ -99,7 +99,18 @@ class DistributedBatchSampler:
 
 def make_batch_sampler(cfg: Any, labels: torch.Tensor, world: int, rank: int) -> Any:
     """The batch sampler named by cfg.sampler, over a dataset with these labels (a stratified
-    sampler needs them). The seam where other samplers plug in."""
+    sampler needs them). The seam where other samplers plug in: --stratify gives a
+    StratifiedBatchSampler; its errors (a class absent from the labels, counts that leave no
+    filler slot) come back as ConfigError naming the flag."""
+    counts = cfg.class_maps()[0] if hasattr(cfg, "class_maps") else {}
+    if counts:
+        from .config import ConfigError
+        from .sampler import StratifiedBatchSampler
+        try:
+            return StratifiedBatchSampler(labels, cfg.batch_size, counts, num_replicas=world,
+                                          rank=rank, seed=cfg.seed, scope=cfg.stratify_scope)
+        except ValueError as e:
+            raise ConfigError(f"--stratify {cfg.stratify}: {e}") from None
     if cfg.sampler == "random":
         return DistributedBatchSampler(len(labels), cfg.batch_size, num_replicas=world,
                                        rank=rank, seed=cfg.seed)

@@ -11,6 +11,13 @@ Where the gradient noise scale comes from:
     gives such a pair; the first and the last are the pair with the widest batch ratio.)
 Both are read before clipping and divided by the loss scale squared under a GradScaler; a
 non-finite pair is skipped by the estimator (the scaler skips that step too).
+
+The two tasks share the loop. classify: cross-entropy per micro-batch (with --importance-weights,
+sum of w[y] * loss / the rank's step share, so accumulation and DDP keep it unbiased), test
+evaluation every eval_every steps, recall of the --stratify/--imbalance classes at the end.
+simclr: one micro-batch per step, two views from the rank's checkpointed generator, NT-Xent with
+negatives from all ranks; the leak gap on a fixed held-out batch every leak_every steps (a
+collective) and the kNN / linear probes at the end.
 """
 from __future__ import annotations
 
@@ -34,6 +41,9 @@ from .data import load_digits_split, make_batch_sampler
 from .dist import DistEnv, GNSHook, all_gather_objects, init_distributed, wrap_ddp
 from .model import make_model
 from .report import MetricsLog, Progress, write_report
+from .sampler import imbalance_indices
+from .simclr import (DigitAugment, embed, interleave_views, knn_accuracy, leak_gap,
+                     nt_xent_loss, ridge_probe_accuracy, set_virtual_devices, split_views)
 
 __all__ = ["train"]
 
@@ -103,6 +113,22 @@ def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return loss / len(x), correct / len(x)
 
 
+def _recall(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[int],
+            autocast: Any) -> dict[str, float]:
+    """Test recall (share of class c's test samples predicted as c) of each listed class."""
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([_forward(model, x[i:i + 512], autocast).argmax(1)
+                          for i in range(0, len(x), 512)])
+    model.train()
+    return {str(c): (pred[y == c] == c).float().mean().item() for c in classes}
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, autocast: Any) -> torch.Tensor:
+    with autocast():
+        return model(x).float()
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training described by `cfg`; returns the summary (also in report.md)."""
     t_start = time.perf_counter()
@@ -116,11 +142,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # ---- data, model, optimizer, estimator, controller ------------------------------------
     x_tr, y_tr, x_te, y_te = (t.to(dev) for t in load_digits_split(cfg.seed))
+    counts, prevalence = cfg.class_maps()
+    listed = sorted(set(counts) | set(prevalence))   # classes whose counts/recall we report
+    if prevalence:                                   # make them rare in the TRAIN split only
+        try:
+            keep = torch.as_tensor(imbalance_indices(y_tr.cpu(), prevalence, cfg.seed))
+        except ValueError as e:
+            raise ConfigError(f"--imbalance {cfg.imbalance}: {e}") from None
+        x_tr, y_tr = x_tr[keep.to(dev)], y_tr[keep.to(dev)]
+    simclr = cfg.task == "simclr"
     if cfg.max_batch_size > len(x_tr):
         raise ConfigError(f"--max-batch-size {cfg.max_batch_size} exceeds the training set "
                           f"({len(x_tr)} samples)")
     torch.manual_seed(cfg.seed)                 # same init everywhere (DDP broadcasts anyway)
-    model = make_model(cfg.norm, cfg.width, env.world).to(dev)
+    model = make_model(cfg.norm, cfg.width, env.world,
+                       cfg.embed_dim if simclr else 10).to(dev)
+    if cfg.virtual_devices > 1:
+        set_virtual_devices(model, cfg.virtual_devices)
     torch.manual_seed(cfg.seed + 1000 * env.rank)
     optimizer = make_optimizer(cfg, model)
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if dev.type == "cuda" else "off")
@@ -143,6 +181,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         min_accum=2 if gns_on and env.world == 1 else 1)
     sampler = make_batch_sampler(cfg, y_tr.cpu(), env.world, env.rank)
     step, samples, progress, epoch = 0, 0, 0.0, 0
+    # simclr: the views come from a per-rank generator (checkpointed with the RNG states); the
+    # leak gap is measured on a fixed held-out batch (this rank's slice of the test split).
+    aug, aug_gen = DigitAugment(), torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)
+    if simclr:
+        n_leak = cfg.batch_size // env.world
+        if cfg.batch_size > len(x_te):
+            raise ConfigError(f"--task simclr: the leak-gap batch is one global batch of the "
+                              f"test split ({len(x_te)} images); --batch-size "
+                              f"{cfg.batch_size} is larger")
+        leak_views = aug(x_te[env.rank * n_leak:(env.rank + 1) * n_leak],
+                         torch.Generator().manual_seed(cfg.seed * 1000 + env.rank + 500))
 
     # ---- resume --------------------------------------------------------------------------
     if ckpt_path is not None:
@@ -160,9 +209,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         controller.load_state_dict(state["controller"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"][env.rank])
+        if "aug" in state["rng"][env.rank]:   # absent in checkpoints older than simclr
+            aug_gen.set_state(state["rng"][env.rank]["aug"])
         step, samples, progress, epoch = (state["step"], state["samples"], state["progress"],
                                           state["epoch"])
     sampler.set_batch_size(controller.batch_size)
+    weights = (sampler.class_weights().to(dev) if cfg.importance_weights == "on" else None)
 
     ddp: torch.nn.Module = model
     hook: Optional[GNSHook] = None
@@ -189,7 +241,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def checkpoint() -> None:
         nonlocal last_ckpt
         last_ckpt = step
-        rngs = all_gather_objects(rng_state(), env)
+        rngs = all_gather_objects({**rng_state(), "aug": aug_gen.get_state()}, env)
         if env.is_main:
             save_checkpoint({
                 "version": 1, "config": {**cfg.to_dict(), "out_dir": out_dir},
@@ -208,9 +260,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         last_eval = step
         return test_loss, test_acc
 
+    def measure_leak() -> dict[str, float]:
+        """Pretext accuracy train - eval mode on the held-out batch, averaged over ranks (every
+        rank calls it: the gather, and SyncBatchNorm's train-mode forward, are collectives)."""
+        r = leak_gap(model, *leak_views)
+        acc = torch.tensor([r["train"], r["eval"]], dtype=torch.float64)
+        if env.world > 1:
+            dist.all_reduce(acc)
+            acc /= env.world
+        tr, ev = acc.tolist()
+        row = {"kind": "leak", "step": step, "samples": samples, "train_pretext": tr,
+               "eval_pretext": ev, "leak_gap": tr - ev}
+        if env.is_main:
+            log.write(row)
+            bar.write(f"step {step}: pretext accuracy train mode {tr:.3f}, eval mode {ev:.3f}, "
+                      f"leak gap {tr - ev:+.3f}")
+        nonlocal last_eval, last_leak
+        last_eval, last_leak = step, row
+        return row
+
     # ---- the loop --------------------------------------------------------------------------
     test_loss = test_acc = math.nan
     last_eval = last_ckpt = -1
+    last_leak: dict[str, float] = {}
     zero = torch.zeros((), device=dev)
     t_train = time.perf_counter()
     while progress < cfg.max_steps:
@@ -228,12 +300,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 last = i == k - 1
                 sync = contextlib.nullcontext() if last or env.world == 1 else ddp.no_sync()
                 with sync:
-                    with autocast():
-                        out = ddp(x_tr[micro])
-                        loss = F.cross_entropy(out.float(), y_tr[micro])
-                    scaler.scale(loss / k).backward()
+                    if simclr:   # k == 1: the whole local batch, negatives from all ranks
+                        v1, v2 = aug(x_tr[micro], aug_gen)
+                        with autocast():
+                            z1, z2 = split_views(ddp(interleave_views(v1, v2)).float())
+                        loss = term = nt_xent_loss(z1, z2, cfg.temperature)
+                    else:
+                        with autocast():
+                            out = ddp(x_tr[micro]).float()
+                        if weights is None:
+                            loss = F.cross_entropy(out, y_tr[micro])
+                            term = loss / k
+                        else:    # sum of w[y] * loss over the micro-batch / the local batch
+                            per = F.cross_entropy(out, y_tr[micro], reduction="none")
+                            term = (weights[y_tr[micro]] * per).sum() / len(local_idx)
+                            loss = term * k
+                        correct = correct + (out.argmax(1) == y_tr[micro]).sum()
+                    scaler.scale(term).backward()
                 loss_sum = loss_sum + loss.detach()
-                correct = correct + (out.argmax(1) == y_tr[micro]).sum()
                 if gns_on and env.world == 1 and i == 0:
                     small_sq = grad_sq_norm(params) * (k * k)
             if gns_on:
@@ -259,19 +343,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 estimator.update(small_v / scale ** 2, big_v / scale ** 2, small_batch, batch)
                 if controller.update(step, estimator.b_simple):
                     sampler.set_batch_size(controller.batch_size)
+                    if weights is not None:
+                        weights = sampler.class_weights().to(dev)
+            extra: dict[str, Any] = {}
+            if listed:   # this global batch's count of each listed class (a tiny all-reduce)
+                per_class = torch.bincount(y_tr[idx], minlength=max(listed) + 1)[listed]
+                if env.world > 1:
+                    dist.all_reduce(per_class)
+                extra["class_counts"] = dict(zip(map(str, listed), per_class.tolist()))
+            if not simclr:
+                extra["accuracy"] = correct_v / len(local_idx)
             if env.is_main:
                 dt = time.perf_counter() - t0
                 log.write({"kind": "step", "step": step, "samples": samples,
                            "global_batch": batch, "micro_batch": cfg.micro_batch,
                            "accum": k, "lr": lr, "gain": gain,
                            "grad_sq": estimator.grad_sq, "trace_sigma": estimator.trace_sigma,
-                           "b_simple": estimator.b_simple, "loss": loss_v,
-                           "accuracy": correct_v / len(local_idx), "samples_per_s": batch / dt,
+                           "b_simple": estimator.b_simple, "loss": loss_v, **extra,
+                           "samples_per_s": batch / dt, "step_seconds": dt,
                            "progress": progress, "epoch": epoch})
                 bar.update(gain, step, {"B": batch, "b_simple": round(estimator.b_simple, 1),
                                         "loss": loss_v, "lr": lr})
-                if cfg.eval_every and step % cfg.eval_every == 0:
+                if not simclr and cfg.eval_every and step % cfg.eval_every == 0:
                     test_loss, test_acc = evaluate()
+            if simclr and cfg.leak_every and step % cfg.leak_every == 0:
+                measure_leak()
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 checkpoint()
             if progress >= cfg.max_steps:
@@ -283,19 +379,44 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t_train
 
     # ---- the end ---------------------------------------------------------------------------
-    if env.is_main and last_eval != step:
-        test_loss, test_acc = evaluate()
+    extra_summary: dict[str, Any] = {}
+    if simclr:
+        leak = measure_leak() if last_eval != step else last_leak
+        if env.is_main:
+            # Probes on the features before the projection (the last Linear), eval mode.
+            backbone = torch.nn.Sequential(*list(model.children())[:-1])
+            f_tr, f_te = embed(backbone, x_tr), embed(backbone, x_te)
+            probe = {"knn_accuracy": knn_accuracy(f_tr, y_tr, f_te, y_te, k=20),
+                     "linear_probe_accuracy": ridge_probe_accuracy(f_tr, y_tr, f_te, y_te)}
+            log.write({"kind": "probe", "step": step, **probe})
+            bar.write(f"kNN accuracy {probe['knn_accuracy']:.4f}, linear probe "
+                      f"{probe['linear_probe_accuracy']:.4f} (test split)")
+            extra_summary = {"leak_gap": leak["leak_gap"], "train_pretext": leak["train_pretext"],
+                             "eval_pretext": leak["eval_pretext"], **probe}
+    elif env.is_main:
+        if last_eval != step:
+            test_loss, test_acc = evaluate()
+        if listed:
+            extra_summary["recall"] = _recall(model, x_te, y_te, listed, autocast)
+            log.write({"kind": "recall", "step": step, "recall": extra_summary["recall"]})
+            bar.write("test recall: " + ", ".join(
+                f"class {c} {r:.3f}" for c, r in extra_summary["recall"].items()))
     if last_ckpt != step:
         checkpoint()
     bar.close()
     summary: dict[str, Any] = {}
     if env.is_main:
-        summary = {"test_accuracy": test_acc, "test_loss": test_loss, "steps": step,
+        summary = {"task": cfg.task, **({} if simclr else {"test_accuracy": test_acc,
+                                                            "test_loss": test_loss}),
+                   **extra_summary, "steps": step,
                    "samples": samples, "epochs": samples / len(x_tr),
                    "final_global_batch": controller.batch_size,
                    "batch_changes": controller.changes, "b_simple": estimator.b_simple,
                    "target_snr": cfg.target_snr, "world_size": env.world, "device": str(dev),
-                   "norm": cfg.norm, "optimizer": cfg.optimizer, "lr_scaling": cfg.lr_scaling,
+                   "norm": cfg.norm, "virtual_devices": cfg.virtual_devices,
+                   "stratify": cfg.stratify, "imbalance": cfg.imbalance,
+                   "importance_weights": cfg.importance_weights, "optimizer": cfg.optimizer,
+                   "lr_scaling": cfg.lr_scaling,
                    "adaptive_batch": cfg.adaptive_batch,
                    "train_seconds": round(train_seconds, 2),
                    "total_seconds": round(time.perf_counter() - t_start, 2), "run_dir": out_dir}
@@ -306,7 +427,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
               f"{train_seconds:.1f} s; global batch {cfg.batch_size} -> "
               f"{controller.batch_size} ({controller.changes} changes), b_simple "
               f"{estimator.b_simple:.1f}", flush=True)
-        print(f"test accuracy {test_acc:.4f} (test loss {test_loss:.4f})", flush=True)
+        if simclr:
+            print(f"leak gap {summary['leak_gap']:+.4f}; kNN accuracy "
+                  f"{summary['knn_accuracy']:.4f}, linear probe "
+                  f"{summary['linear_probe_accuracy']:.4f}", flush=True)
+        else:
+            print(f"test accuracy {test_acc:.4f} (test loss {test_loss:.4f})", flush=True)
         print(f"run directory: {out_dir}", flush=True)
     if env.world > 1:
         dist.barrier()

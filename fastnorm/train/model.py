@@ -40,8 +40,9 @@ class SmallCNN(nn.Sequential):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, num_classes))
 
 
-def make_model(norm: str, width: int, world: int) -> nn.Module:
+def make_model(norm: str, width: int, world: int, num_outputs: int = 10) -> nn.Module:
     """The CNN with fastnorm norm layers; with --norm syncbn on several ranks its BatchNorms
-    become fastnorm.nn.SyncBatchNorm (statistics over the global micro-batch)."""
-    model = SmallCNN(norm, width)
+    become fastnorm.nn.SyncBatchNorm (statistics over the global micro-batch). num_outputs:
+    classes, or the embedding (projection) dimension of the simclr task."""
+    model = SmallCNN(norm, width, num_outputs)
     return fastnorm.convert(model, sync_batchnorm=(norm == "syncbn" and world > 1))

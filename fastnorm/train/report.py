@@ -158,12 +158,25 @@ def write_report(run_dir: str, summary: dict[str, Any]) -> list[str]:
     ax.legend(h1 + h2, l1 + l2, loc="upper right")
     ax.set_title("learning rate")
     files.append(_save(fig, run_dir, "lr.png"))
+    leaks = [r for r in rows if r.get("kind") == "leak"]
+    if leaks:   # --task simclr
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for key, label in (("train_pretext", "train mode"), ("eval_pretext", "eval mode"),
+                           ("leak_gap", "leak gap (train - eval)")):
+            ax.plot(*_series(leaks, key), "o-", label=label)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel("pretext accuracy (held-out batch)")
+        ax.legend()
+        ax.set_title("contrastive pretext accuracy and leak gap")
+        files.append(_save(fig, run_dir, "leak_gap.png"))
     plt.close("all")
 
     lines = ["# fastnorm.train run", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in summary.items() if k != "config"]
     lines += ["", "![loss and accuracy](loss_accuracy.png)", "",
               "![batch size](batch_size.png)", "", "![learning rate](lr.png)", "",
+              *(["![leak gap](leak_gap.png)", ""] if leaks else []),
               "Config: `config.json`; per-step numbers: `metrics.jsonl`.", ""]
     path = os.path.join(run_dir, "report.md")
     with open(path, "w") as fh:
