@@ -38,6 +38,13 @@ GPU_CASES = [
     ("rms_norm", 4096, 16384, torch.bfloat16),
     ("rms_norm", 1024, 65536, torch.bfloat16),
 ]
+# Fused residual add + norm (transformer pre-norm blocks): h = x + r, y = norm(h), at the
+# anchor shapes; the torch baseline is the unfused `h = x + r; norm(h)`.
+RESIDUAL_CASES = [
+    ("rms_norm", 16384, 4096, torch.bfloat16),
+    ("layer_norm", 16384, 4096, torch.bfloat16),
+    ("rms_norm", 4096, 16384, torch.bfloat16),
+]
 CPU_CASES = [
     ("layer_norm", 256, 1024, torch.float32),
     ("rms_norm", 256, 1024, torch.float32),
