@@ -134,8 +134,11 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, M, N, stride_x,
     Flags as in _layer_norm_fwd_kernel; with HAS_RESIDUAL the first walk stores h and the
     second walk reads it back (without STORE_RESIDUAL it adds x + r again). Safe in place
     (Y is X, H is R): each element of x and r is read before it is overwritten."""
-    for row_i in range(tl.program_id(0), M, tl.num_programs(0)):
-        _layer_norm_fwd_chunked_row(X, Y, W, B, Mean, Rstd, R, H, tl.cast(row_i, tl.int64), N,
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for k in range(0, tl.cdiv(M - pid, programs)):
+        row = pid.to(tl.int64) + k * programs.to(tl.int64)
+        _layer_norm_fwd_chunked_row(X, Y, W, B, Mean, Rstd, R, H, row, N,
                                     stride_x, stride_y, stride_r, stride_h, eps, IS_RMS,
                                     HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, STORE_RESIDUAL,
                                     ROUND_XHAT, ACC, BLOCK_N)
@@ -570,13 +573,18 @@ def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms:
     walking its rows twice and updating its own dW/dB partial row after every row."""
     chunk = _fused_limit(CHUNK_N, dtype)
     warps = num_warps_for(chunk, elems_per_warp=ELEMS_PER_WARP_LN)
-    programs = max(1, min(m, num_parallel_programs(device)))
+    # One program per SM, or down to 3/4 of the SMs where that makes the window (below) fit in
+    # the usable L2 (fp32 LayerNorm at N = 16384: 100 programs of 256 KB on an H100).
+    sms = num_parallel_programs(device)
+    per_program = n * (es + dy_es + acc * n_partials)
+    budget = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
+    programs = max(1, min(m, max(triton.cdiv(3 * sms, 4), min(sms, budget // per_program))))
     inputs = m * n * (es + dy_es)
     # A partial row is read and written once per row the program takes: those bytes stay in L2
     # when the window (the rows in flight and the partial rows) fits; only the final partial
     # rows reach HBM.
     updates = m * n * acc * n_partials
-    window = programs * n * (es + dy_es + acc * n_partials)
+    window = programs * per_program
     launch = LaunchCost("_layer_norm_bwd_rows_kernel", (programs,), warps,
                         reads=2 * inputs + dres + stats + 2 * n * w_es * int(has_weight)
                         + updates,
