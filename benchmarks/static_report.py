@@ -65,12 +65,20 @@ DESIGN_EXCEPTIONS = {
     ("group_norm", "fwd", "split"): "a group split over programs needs its statistics first: x "
                                     "read twice, the second read an L2 hit only for the tail",
     ("group_norm", "bwd", "split"): "as the forward: x and dy read twice",
-    ("layer_norm", "bwd", "chunked"): "rows longer than the fused limit: x and dy read twice "
-                                      "(LN plans and the 3-pass fix come later)",
+    ("layer_norm", "bwd", "chunked"): "rows too long for the persistent backward's L2 window "
+                                      "(1024x65536 bf16: 132 rows of x, dy + 132 fp32 partial "
+                                      "rows = 67 MB > 25 MB): the two-kernel path reads x and "
+                                      "dy twice; with a handful of rows the dW/dB partials and "
+                                      "the weights are not small next to x",
     ("rms_norm", "bwd", "chunked"): "as layer_norm",
-    ("layer_norm", "fwd", "chunked"): "each program walks its row twice; the second walk hits "
-                                      "L2 only if the rows in flight fit (at 1024x65536 all "
-                                      "1024 rows, 128 MB in bf16, are in flight at once)",
+    ("layer_norm", "bwd", "rows"): "few rows per program (2048x16385: 16): each program's N "
+                                   "fp32 dW and dB partial rows, written and summed once, are "
+                                   "> 10 % of x, dy and dx",
+    ("rms_norm", "bwd", "rows"): "as layer_norm",
+    ("layer_norm", "fwd", "chunked"): "fp32 rows of 64K+: one row per SM (132 x 256 KB) is more "
+                                      "than the usable L2, so part of the second walk comes "
+                                      "from HBM; with a handful of rows (7x65537) the weight "
+                                      "and bias reads are not small next to x",
     ("rms_norm", "fwd", "chunked"): "as layer_norm",
 }
 

@@ -22,8 +22,9 @@ eps is passed as an fp64 scalar and converted to the accumulation dtype inside t
 """
 # No `from __future__ import annotations`: Triton reads the kernels' annotations (eps: "fp64")
 # as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -417,6 +418,24 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
 
 # --- launch plans ------------------------------------------------------------------------------
 
+_forced_bwd_path: Optional[str] = None
+
+
+@contextlib.contextmanager
+def force_backward_path(path: str) -> Iterator[None]:
+    """Within the block, backward launches for rows longer than MAX_FUSED_N_BWD take `path`
+    ("rows": the persistent kernel, "chunked": row statistics then the column-chunked kernel)
+    whatever the cost model prefers: for tests and tuning."""
+    global _forced_bwd_path
+    if path not in ("rows", "chunked"):
+        raise ValueError(f"unknown long-row backward path {path!r}; expected 'rows' or 'chunked'")
+    previous, _forced_bwd_path = _forced_bwd_path, path
+    try:
+        yield
+    finally:
+        _forced_bwd_path = previous
+
+
 def _elem_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -525,8 +544,11 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
         chunked_cost = _two_kernel_cost(m, n, inputs, dres, stats, has_weight, w_es, acc,
                                         is_rms, dx_es, partial_bytes)
         budget_l2 = l2_cache_bytes(device)
-        if modeled_hbm_bytes(rows.launches, budget_l2) <= modeled_hbm_bytes(chunked_cost,
-                                                                           budget_l2):
+        # The cost model picks: the persistent kernel where its window fits (3 passes), the
+        # two-kernel path where re-reading x and dy from HBM costs less than partial-row
+        # updates that miss the L2.
+        if _forced_bwd_path == "rows" or (_forced_bwd_path is None and modeled_hbm_bytes(
+                rows.launches, budget_l2) <= modeled_hbm_bytes(chunked_cost, budget_l2)):
             return rows
         launches.append(LaunchCost("_layer_norm_bwd_row_stats_kernel", (m,),
                                    num_warps_for(block_n, elems_per_warp=ELEMS_PER_WARP_LN),
