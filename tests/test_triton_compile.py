@@ -50,7 +50,7 @@ def _ln_specs():
                 chunk_sig = fwd_sig  # persistent over rows: takes M too
                 specs.append(("layer_norm", "_layer_norm_fwd_chunked_kernel", chunk_sig,
                               {**fwd_flags, "BLOCK_N": 4096 if dt != "fp64" else 2048},
-                              16 if dt != "fp64" else 8))
+                              {"bf16": 16, "fp16": 16, "fp32": 4, "fp64": 4}[dt]))
             # backward: X is the norm's input (h, fp32 for an fp32 residual stream)
             x_dt = "fp32" if residual and dt == "bf16" else dt
             stats_sig = {"X": f"*{x_dt}", "W": f"*{dt}", "DY": f"*{dt}", "Mean": f"*{stat}",
@@ -69,7 +69,8 @@ def _ln_specs():
             specs.append(("layer_norm", "_layer_norm_bwd_rows_kernel", rows_sig,
                           {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
                            "ROUND_DX_TERMS": round_xhat,
-                           "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
+                           "BLOCK_N": 4096 if dt != "fp64" else 2048},
+                          16 if dt != "fp64" else 8))
             for in_tile, block_m, block_n, warps in ((True, 2, 1024, 4), (True, 1, 8192, 16),
                                                      (False, 1, 4096, 8)):
                 if dt == "fp64" and block_n == 8192:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (L2_REUSE_FRACTION, LaunchCost, acc_dtype, column_sum,
+from ._common import (ELEMS_PER_WARP, L2_REUSE_FRACTION, LaunchCost, acc_dtype, column_sum,
                       l2_cache_bytes, min_fill_programs, modeled_hbm_bytes, num_parallel_programs,
                       num_warps_for, rows_per_tile, tl_acc_dtype)
 
@@ -501,9 +501,10 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
             return LayerNormPlan("fwd", "fused", block_m, block_n, warps, grid, block_m, 0,
                                  (launch,))
         chunk = _fused_limit(CHUNK_N, dtype)
-        # 8 elements per thread (the shared default): at 16 per thread the persistent loop
-        # spilled a few bytes in fp16 on sm_80 and sm_90.
-        warps = num_warps_for(chunk)
+        # 16-bit: 16 warps, 8 elements per thread (at 16 per thread fp16 spilled a few bytes on
+        # sm_80 and sm_90); 32/64-bit: 4 warps (at 8 and 16 warps ptxas kept fp32 to 40-80
+        # registers on sm_80 and spilled 8 bytes). Found by the static cost report.
+        warps = num_warps_for(CHUNK_N, elems_per_warp=ELEMS_PER_WARP if es == 2 else 1024)
         # Persistent grid: as many rows in flight as fit in the usable L2 (the second walk then
         # hits it), at least one program per SM (bandwidth first), at most two.
         budget = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
@@ -594,7 +595,9 @@ def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms:
     """The persistent long-row backward (_layer_norm_bwd_rows_kernel): one program per SM, each
     walking its rows twice and updating its own dW/dB partial row after every row."""
     chunk = _fused_limit(CHUNK_N, dtype)
-    warps = num_warps_for(chunk, elems_per_warp=ELEMS_PER_WARP_LN)
+    # 8 elements per thread: at 16 (8 warps) ptxas held the kernel to 128 registers and spilled
+    # 16-32 bytes for unaligned N (no vector loads) on sm_90.
+    warps = num_warps_for(chunk)
     # One program per SM, or down to 3/4 of the SMs where that makes the window (below) fit in
     # the usable L2 (fp32 LayerNorm at N = 16384: 100 programs of 256 KB on an H100).
     sms = num_parallel_programs(device)
