@@ -1,24 +1,58 @@
 """LayerNorm and RMSNorm in Triton, forward and backward, on a 2-D view (M rows of N features).
 
-Paths, chosen by the launchers from N:
-- fused: a tile of BLOCK_M whole rows is loaded once, statistics are computed from the
-  registers (mean refined by one correction pass, then the sum of squared deviations, so large
-  means lose nothing) and y is written: one read of x, one write of y.
-- chunked (large N): one program per row walks the row twice in chunks. The first walk merges
-  per-chunk (count, mean, M2), taken about a shift, with Chan's formula; the second normalizes. The second walk reads
-  the row back from L2 rather than HBM because only ~one row per SM is in flight.
+Every launch comes from `plan_layer_norm`, a pure function of shapes, dtypes, flags and the
+device's SM count and L2 size, returning a frozen `LayerNormPlan` (path, tiles, warps, grid, rows
+per program, partial rows, and each launch with the HBM bytes it reads and writes; the static
+cost report, benchmarks/static_report.py, prints them with registers and occupancy).
+
+Forward paths, by N:
+- fused (padded N <= 16384; 8192 for fp64): a tile of BLOCK_M whole rows is loaded once,
+  statistics come from the registers (mean refined by one correction pass, then the sum of
+  squared deviations, so large means lose nothing) and y is written: one read of x, one write.
+- chunked (longer rows): a persistent grid of P programs, program p taking rows p, p + P, ...
+  Each row is walked twice in chunks: the first walk merges per-chunk (count, mean, M2), taken
+  about a shift, with Chan's formula; the second, over the chunks backwards (the chunk read last
+  first), normalizes. P is sized so that the rows in flight (P rows of x, with a residual also r
+  and h) fit in the usable half of the L2 (at least one program per SM, at most two): the second
+  walk is an L2 hit (1024 x 65536 bf16 on an H100: 200 programs x 128 KB = 25 MB). The model
+  (`LaunchCost.l2_window`) counts the re-read as a hit for the fraction of the window that fits.
 
 Backward: dx = rstd * (w*dy - (x_hat * c1 + c2)), c1 = mean(x_hat * w*dy), c2 = mean(w*dy)
-(c2 = 0 for RMSNorm). dW = sum over rows of dy * x_hat and dB = sum of dy are accumulated per
-program in fp32 registers, written as [programs, N] partial sums, then reduced in a fixed order by
-a second kernel (`column_sum`): deterministic and bitwise repeatable, no atomics. When a row is
-too wide for dW/dB accumulators to stay in registers, a first kernel computes (c1, c2) per row and
-the main kernel splits the columns into chunks.
+(c2 = 0 for RMSNorm). dW = sum over rows of dy * x_hat and dB = sum of dy go through per-program
+fp32 partial rows [programs, N], summed in a fixed order by `column_sum`: deterministic and
+bitwise repeatable, no atomics. Paths, by N:
+- fused (padded N <= 8192; 4096 for fp64): a [BLOCK_M, N] tile holds x, dy and the dW/dB
+  accumulators in registers; c1/c2 come from the tile; 3 HBM passes (x, dy in, dx out). One
+  program per SM (two for short rows), each with >= 64 rows, so the partial rows stay ~2-4 % of
+  the traffic. (A 16384-wide tile spilled on sm_90 at 16 and at 32 warps, even with dW/dB kept in
+  memory, so this path stops at 8192.)
+- rows (longer rows, when the cost model prefers it): one launch, persistent, one program per SM
+  (down to 3/4 of the SMs if that makes the window fit). Per row, a first walk over the chunks
+  sums c1/c2, a second walk backwards writes dx and adds the row's dW/dB terms into the
+  program's own partial row (read, add, store). The window that must stay in L2 is P rows of x
+  and dy plus P partial rows (RMSNorm bf16 N = 16384 on an H100: 132 x 96 KB = 12.7 MB of 25 MB
+  usable), so x and dy come from HBM once: 3 passes plus the final partial rows. The model
+  counts the second walk and the partial-row updates as L2 hits for the fraction of the window
+  that fits, and it does not model L2 bandwidth: the second walk and the updates put ~2-3x the
+  HBM bytes through the L2, unmeasured.
+- chunked (rows whose window does not fit: 1024 x 65536 bf16, 132 x 512 KB = 67 MB): a
+  row-statistics kernel computes (c1, c2) per row, then a column-chunked kernel (grid: column
+  blocks x row groups, dW/dB of its column block in registers, row groups last-first so the tail
+  the first kernel read is still in L2) writes dx: x and dy are read twice, 5 passes.
+  Why not 3 passes here: a row of 64K bf16 x and dy is 256 KB, more than one SM's registers and
+  shared memory, so it has to be split over programs that exchange c1/c2 partials before any of
+  them can write dx. That needs a barrier between co-resident programs (thread-block clusters
+  with distributed shared memory, or a grid barrier on a global flag) which Triton does not
+  expose portably and which Triton's interpreter, running programs one after another, cannot
+  run; keeping whole rows per program instead needs N-wide dW/dB partials per program that do not
+  fit in L2 next to the rows. The cost model (`plan_layer_norm` compares the modeled bytes of
+  the rows and chunked plans) picks the cheaper.
 
 Feature flags (constexpr, one code path): HAS_RESIDUAL / STORE_RESIDUAL normalize h = x + r and
 write h (the fused residual add), HAS_DRESIDUAL adds h's incoming gradient into dx, ROUND_XHAT
-rounds x_hat to the input dtype before the weight multiply (transformers' Llama-style RMSNorm).
-eps is passed as an fp64 scalar and converted to the accumulation dtype inside the kernels.
+rounds x_hat to the input dtype before the weight multiply (transformers' Llama-style RMSNorm),
+ROUND_DX_TERMS rounds dx's two terms separately (T5LayerNorm). eps is passed as an fp64 scalar
+and converted to the accumulation dtype inside the kernels.
 """
 # No `from __future__ import annotations`: Triton reads the kernels' annotations (eps: "fp64")
 # as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
