@@ -186,11 +186,11 @@ def _bench_residual(run: _harness.Run, args, kind: str, m: int, n: int,
     w = torch.randn(n, device=device, dtype=dtype)
     b = torch.randn(n, device=device, dtype=dtype) if kind == "layer_norm" else None
     size = x.numel() * x.element_size()
-    op = "add_" + kind
     for name, fn in _residual_fns(kind).items():
         if not _harness.wanted(args, name):
             continue
-        common = dict(op=op, case=f"{m}x{n}", provider=name, dtype=dtype, layout="",
+        # Named as the static cost report names the case, so --compare pairs them.
+        common = dict(op=kind, case=f"{m}x{n} +res", provider=name, dtype=dtype, layout="",
                       backend=_backend(name))
         with torch.no_grad():
             _harness.run_case(run, mode="fwd", ideal_bytes=4 * size,
