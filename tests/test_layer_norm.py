@@ -330,8 +330,8 @@ def test_long_rows_all_dtypes(kind, N, path, dtype, device):
 
 
 @pytest.mark.parametrize("path", ["rows", "chunked"])
-@pytest.mark.parametrize("affine,bias", [(True, False), (False, False)])
-@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("kind,affine,bias", [("layer", True, False), ("layer", False, False),
+                                              ("rms", False, False)])
 def test_long_rows_without_weight_or_bias(kind, affine, bias, path, device):
     _long_row_case(kind, 16385, torch.float32, path, device, affine=affine, bias=bias)
 

@@ -574,8 +574,8 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
     partial_bytes = groups * n * acc * n_partials
     launches = []
     if not whole_row:
-        rows = _rows_plan(m, n, dtype, device, is_rms, has_weight, has_bias, w_es, es, dy_es,
-                          dx_es, dres, stats, acc, n_partials)
+        rows = _rows_plan(m, n, dtype, device, has_weight, has_bias, w_es, es, dy_es, dx_es,
+                          dres, stats, acc, n_partials)
         chunked_cost = _two_kernel_cost(m, n, inputs, dres, stats, has_weight, w_es, acc,
                                         is_rms, dx_es, partial_bytes)
         budget_l2 = l2_cache_bytes(device)
@@ -623,9 +623,9 @@ def _two_kernel_cost(m: int, n: int, inputs: int, dres: int, stats: int, has_wei
                        l2_reread=inputs))
 
 
-def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms: bool,
-               has_weight: bool, has_bias: bool, w_es: int, es: int, dy_es: int, dx_es: int,
-               dres: int, stats: int, acc: int, n_partials: int) -> LayerNormPlan:
+def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_weight: bool,
+               has_bias: bool, w_es: int, es: int, dy_es: int, dx_es: int, dres: int,
+               stats: int, acc: int, n_partials: int) -> LayerNormPlan:
     """The persistent long-row backward (_layer_norm_bwd_rows_kernel): one program per SM, each
     walking its rows twice and updating its own dW/dB partial row after every row."""
     chunk = _fused_limit(CHUNK_N, dtype)
