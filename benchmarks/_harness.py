@@ -108,6 +108,26 @@ def backward_only(fn: Callable[[], torch.Tensor], dy: torch.Tensor) -> Callable[
     return run
 
 
+def forward_backward_multi(fn: Callable[[], tuple], grads: tuple) -> Callable[[], None]:
+    """forward_backward for a function with several outputs (e.g. (y, h)), each given its
+    upstream gradient."""
+    def run():
+        torch.autograd.backward(fn(), grads)
+    return run
+
+
+def backward_only_multi(fn: Callable[[], tuple], grads: tuple) -> Callable[[], None]:
+    """backward_only for a function with several outputs (see forward_backward_multi)."""
+    state: dict = {}
+
+    def run():
+        if "out" not in state:
+            state["out"] = fn()
+            return
+        torch.autograd.backward(state["out"], grads, retain_graph=True)
+    return run
+
+
 def count_launches(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
     """Device kernel launches of one call of fn (torch profiler), None on a CPU."""
     if device.type != "cuda":

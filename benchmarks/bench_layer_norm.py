@@ -1,9 +1,16 @@
 """LayerNorm / RMSNorm effective bandwidth: fastnorm-triton vs torch eager, torch.compile, and
-Liger / Apex / QuACK when importable.
+Liger / Apex / QuACK when importable; and the fused residual add + norm (y = norm(x + r), h = x + r
+returned) vs torch's unfused `h = x + r; norm(h)`.
 
-Ideal bytes (weights, biases, mean/rstd ignored, as in ../shared/perf/anchors-h100.md):
+Ideal bytes (weights, biases, mean/rstd ignored, as in anchors-h100.md):
   forward          read x + write y                         = 2 * numel * elem_size
-  forward+backward forward + read x + read dy + write dx    = 5 * numel * elem_size
+  backward (bwd)   read x + read dy + write dx              = 3 * numel * elem_size
+  forward+backward both                                     = 5 * numel * elem_size
+  residual forward read x, r + write y, h                   = 4 * numel * elem_size
+  residual bwd     read h, dy, dh + write dx (dr is dx)     = 4 * numel * elem_size
+What is timed is the call alone: fastnorm's backend is selected outside the timed closure (the
+harness's `backend=`), bwd times only the backward of one forward run beforehand, and each result
+records the device kernel launches of one call.
 
     python benchmarks/bench_layer_norm.py            # anchor shapes on a GPU, tiny ones on CPU
     python benchmarks/bench_layer_norm.py --quick --out /tmp/bench
@@ -38,11 +45,19 @@ GPU_CASES = [
     ("rms_norm", 4096, 16384, torch.bfloat16),
     ("rms_norm", 1024, 65536, torch.bfloat16),
 ]
+# Fused residual add + norm (transformer pre-norm blocks): h = x + r, y = norm(h), at the
+# anchor shapes; the torch baseline is the unfused `h = x + r; norm(h)`.
+RESIDUAL_CASES = [
+    ("rms_norm", 16384, 4096, torch.bfloat16),
+    ("layer_norm", 16384, 4096, torch.bfloat16),
+    ("rms_norm", 4096, 16384, torch.bfloat16),
+]
 CPU_CASES = [
     ("layer_norm", 256, 1024, torch.float32),
     ("rms_norm", 256, 1024, torch.float32),
     ("layer_norm", 64, 4096, torch.bfloat16),
 ]
+CPU_RESIDUAL_CASES = [("rms_norm", 256, 1024, torch.float32)]
 
 
 def _torch_fn(kind: str) -> Callable:
@@ -52,12 +67,29 @@ def _torch_fn(kind: str) -> Callable:
 
 
 def _fastnorm_fn(kind: str) -> Callable:
+    # No backend selection here: run_case enters it once, outside the timed calls.
     def fn(x, w, b):
-        with fastnorm.use_backend("triton"):
-            if kind == "layer_norm":
-                return fastnorm.layer_norm(x, (x.shape[-1],), w, b)
-            return fastnorm.rms_norm(x, (x.shape[-1],), w, 1e-6)
+        if kind == "layer_norm":
+            return fastnorm.layer_norm(x, (x.shape[-1],), w, b)
+        return fastnorm.rms_norm(x, (x.shape[-1],), w, 1e-6)
     return fn
+
+
+def _residual_fns(kind: str) -> dict[str, Callable]:
+    """Name -> fn(x, r, w, b) returning (y, h): torch unfused and fastnorm fused."""
+    def unfused(x, r, w, b):
+        h = x + r
+        return _torch_fn(kind)(h, w, b), h
+
+    def fused(x, r, w, b):
+        if kind == "layer_norm":
+            return fastnorm.layer_norm(x, (x.shape[-1],), w, b, residual=r, prenorm=True)
+        return fastnorm.rms_norm(x, (x.shape[-1],), w, 1e-6, residual=r, prenorm=True)
+
+    out = {"torch": unfused}
+    if "triton" in fastnorm.available_backends():
+        out["fastnorm-triton"] = fused
+    return out
 
 
 def _liger_fn(kind: str) -> Optional[Callable]:
@@ -113,32 +145,76 @@ def providers(kind: str, device: torch.device, case: tuple) -> dict[str, Callabl
     return out
 
 
-def main(argv=None) -> _harness.Run:
-    args = _harness.parser(__doc__.splitlines()[0]).parse_args(argv)
-    run = _harness.start(args)
+def _backend(name: str) -> Optional[str]:
+    return "triton" if name.startswith("fastnorm") else None
+
+
+def _bench_norm(run: _harness.Run, args, kind: str, m: int, n: int, dtype: torch.dtype) -> None:
     device = run.device
-    cases = CPU_CASES if run.quick and device.type == "cpu" else GPU_CASES
-    for kind, m, n, dtype in cases:
-        torch.manual_seed(0)
-        x = torch.randn(m, n, device=device, dtype=dtype)
-        w = torch.randn(n, device=device, dtype=dtype)
-        b = torch.randn(n, device=device, dtype=dtype) if kind == "layer_norm" else None
-        dy = torch.randn(m, n, device=device, dtype=dtype)
-        size = x.numel() * x.element_size()
-        for name, fn in providers(kind, device, (m, n, dtype)).items():
-            if not _harness.wanted(args, name):
-                continue
-            case = f"{m}x{n}"
-            _harness.run_case(run, op=kind, case=case, mode="fwd", provider=name, dtype=dtype,
-                              layout="", ideal_bytes=2 * size, fn=lambda: fn(x, w, b))
+    torch.manual_seed(0)
+    x = torch.randn(m, n, device=device, dtype=dtype)
+    w = torch.randn(n, device=device, dtype=dtype)
+    b = torch.randn(n, device=device, dtype=dtype) if kind == "layer_norm" else None
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    size = x.numel() * x.element_size()
+    case = f"{m}x{n}"
+    for name, fn in providers(kind, device, (m, n, dtype)).items():
+        if not _harness.wanted(args, name):
+            continue
+        common = dict(op=kind, case=case, provider=name, dtype=dtype, layout="",
+                      backend=_backend(name))
+        with torch.no_grad():
+            _harness.run_case(run, mode="fwd", ideal_bytes=2 * size,
+                              fn=lambda fn=fn: fn(x, w, b), **common)
+        for mode, ideal, make in (("fwdbwd", 5 * size, _harness.forward_backward),
+                                  ("bwd", 3 * size, _harness.backward_only)):
             leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
             xg, wg = leaves[0], leaves[1]
             bg = leaves[2] if b is not None else None
-            _harness.run_case(run, op=kind, case=case, mode="fwdbwd", provider=name, dtype=dtype,
-                              layout="", ideal_bytes=5 * size,
-                              fn=_harness.forward_backward(lambda: fn(xg, wg, bg), dy),
-                              grad_to_none=leaves)
+            _harness.run_case(run, mode=mode, ideal_bytes=ideal,
+                              fn=make(lambda fn=fn, xg=xg, wg=wg, bg=bg: fn(xg, wg, bg), dy),
+                              grad_to_none=leaves, **common)
+
+
+def _bench_residual(run: _harness.Run, args, kind: str, m: int, n: int,
+                    dtype: torch.dtype) -> None:
+    """add + norm: fastnorm's fused op vs torch's unfused add then norm (y and h both used
+    downstream, so the backward gets dy and dh)."""
+    device = run.device
+    torch.manual_seed(0)
+    x, r, dy, dh = (torch.randn(m, n, device=device, dtype=dtype) for _ in range(4))
+    w = torch.randn(n, device=device, dtype=dtype)
+    b = torch.randn(n, device=device, dtype=dtype) if kind == "layer_norm" else None
+    size = x.numel() * x.element_size()
+    for name, fn in _residual_fns(kind).items():
+        if not _harness.wanted(args, name):
+            continue
+        # Named as the static cost report names the case, so --compare pairs them.
+        common = dict(op=kind, case=f"{m}x{n} +res", provider=name, dtype=dtype, layout="",
+                      backend=_backend(name))
+        with torch.no_grad():
+            _harness.run_case(run, mode="fwd", ideal_bytes=4 * size,
+                              fn=lambda fn=fn: fn(x, r, w, b), **common)
+        for mode, ideal, make in (("fwdbwd", 8 * size, _harness.forward_backward_multi),
+                                  ("bwd", 4 * size, _harness.backward_only_multi)):
+            leaves = [t.detach().requires_grad_() for t in (x, r, w, b) if t is not None]
+            bg = leaves[3] if b is not None else None
+            _harness.run_case(
+                run, mode=mode, ideal_bytes=ideal,
+                fn=make(lambda fn=fn, lv=leaves, bg=bg: fn(lv[0], lv[1], lv[2], bg), (dy, dh)),
+                grad_to_none=leaves, **common)
+
+
+def main(argv=None) -> _harness.Run:
+    args = _harness.parser(__doc__.splitlines()[0]).parse_args(argv)
+    run = _harness.start(args)
+    cpu_quick = run.quick and run.device.type == "cpu"
+    for kind, m, n, dtype in (CPU_CASES if cpu_quick else GPU_CASES):
+        _bench_norm(run, args, kind, m, n, dtype)
         _harness.write_results(run, args.out, "layer_norm")  # a killed run keeps what it has
+    for kind, m, n, dtype in (CPU_RESIDUAL_CASES if cpu_quick else RESIDUAL_CASES):
+        _bench_residual(run, args, kind, m, n, dtype)
+        _harness.write_results(run, args.out, "layer_norm")
     _harness.finish(run, args, "layer_norm")
     return run
 

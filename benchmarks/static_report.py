@@ -9,8 +9,7 @@ sees exactly the launchers' choices. Each distinct launch is compiled for the ta
   registers/thread, spill bytes, static shared memory, blocks per SM (from registers, shared
   memory and warps against the SM's limits), grid size in waves of the SM count;
 and per case: the HBM bytes the launch plans model (GroupNorm: `plan_group_norm`, BatchNorm:
-`plan_batch_norm`, both in fastnorm/triton; LayerNorm/RMSNorm: a thin adapter here, by kernel
-name, until its launchers have plans) against the op's ideal bytes, and so the predicted ceiling
+`plan_batch_norm`, LayerNorm/RMSNorm: `plan_layer_norm`, all in fastnorm/triton) against the op's ideal bytes, and so the predicted ceiling
 = ideal / modeled bytes as % of copy bandwidth (a memory-bound op at copy speed moving the
 modeled bytes). Nothing here is measured; `--compare DIR` puts measured benchmark results
 (benchmarks/bench_*.py JSON, e.g. from benchmarks/gpu_check.sh) next to the predictions.
@@ -66,12 +65,20 @@ DESIGN_EXCEPTIONS = {
     ("group_norm", "fwd", "split"): "a group split over programs needs its statistics first: x "
                                     "read twice, the second read an L2 hit only for the tail",
     ("group_norm", "bwd", "split"): "as the forward: x and dy read twice",
-    ("layer_norm", "bwd", "chunked"): "rows longer than the fused limit: x and dy read twice "
-                                      "(LN plans and the 3-pass fix come later)",
+    ("layer_norm", "bwd", "chunked"): "rows too long for the persistent backward's L2 window "
+                                      "(1024x65536 bf16: 132 rows of x, dy + 132 fp32 partial "
+                                      "rows = 67 MB > 25 MB): the two-kernel path reads x and "
+                                      "dy twice; with a handful of rows the dW/dB partials and "
+                                      "the weights are not small next to x",
     ("rms_norm", "bwd", "chunked"): "as layer_norm",
-    ("layer_norm", "fwd", "chunked"): "each program walks its row twice; the second walk hits "
-                                      "L2 only if the rows in flight fit (at 1024x65536 all "
-                                      "1024 rows, 128 MB in bf16, are in flight at once)",
+    ("layer_norm", "bwd", "rows"): "few rows per program (2048x16385: 16): each program's N "
+                                   "fp32 dW and dB partial rows, written and summed once, are "
+                                   "> 10 % of x, dy and dx",
+    ("rms_norm", "bwd", "rows"): "as layer_norm",
+    ("layer_norm", "fwd", "chunked"): "fp32 rows of 64K+: one row per SM (132 x 256 KB) is more "
+                                      "than the usable L2, so part of the second walk comes "
+                                      "from HBM; with a handful of rows (7x65537) the weight "
+                                      "and bias reads are not small next to x",
     ("rms_norm", "fwd", "chunked"): "as layer_norm",
 }
 
@@ -117,16 +124,36 @@ def batch_norm_cases(quick: bool) -> list[dict]:
     return out
 
 
+# Edge shapes: just past each path limit, and a ragged long row.
+LAYER_NORM_EDGES = [("layer_norm", 4096, 8193), ("rms_norm", 4096, 8193),
+                    ("layer_norm", 2048, 16385), ("rms_norm", 1024, 70000),
+                    ("layer_norm", 7, 65537)]
+
+
 def layer_norm_cases(quick: bool) -> list[dict]:
-    cases = _bench_module("bench_layer_norm").GPU_CASES
+    """Bench shapes and edges in every dtype; the fused residual (add + norm) cases of the
+    benchmark with the residual stream in x's dtype, and for bf16 in fp32 too."""
+    bench = _bench_module("bench_layer_norm")
+    shapes = [(k, m, n) for k, m, n, _ in bench.GPU_CASES]
+    if quick:
+        # One fused shape, the long-row shape (chunked forward, chunked backward), one edge.
+        shapes = [shapes[0], ("rms_norm", 1024, 65536), ("layer_norm", 4096, 8193)]
+    else:
+        shapes += LAYER_NORM_EDGES
     out = []
     seen = set()
-    for kind, m, n, _dtype in (cases[:2] if quick else cases):
+    for kind, m, n in shapes:
         for dtype in DTYPES:
             if (kind, m, n, dtype) in seen:
                 continue
             seen.add((kind, m, n, dtype))
             out.append(dict(op=kind, case=f"{m}x{n}", shape=(m, n), dtype=dtype, layout="rows"))
+    residual = [(k, m, n) for k, m, n, _ in bench.RESIDUAL_CASES]
+    for kind, m, n in (residual[:1] if quick else residual):
+        for dtype in DTYPES:
+            for res in ((dtype, "float32") if dtype == "bfloat16" else (dtype,)):
+                out.append(dict(op=kind, case=f"{m}x{n} +res" + ("32" if res != dtype else ""),
+                                shape=(m, n), dtype=dtype, layout="rows", residual=res))
     return out
 
 
@@ -213,7 +240,8 @@ def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
     meta = torch.device("meta")
     dtype = getattr(torch, case["dtype"])
     shape = case["shape"]
-    with _common.assume_sm_count(target.sms), recording() as rec:
+    with _common.assume_sm_count(target.sms), _common.assume_l2_bytes(target.l2_bytes), \
+            recording() as rec:
         if case["op"] == "group_norm":
             n, c = shape[:2]
             hw = math.prod(shape[2:])
@@ -249,59 +277,44 @@ def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
         else:
             m, nf = shape
             is_rms = case["op"] == "rms_norm"
+            res_dtype = getattr(torch, case["residual"]) if case.get("residual") else None
             x = torch.empty((m, nf), dtype=dtype, device=meta)
             w = torch.empty(nf, dtype=dtype, device=meta)
+            b = None if is_rms else w
             if mode == "fwd":
-                ln.layer_norm_fwd(x, w, None if is_rms else w, 1e-5, is_rms)
+                r = (torch.empty((m, nf), dtype=res_dtype, device=meta)
+                     if res_dtype is not None else None)
+                ln.add_layer_norm_fwd(x, r, w, b, 1e-5, is_rms)
+                plan = ln.plan_layer_norm(m, nf, dtype, mode, meta, is_rms=is_rms,
+                                          has_bias=b is not None, residual_dtype=res_dtype,
+                                          store_residual=res_dtype is not None)
             else:
-                st = torch.empty(m, dtype=_common.acc_dtype(dtype), device=meta)
-                ln.layer_norm_bwd(x.clone(), x, w, None if is_rms else w, st, st, is_rms)
-            path, plan = None, None
-    if plan is None:
-        path, plan = _layer_norm_costs(case, mode, rec)
+                # With a residual: the norm's input is h (residual's dtype), dh is added into
+                # dx, and dx comes back in h's dtype.
+                h_dtype = res_dtype or dtype
+                h = torch.empty((m, nf), dtype=h_dtype, device=meta)
+                st = torch.empty(m, dtype=_common.acc_dtype(h_dtype), device=meta)
+                dres = h.clone() if res_dtype is not None else None
+                ln.layer_norm_bwd(x.clone(), h, w, b, st, st, is_rms, dresidual=dres)
+                plan = ln.plan_layer_norm(m, nf, h_dtype, mode, meta, is_rms=is_rms,
+                                          has_bias=b is not None, weight_dtype=dtype,
+                                          has_dresidual=dres is not None, dy_dtype=dtype)
+            path, plan = plan.path, plan.launches
     return rec, plan, path
 
 
-def _layer_norm_costs(case: dict, mode: str, rec: list) -> tuple[str, tuple]:
-    """Thin adapter until the LayerNorm launchers have plans: bytes per traced kernel, by name.
-    The chunked forward re-reads a row while it is in L2; the chunked backward re-reads x and dy
-    after the row-statistics kernel has walked all rows (an L2 hit only for the tail)."""
-    import torch
-
-    from fastnorm.triton._common import LaunchCost
-
-    m, n = case["shape"]
-    es = torch.empty((), dtype=getattr(torch, case["dtype"])).element_size()
-    data = m * n * es
-    costs, path = [], "fused"
-    for spec, grid in rec:
-        kernel = spec[1]
-        if kernel == "_layer_norm_fwd_kernel":
-            cost = LaunchCost(kernel, grid, spec[4], reads=data, writes=data + 8 * m)
-        elif kernel == "_layer_norm_fwd_chunked_kernel":
-            path = "chunked"
-            cost = LaunchCost(kernel, grid, spec[4], reads=2 * data, writes=data + 8 * m,
-                              l2_reread=data)
-        elif kernel == "_layer_norm_bwd_row_stats_kernel":
-            path = "chunked"
-            cost = LaunchCost(kernel, grid, spec[4], reads=2 * data, writes=8 * m)
-        elif kernel == "_layer_norm_bwd_kernel":
-            reread = 2 * data if path == "chunked" else 0
-            cost = LaunchCost(kernel, grid, spec[4], reads=2 * data + 8 * m, writes=data,
-                              l2_reread=reread)
-        elif kernel == "_column_sum_kernel":
-            cost = LaunchCost(kernel, grid, spec[4], reads=0, writes=n * es)
-        else:
-            raise KeyError(f"no byte model for {kernel}")
-        costs.append(cost)
-    return path, tuple(costs)
-
-
 def _ideal_bytes(case: dict, mode: str) -> int:
+    """x in and y out (forward), x and dy in and dx out (backward); with a fused residual also
+    r in and h out (forward), dh in (backward), in the residual's dtype."""
     import torch
 
-    es = torch.empty((), dtype=getattr(torch, case["dtype"])).element_size()
-    data = math.prod(case["shape"]) * es
+    def size(name: str) -> int:
+        return math.prod(case["shape"]) * torch.empty((), dtype=getattr(torch, name)).element_size()
+
+    data = size(case["dtype"])
+    if case.get("residual"):
+        res = size(case["residual"])
+        return 2 * data + 2 * res if mode == "fwd" else data + 3 * res
     return {"fwd": 2, "eval": 2, "bwd": 3}[mode] * data
 
 

@@ -297,3 +297,121 @@ def test_float64_tiny_eps(kind, N, device):
     else:
         got, want = fastnorm.rms_norm(x, (N,), w, 1e-10), F.rms_norm(x, (N,), w, 1e-10)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+# --- long rows: the persistent "rows" backward and the two-kernel "chunked" one -----------------
+
+LONG_N = [8193, 16385, 65537, 70000]
+
+
+def _long_row_case(kind, N, dtype, path, device, affine=True, bias=True, M=3):
+    from fastnorm.triton.layer_norm import force_backward_path
+
+    with force_backward_path(path):
+        return _check(kind, (M, N), (N,), dtype, device, affine=affine, bias=bias)
+
+
+@pytest.mark.parametrize("path", ["rows", "chunked"])
+@pytest.mark.parametrize("kind,N,dtype", [("layer", 8193, torch.float32),
+                                          ("rms", 16385, torch.bfloat16),
+                                          ("layer", 70000, torch.float16)])
+def test_long_rows(kind, N, dtype, path, device):
+    _long_row_case(kind, N, dtype, path, device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("N,path", [(8193, "rows"), (16385, "chunked"), (65537, "rows"),
+                                    (70000, "chunked")])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_long_rows_all_dtypes(kind, N, path, dtype, device):
+    # Each N on one path here (the fast tests above cross N and paths); 2 rows keep it short.
+    _long_row_case(kind, N, dtype, path, device, M=2)
+
+
+@pytest.mark.parametrize("path", ["rows", "chunked"])
+@pytest.mark.parametrize("kind,affine,bias", [("layer", True, False), ("layer", False, False),
+                                              ("rms", False, False)])
+def test_long_rows_without_weight_or_bias(kind, affine, bias, path, device):
+    _long_row_case(kind, 16385, torch.float32, path, device, affine=affine, bias=bias)
+
+
+@pytest.mark.parametrize("path", ["rows", "chunked"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_long_rows_with_residual(kind, path, device):
+    """The fused residual form (h = x + r stored, dh added into dx) on long rows, against the
+    unfused float64 computation."""
+    from fastnorm.triton.layer_norm import force_backward_path
+
+    torch.manual_seed(0)
+    M, N = 3, 65537
+    fn = fastnorm.layer_norm if kind == "layer" else fastnorm.rms_norm
+    x, r, dy, dh = (torch.randn(M, N, device=device, dtype=torch.float64) for _ in range(4))
+    w, b = (torch.randn(N, device=device, dtype=torch.float64) for _ in range(2))
+
+    def run(dtype, fused):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (x, r, w, b)]
+        xs, rs, ws, bs = leaves
+        if fused:
+            with force_backward_path(path):
+                if kind == "layer":
+                    y, h = fn(xs, (N,), ws, bs, 1e-5, residual=rs, prenorm=True)
+                else:
+                    y, h = fn(xs, (N,), ws, 1e-5, residual=rs, prenorm=True)
+                torch.autograd.backward((y, h), (dy.to(dtype), dh.to(dtype)))
+        else:
+            h = xs + rs
+            y = (F.layer_norm(h, (N,), ws, bs, 1e-5) if kind == "layer"
+                 else F.rms_norm(h, (N,), ws, 1e-5))
+            torch.autograd.backward((y, h), (dy.to(dtype), dh.to(dtype)))
+        return [y, h, xs.grad, rs.grad, ws.grad] + ([bs.grad] if kind == "layer" else [])
+
+    got, want, base = run(torch.float32, True), run(torch.float64, False), run(torch.float32,
+                                                                               False)
+    for name, g, ref, t in zip(("y", "h", "dx", "dr", "dw", "db"), got, want, base):
+        assert_close_ref(g, ref, t, name=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("path", ["rows", "chunked"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_long_rows_backward_is_bitwise_repeatable(kind, path, device):
+    from fastnorm.triton.layer_norm import force_backward_path
+
+    ours, _ = _ops(kind)
+    torch.manual_seed(0)
+    M, N = 9, 16385  # several rows per program and per partial row, a ragged last chunk
+    x, dy = torch.randn(M, N, device=device), torch.randn(M, N, device=device)
+    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        with force_backward_path(path):
+            ours(leaves[0], (N,), leaves[1], leaves[2]).backward(dy)
+        grads.append([t.grad for t in leaves if t.grad is not None])
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
+
+
+def test_long_row_paths_agree(device):
+    """The two long-row backward paths compute the same gradients (to rounding)."""
+    from fastnorm.triton.layer_norm import force_backward_path
+
+    torch.manual_seed(0)
+    x, dy = torch.randn(5, 8193, device=device), torch.randn(5, 8193, device=device)
+    w, b = torch.randn(8193, device=device), torch.randn(8193, device=device)
+    out = []
+    for path in ("rows", "chunked"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        with force_backward_path(path):
+            fastnorm.layer_norm(leaves[0], (8193,), leaves[1], leaves[2]).backward(dy)
+        out.append([t.grad for t in leaves])
+    for a, b_ in zip(*out):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_force_backward_path_rejects_unknown():
+    from fastnorm.triton.layer_norm import force_backward_path
+
+    with pytest.raises(ValueError, match="expected 'rows' or 'chunked'"):
+        with force_backward_path("fused"):
+            pass

@@ -47,9 +47,10 @@ def _ln_specs():
                 specs.append(("layer_norm", "_layer_norm_fwd_kernel", fwd_sig,
                               {**fwd_flags, "BLOCK_M": 1,
                                "BLOCK_N": 16384 if dt != "fp64" else 8192}, 16))
-                chunk_sig = {k: v for k, v in fwd_sig.items() if k != "M"}
+                chunk_sig = fwd_sig  # persistent over rows: takes M too
                 specs.append(("layer_norm", "_layer_norm_fwd_chunked_kernel", chunk_sig,
-                              {**fwd_flags, "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
+                              {**fwd_flags, "BLOCK_N": 4096 if dt != "fp64" else 2048},
+                              {"bf16": 16, "fp16": 16, "fp32": 4, "fp64": 4}[dt]))
             # backward: X is the norm's input (h, fp32 for an fp32 residual stream)
             x_dt = "fp32" if residual and dt == "bf16" else dt
             stats_sig = {"X": f"*{x_dt}", "W": f"*{dt}", "DY": f"*{dt}", "Mean": f"*{stat}",
@@ -63,6 +64,13 @@ def _ln_specs():
                        "DW_partial": f"*{stat}", "DB_partial": f"*{stat}", "DRES": f"*{x_dt}",
                        "M": "i32", "N": "i32", "stride_x": "i32", "stride_dy": "i32",
                        "stride_dx": "i32", "stride_dres": "i32", "rows_per_program": "i32"}
+            rows_sig = {k: v for k, v in bwd_sig.items()
+                        if k not in ("C1", "C2", "rows_per_program")}
+            specs.append(("layer_norm", "_layer_norm_bwd_rows_kernel", rows_sig,
+                          {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
+                           "ROUND_DX_TERMS": round_xhat,
+                           "BLOCK_N": 4096 if dt != "fp64" else 2048},
+                          16 if dt != "fp64" else 8))
             for in_tile, block_m, block_n, warps in ((True, 2, 1024, 4), (True, 1, 8192, 16),
                                                      (False, 1, 4096, 8)):
                 if dt == "fp64" and block_n == 8192:

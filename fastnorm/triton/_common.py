@@ -29,6 +29,7 @@ def _sm_count(device_index: int) -> int:
 
 
 _assumed_sm_count: int | None = None
+_assumed_l2_bytes: int | None = None
 
 
 @contextlib.contextmanager
@@ -41,6 +42,36 @@ def assume_sm_count(sm_count: int) -> Iterator[None]:
         yield
     finally:
         _assumed_sm_count = previous
+
+
+@contextlib.contextmanager
+def assume_l2_bytes(l2_bytes: int) -> Iterator[None]:
+    """Plan launches as if the device had an L2 of `l2_bytes` (static cost report)."""
+    global _assumed_l2_bytes
+    previous, _assumed_l2_bytes = _assumed_l2_bytes, l2_bytes
+    try:
+        yield
+    finally:
+        _assumed_l2_bytes = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
+# L2 assumed where there is no CUDA device to ask (the interpreter, meta tensors): an A100's.
+DEFAULT_L2_BYTES = 40 * 2**20
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """The device's L2 size in bytes (for plans that bound the bytes in flight so that a second
+    walk over them finds them in L2)."""
+    if _assumed_l2_bytes is not None:
+        return _assumed_l2_bytes
+    if device.type == "cuda" and not triton_interpreted():
+        return _l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_L2_BYTES
 
 
 def num_parallel_programs(device: torch.device) -> int:
@@ -78,6 +109,12 @@ def min_fill_programs(device: torch.device) -> int:
     return MIN_PROGRAMS_PER_SM * num_parallel_programs(device)
 
 
+def rows_per_tile(row_elems: int, tile_elems: int, max_rows: int) -> int:
+    """Rows of `row_elems` (padded) elements per tile so that short rows still give a program
+    about `tile_elems` elements: between 1 and `max_rows`."""
+    return max(1, min(max_rows, tile_elems // max(1, row_elems)))
+
+
 def num_warps_for(tile_elems: int, max_warps: int = MAX_WARPS,
                   elems_per_warp: int = ELEMS_PER_WARP) -> int:
     """Warps for a program working on a tile of `tile_elems` elements: one per `elems_per_warp`,
@@ -96,6 +133,9 @@ class LaunchCost:
     reads: int
     writes: int
     l2_reread: int = 0
+    # Bytes that pass through the L2 between a read and its re-read (a persistent walk's rows in
+    # flight); 0: the re-read follows a whole pass over the data (see modeled_hbm_bytes).
+    l2_window: int = 0
 
 
 # Fraction of the L2 a second pass can expect to find still holding the first pass's last bytes
@@ -104,10 +144,18 @@ L2_REUSE_FRACTION = 0.5
 
 
 def modeled_hbm_bytes(launches: tuple[LaunchCost, ...], l2_bytes: int) -> int:
-    """HBM traffic of a plan: every read and write, less the re-read bytes that fit in the
-    usable part of the L2 (see L2_REUSE_FRACTION)."""
+    """HBM traffic of a plan: every read and write, less the re-read bytes that come from L2.
+    A re-read after a whole pass (`l2_window` 0) hits for at most the usable part of the L2 (see
+    L2_REUSE_FRACTION: the tail of the pass); a re-read within a window of `l2_window` bytes hits
+    in full when the window fits in the usable L2, else for the fraction usable / window."""
     usable = int(L2_REUSE_FRACTION * l2_bytes)
-    return sum(l.reads + l.writes - min(l.l2_reread, usable) for l in launches)
+
+    def hits(l: LaunchCost) -> int:
+        if l.l2_window:
+            return int(l.l2_reread * min(1.0, usable / l.l2_window))
+        return min(l.l2_reread, usable)
+
+    return sum(l.reads + l.writes - hits(l) for l in launches)
 
 
 @triton.jit

@@ -1,40 +1,89 @@
 """LayerNorm and RMSNorm in Triton, forward and backward, on a 2-D view (M rows of N features).
 
-Paths, chosen by the launchers from N:
-- fused: a tile of BLOCK_M whole rows is loaded once, statistics are computed from the
-  registers (mean refined by one correction pass, then the sum of squared deviations, so large
-  means lose nothing) and y is written: one read of x, one write of y.
-- chunked (large N): one program per row walks the row twice in chunks. The first walk merges
-  per-chunk (count, mean, M2), taken about a shift, with Chan's formula; the second normalizes. The second walk reads
-  the row back from L2 rather than HBM because only ~one row per SM is in flight.
+Every launch comes from `plan_layer_norm`, a pure function of shapes, dtypes, flags and the
+device's SM count and L2 size, returning a frozen `LayerNormPlan` (path, tiles, warps, grid, rows
+per program, partial rows, and each launch with the HBM bytes it reads and writes; the static
+cost report, benchmarks/static_report.py, prints them with registers and occupancy).
+
+Forward paths, by N:
+- fused (padded N <= 16384; 8192 for fp64): a tile of BLOCK_M whole rows is loaded once,
+  statistics come from the registers (mean refined by one correction pass, then the sum of
+  squared deviations, so large means lose nothing) and y is written: one read of x, one write.
+- chunked (longer rows): a persistent grid of P programs, program p taking rows p, p + P, ...
+  Each row is walked twice in chunks: the first walk merges per-chunk (count, mean, M2), taken
+  about a shift, with Chan's formula; the second, over the chunks backwards (the chunk read last
+  first), normalizes. P is sized so that the rows in flight (P rows of x, with a residual also r
+  and h) fit in the usable half of the L2 (at least one program per SM, at most two): the second
+  walk is an L2 hit (1024 x 65536 bf16 on an H100: 200 programs x 128 KB = 25 MB). The model
+  (`LaunchCost.l2_window`) counts the re-read as a hit for the fraction of the window that fits.
 
 Backward: dx = rstd * (w*dy - (x_hat * c1 + c2)), c1 = mean(x_hat * w*dy), c2 = mean(w*dy)
-(c2 = 0 for RMSNorm). dW = sum over rows of dy * x_hat and dB = sum of dy are accumulated per
-program in fp32 registers, written as [programs, N] partial sums, then reduced in a fixed order by
-a second kernel (`column_sum`): deterministic and bitwise repeatable, no atomics. When a row is
-too wide for dW/dB accumulators to stay in registers, a first kernel computes (c1, c2) per row and
-the main kernel splits the columns into chunks.
+(c2 = 0 for RMSNorm). dW = sum over rows of dy * x_hat and dB = sum of dy go through per-program
+fp32 partial rows [programs, N], summed in a fixed order by `column_sum`: deterministic and
+bitwise repeatable, no atomics. Paths, by N:
+- fused (padded N <= 8192; 4096 for fp64): a [BLOCK_M, N] tile holds x, dy and the dW/dB
+  accumulators in registers; c1/c2 come from the tile; 3 HBM passes (x, dy in, dx out). One
+  program per SM (two for short rows), each with >= 64 rows, so the partial rows stay ~2-4 % of
+  the traffic. (A 16384-wide tile spilled on sm_90 at 16 and at 32 warps, even with dW/dB kept in
+  memory, so this path stops at 8192.)
+- rows (longer rows, when the cost model prefers it): one launch, persistent, one program per SM
+  (down to 3/4 of the SMs if that makes the window fit). Per row, a first walk over the chunks
+  sums c1/c2, a second walk backwards writes dx and adds the row's dW/dB terms into the
+  program's own partial row (read, add, store). The window that must stay in L2 is P rows of x
+  and dy plus P partial rows (RMSNorm bf16 N = 16384 on an H100: 132 x 96 KB = 12.7 MB of 25 MB
+  usable), so x and dy come from HBM once: 3 passes plus the final partial rows. The model
+  counts the second walk and the partial-row updates as L2 hits for the fraction of the window
+  that fits, and it does not model L2 bandwidth: the second walk and the updates put ~2-3x the
+  HBM bytes through the L2, unmeasured.
+- chunked (rows whose window does not fit: 1024 x 65536 bf16, 132 x 512 KB = 67 MB): a
+  row-statistics kernel computes (c1, c2) per row, then a column-chunked kernel (grid: column
+  blocks x row groups, dW/dB of its column block in registers, row groups last-first so the tail
+  the first kernel read is still in L2) writes dx: x and dy are read twice, 5 passes.
+  Why not 3 passes here: a row of 64K bf16 x and dy is 256 KB, more than one SM's registers and
+  shared memory, so it has to be split over programs that exchange c1/c2 partials before any of
+  them can write dx. That needs a barrier between co-resident programs (thread-block clusters
+  with distributed shared memory, or a grid barrier on a global flag) which Triton does not
+  expose portably and which Triton's interpreter, running programs one after another, cannot
+  run; keeping whole rows per program instead needs N-wide dW/dB partials per program that do not
+  fit in L2 next to the rows. The cost model (`plan_layer_norm` compares the modeled bytes of
+  the rows and chunked plans) picks the cheaper.
 
 Feature flags (constexpr, one code path): HAS_RESIDUAL / STORE_RESIDUAL normalize h = x + r and
 write h (the fused residual add), HAS_DRESIDUAL adds h's incoming gradient into dx, ROUND_XHAT
-rounds x_hat to the input dtype before the weight multiply (transformers' Llama-style RMSNorm).
-eps is passed as an fp64 scalar and converted to the accumulation dtype inside the kernels.
+rounds x_hat to the input dtype before the weight multiply (transformers' Llama-style RMSNorm),
+ROUND_DX_TERMS rounds dx's two terms separately (T5LayerNorm). eps is passed as an fp64 scalar
+and converted to the accumulation dtype inside the kernels.
 """
 # No `from __future__ import annotations`: Triton reads the kernels' annotations (eps: "fp64")
 # as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
-from typing import Optional
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, column_sum, num_parallel_programs, tl_acc_dtype
+from ._common import (ELEMS_PER_WARP, L2_REUSE_FRACTION, LaunchCost, acc_dtype, column_sum,
+                      l2_cache_bytes, min_fill_programs, modeled_hbm_bytes, num_parallel_programs,
+                      num_warps_for, rows_per_tile, tl_acc_dtype)
 
 # Widest row (in elements) kept whole in registers. Forward holds x only; backward also holds dy
-# and the dW/dB accumulators, so it switches to the column-chunked path sooner. fp64 halves both.
+# and the dW/dB accumulators, so it switches to the column-chunked path sooner: a 16384-wide
+# backward tile spills on sm_90 at 16 warps (x, dy, dW, dB: 32 each per thread) and at 32 (64
+# registers per thread), even with dW/dB kept in memory instead. fp64 halves both.
 MAX_FUSED_N_FWD = 16384
 MAX_FUSED_N_BWD = 8192
 CHUNK_N = 4096
+# Elements per tile the launchers aim for (fused paths: rows per tile = TILE // padded N).
+FWD_TILE = 4096
+BWD_TILE = 2048
+# Tile elements per warp: 16 per thread. The backward's tile lives with dy and two accumulators,
+# the forward's with x and y; both had no spills at this density at every benchmark shape.
+ELEMS_PER_WARP_LN = 512
+# Fewest rows per backward program before adding programs (each adds a row of dW/dB partials:
+# N fp32 written and read again, next to ~3 * rows * N * elem_size of x, dy and dx).
+MIN_ROWS_PER_PARTIAL = 64
 
 
 @triton.jit
@@ -109,16 +158,35 @@ def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, R, H, M, N, stride_x, stride_
 
 
 @triton.jit
-def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, N, stride_x, stride_y,
+def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, M, N, stride_x, stride_y,
                                    stride_r, stride_h, eps: "fp64",
                                    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                                    STORE_RESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
                                    ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Flags as in _layer_norm_fwd_kernel; with HAS_RESIDUAL the first walk stores h and the
+    """Persistent: program p normalizes rows p, p + P, p + 2P, ... (P programs), so only P rows
+    are in flight and the second walk over a row finds it in L2 (the plan sizes P to the L2).
+    Flags as in _layer_norm_fwd_kernel; with HAS_RESIDUAL the first walk stores h and the
     second walk reads it back (without STORE_RESIDUAL it adds x + r again). Safe in place
     (Y is X, H is R): each element of x and r is read before it is overwritten."""
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for k in range(0, tl.cdiv(M - pid, programs)):
+        row = pid.to(tl.int64) + k * programs.to(tl.int64)
+        _layer_norm_fwd_chunked_row(X, Y, W, B, Mean, Rstd, R, H, row, N,
+                                    stride_x, stride_y, stride_r, stride_h, eps, IS_RMS,
+                                    HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, STORE_RESIDUAL,
+                                    ROUND_XHAT, ACC, BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_fwd_chunked_row(X, Y, W, B, Mean, Rstd, R, H, row, N, stride_x, stride_y,
+                                stride_r, stride_h, eps, IS_RMS: tl.constexpr,
+                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+                                ROUND_XHAT: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+    """One row of _layer_norm_fwd_chunked_kernel: statistics walk, then the output walk."""
     x_row = X + row * stride_x
     r_row = R + row * stride_r
     h_row = H + row * stride_h
@@ -157,8 +225,10 @@ def _layer_norm_fwd_chunked_kernel(X, Y, W, B, Mean, Rstd, R, H, N, stride_x, st
     tl.store(Rstd + row, rstd)
     if not IS_RMS:
         tl.store(Mean + row, shift + mean)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    # Backwards over the chunks: the chunk read last (most likely still in L2) first.
+    num_chunks = tl.cdiv(N, BLOCK_N)
+    for i in range(0, num_chunks):
+        cols = (num_chunks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = cols < N
         if HAS_RESIDUAL and STORE_RESIDUAL:
             x = tl.load(h_row + cols, mask=mask, other=0.0).to(ACC)
@@ -185,6 +255,7 @@ def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, 
     """Per row: c1 = mean(x_hat * w*dy) and c2 = mean(w*dy), for the column-chunked backward."""
     row = tl.program_id(0).to(tl.int64)
     rstd = tl.load(Rstd + row).to(ACC)
+    mean = rstd  # unused for RMSNorm
     if not IS_RMS:
         mean = tl.load(Mean + row).to(ACC)
     sum1 = tl.zeros([BLOCK_N], dtype=ACC)
@@ -192,16 +263,8 @@ def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, 
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = cols < N
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
-        wdy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_WEIGHT:
-            wdy = wdy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-            if ROUND_XHAT:
-                wdy = wdy.to(DY.dtype.element_ty).to(ACC)
-        if IS_RMS:
-            x_hat = x * rstd
-        else:
-            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        _dy, wdy, x_hat = _bwd_chunk(X, W, DY, X + row * stride_x, DY + row * stride_dy, cols,
+                                     mask, mean, rstd, IS_RMS, HAS_WEIGHT, ROUND_XHAT, ACC)
         sum1 += x_hat * wdy
         sum2 += wdy
     tl.store(C1 + row, tl.sum(sum1) / N)
@@ -210,12 +273,112 @@ def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, 
 
 
 @triton.jit
+def _dx(x_hat, wdy, c1, c2, rstd, DX, IS_RMS: tl.constexpr, ROUND_DX_TERMS: tl.constexpr,
+        ACC: tl.constexpr):
+    """dx = rstd * (w*dy - (x_hat * c1 + c2)) (c2 absent for RMSNorm); ROUND_DX_TERMS: the two
+    terms rounded to dx's dtype separately (see _layer_norm_bwd_kernel)."""
+    if IS_RMS and ROUND_DX_TERMS:
+        dx = ((wdy * rstd).to(DX.dtype.element_ty).to(ACC)
+              + (-(x_hat * c1) * rstd).to(DX.dtype.element_ty).to(ACC))
+    elif IS_RMS:
+        dx = (wdy - x_hat * c1) * rstd
+    else:
+        dx = (wdy - (x_hat * c1 + c2)) * rstd
+    return dx
+
+
+@triton.jit
+def _dw_term(dy, x_hat, DY, ROUND_XHAT: tl.constexpr, ACC: tl.constexpr):
+    """One row's dW contribution dy * x_hat; ROUND_XHAT: as torch's autograd computes it through
+    `weight * x_hat.to(dtype)` (x_hat and the product rounded to the input dtype)."""
+    if ROUND_XHAT:
+        x_hat_in = x_hat.to(DY.dtype.element_ty).to(ACC)
+        term = (dy * x_hat_in).to(DY.dtype.element_ty).to(ACC)
+    else:
+        term = dy * x_hat
+    return term
+
+
+@triton.jit
+def _bwd_chunk(X, W, DY, x_row, dy_row, cols, mask, mean, rstd, IS_RMS: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, ROUND_XHAT: tl.constexpr, ACC: tl.constexpr):
+    """(dy, w*dy, x_hat) of one chunk of a row, in ACC (masked lanes 0)."""
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
+    wdy = dy
+    if HAS_WEIGHT:
+        wdy = dy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        if ROUND_XHAT:
+            wdy = wdy.to(DY.dtype.element_ty).to(ACC)
+    if IS_RMS:
+        x_hat = x * rstd
+    else:
+        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    return dy, wdy, x_hat
+
+
+@triton.jit
+def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial, DRES, M, N,
+                                stride_x, stride_dy, stride_dx, stride_dres,
+                                IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, HAS_DRESIDUAL: tl.constexpr,
+                                ROUND_XHAT: tl.constexpr, ROUND_DX_TERMS: tl.constexpr,
+                                ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Long rows in one launch, persistent: program p takes rows p, p + P, ... (P programs).
+    Per row, a first walk over the chunks sums c1 = mean(x_hat * w*dy), c2 = mean(w*dy); a
+    second walk, over the chunks backwards (the last read first), writes dx and adds the row's
+    dW/dB terms into the program's own partial row (DW_partial[p], DB_partial[p], zeroed by the
+    launcher: read, add, store). Only P rows and P partial rows are live at a time, so the plan
+    sizes P for the second walk's reads and the partial rows to stay in L2. Flags as in
+    _layer_norm_bwd_kernel."""
+    pid = tl.program_id(0)
+    dw_row = DW_partial + pid.to(tl.int64) * N
+    db_row = DB_partial + pid.to(tl.int64) * N
+    num_chunks = tl.cdiv(N, BLOCK_N)
+    for row_i in range(pid, M, tl.num_programs(0)):
+        row = tl.cast(row_i, tl.int64)
+        x_row = X + row * stride_x
+        dy_row = DY + row * stride_dy
+        rstd = tl.load(Rstd + row).to(ACC)
+        mean = rstd  # unused for RMSNorm
+        if not IS_RMS:
+            mean = tl.load(Mean + row).to(ACC)
+        sum1 = tl.zeros([BLOCK_N], dtype=ACC)
+        sum2 = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            _dy, wdy, x_hat = _bwd_chunk(X, W, DY, x_row, dy_row, cols, mask, mean, rstd,
+                                         IS_RMS, HAS_WEIGHT, ROUND_XHAT, ACC)
+            sum1 += x_hat * wdy
+            if not IS_RMS:
+                sum2 += wdy
+        c1 = tl.sum(sum1) / N
+        c2 = tl.sum(sum2) / N  # 0 for RMSNorm
+        for i in range(0, num_chunks):
+            cols = (num_chunks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            dy, wdy, x_hat = _bwd_chunk(X, W, DY, x_row, dy_row, cols, mask, mean, rstd,
+                                        IS_RMS, HAS_WEIGHT, ROUND_XHAT, ACC)
+            dx = _dx(x_hat, wdy, c1, c2, rstd, DX, IS_RMS, ROUND_DX_TERMS, ACC)
+            if HAS_DRESIDUAL:
+                dx += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(ACC)
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_WEIGHT:
+                dw = tl.load(dw_row + cols, mask=mask, other=0.0)
+                tl.store(dw_row + cols, dw + _dw_term(dy, x_hat, DY, ROUND_XHAT, ACC), mask=mask)
+            if HAS_BIAS:
+                db = tl.load(db_row + cols, mask=mask, other=0.0)
+                tl.store(db_row + cols, db + dy, mask=mask)
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial, DRES,
                            M, N, stride_x, stride_dy, stride_dx, stride_dres, rows_per_program,
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_DRESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
-                           ROUND_DX_TERMS: tl.constexpr, ROW_STATS_IN_TILE: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           ROUND_DX_TERMS: tl.constexpr, ROW_STATS_IN_TILE: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (column blocks, row groups). Each program owns rows [g*rows_per_program, ...) of one
     column block: writes dx there and one row of the dW/dB partial sums.
 
@@ -229,7 +392,9 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     uses (the variance in fp32, `x * rsqrt(...)` promoted) separately.
     """
     col_block = tl.program_id(0)
-    group = tl.program_id(1)
+    # Row groups from the last: after the row-statistics kernel the last rows are in L2, and
+    # the programs launched first take them.
+    group = tl.num_programs(1) - 1 - tl.program_id(1)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_WEIGHT:
@@ -266,24 +431,17 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
             c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)
             if not IS_RMS:
                 c2 = tl.load(C2 + rows, mask=row_mask, other=0.0)
-        if IS_RMS and ROUND_DX_TERMS:
-            dx = ((wdy * rstd[:, None]).to(DX.dtype.element_ty).to(ACC)
-                  + (-(x_hat * c1[:, None]) * rstd[:, None]).to(DX.dtype.element_ty).to(ACC))
-        elif IS_RMS:
-            dx = (wdy - x_hat * c1[:, None]) * rstd[:, None]
-        else:
-            dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        c2_b = c1[:, None]  # unused for RMSNorm
+        if not IS_RMS:
+            c2_b = c2[:, None]
+        dx = _dx(x_hat, wdy, c1[:, None], c2_b, rstd[:, None], DX, IS_RMS, ROUND_DX_TERMS, ACC)
         if HAS_DRESIDUAL:
             dx += tl.load(DRES + rows64[:, None] * stride_dres + cols[None, :], mask=mask,
                           other=0.0).to(ACC)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
                  mask=mask)
         if HAS_WEIGHT:
-            if ROUND_XHAT:
-                x_hat_in = x_hat.to(DY.dtype.element_ty).to(ACC)
-                dw_acc += (dy * x_hat_in).to(DY.dtype.element_ty).to(ACC)
-            else:
-                dw_acc += dy * x_hat
+            dw_acc += _dw_term(dy, x_hat, DY, ROUND_XHAT, ACC)
         if HAS_BIAS:
             db_acc += dy
     if HAS_WEIGHT:
@@ -292,18 +450,212 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
         tl.store(DB_partial + group * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
-def _row_tile(block_n: int, target_elems: int = 4096, max_rows: int = 64) -> int:
-    """Rows per tile so that small rows still give each program a few thousand elements."""
-    return max(1, min(max_rows, target_elems // block_n))
+# --- launch plans ------------------------------------------------------------------------------
+
+_forced_bwd_path: Optional[str] = None
 
 
-def _num_warps(tile_elems: int) -> int:
-    return max(1, min(16, tile_elems // 512))
+@contextlib.contextmanager
+def force_backward_path(path: str) -> Iterator[None]:
+    """Within the block, backward launches for rows longer than MAX_FUSED_N_BWD take `path`
+    ("rows": the persistent kernel, "chunked": row statistics then the column-chunked kernel)
+    whatever the cost model prefers: for tests and tuning."""
+    global _forced_bwd_path
+    if path not in ("rows", "chunked"):
+        raise ValueError(f"unknown long-row backward path {path!r}; expected 'rows' or 'chunked'")
+    previous, _forced_bwd_path = _forced_bwd_path, path
+    try:
+        yield
+    finally:
+        _forced_bwd_path = previous
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _fused_limit(limit: int, dtype: torch.dtype) -> int:
     return limit // 2 if dtype == torch.float64 else limit
 
+
+@dataclass(frozen=True)
+class LayerNormPlan:
+    """The launches of one layer_norm_fwd / add_layer_norm_fwd (mode "fwd") or layer_norm_bwd
+    ("bwd") call: path "fused" (whole rows in a [block_m, block_n] tile) or "chunked" (rows
+    walked in chunks of block_n), the main kernel's grid and warps, the rows each backward
+    program owns and the number of dW/dB partial rows, and every launch with its bytes."""
+    mode: str
+    path: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    grid: tuple[int, ...]
+    rows_per_program: int
+    partial_rows: int
+    launches: tuple[LaunchCost, ...]
+
+
+def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch.device, *,
+                    is_rms: bool, has_weight: bool = True, has_bias: bool = True,
+                    weight_dtype: Optional[torch.dtype] = None,
+                    residual_dtype: Optional[torch.dtype] = None, store_residual: bool = False,
+                    has_dresidual: bool = False, dy_dtype: Optional[torch.dtype] = None,
+                    dx_dtype: Optional[torch.dtype] = None) -> LayerNormPlan:
+    """The launch plan for M rows of N features: the same choices the launchers make (a pure
+    function of shapes, dtypes and flags). `dtype`: x's (forward) or the norm input's
+    (backward: h for the fused residual form). Forward: `residual_dtype` set means a residual
+    is added (h in that dtype), stored when `store_residual`. Backward: `dy_dtype`, `dx_dtype`
+    default to `dtype`; `has_dresidual` adds h's other gradient into dx. Without a weight the
+    plan has no dW partials (and likewise for the bias; RMSNorm has none)."""
+    if mode not in ("fwd", "bwd"):
+        raise ValueError(f"unknown layer_norm plan mode {mode!r}")
+    has_bias = has_bias and not is_rms
+    es = _elem_size(dtype)
+    acc = _elem_size(acc_dtype(dtype))
+    w_es = _elem_size(weight_dtype or dtype)
+    affine = n * w_es * (int(has_weight) + int(has_bias))
+    stats = m * acc * (1 if is_rms else 2)
+    data = m * n * es
+    block_n = triton.next_power_of_2(max(n, 1))
+    if mode == "fwd":
+        has_residual = residual_dtype is not None
+        r_es = _elem_size(residual_dtype) if has_residual else 0
+        store = has_residual and store_residual
+        # Bytes of one row's first walk: x (and r) in, h out; the second walk reads x (and r)
+        # again, or h where it was stored.
+        walk1 = n * (es + r_es) + (n * r_es if store else 0)
+        walk2 = n * (r_es if store else es + r_es)
+        writes = data + stats + (m * n * r_es if store else 0)
+        if block_n <= _fused_limit(MAX_FUSED_N_FWD, dtype):
+            block_m = rows_per_tile(block_n, FWD_TILE, 64)
+            warps = num_warps_for(block_m * block_n, elems_per_warp=ELEMS_PER_WARP_LN)
+            grid = (triton.cdiv(m, block_m),)
+            launch = LaunchCost("_layer_norm_fwd_kernel", grid, warps,
+                                reads=m * n * (es + r_es) + affine, writes=writes)
+            return LayerNormPlan("fwd", "fused", block_m, block_n, warps, grid, block_m, 0,
+                                 (launch,))
+        chunk = _fused_limit(CHUNK_N, dtype)
+        # 16-bit: 16 warps, 8 elements per thread (at 16 per thread fp16 spilled a few bytes on
+        # sm_80 and sm_90); 32/64-bit: 4 warps (at 8 and 16 warps ptxas kept fp32 to 40-80
+        # registers on sm_80 and spilled 8 bytes). Found by the static cost report.
+        warps = num_warps_for(CHUNK_N, elems_per_warp=ELEMS_PER_WARP if es == 2 else 1024)
+        # Persistent grid: as many rows in flight as fit in the usable L2 (the second walk then
+        # hits it), at least one program per SM (bandwidth first), at most two.
+        budget = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
+        sms = num_parallel_programs(device)
+        programs = max(1, min(m, max(sms, min(min_fill_programs(device), budget // walk1))))
+        grid = (programs,)
+        launch = LaunchCost("_layer_norm_fwd_chunked_kernel", grid, warps,
+                            reads=m * (walk1 - (n * r_es if store else 0) + walk2) + affine,
+                            writes=writes, l2_reread=m * walk2, l2_window=programs * walk1)
+        return LayerNormPlan("fwd", "chunked", 1, chunk, warps, grid, 1, 0, (launch,))
+
+    dy_es = _elem_size(dy_dtype or dtype)
+    dx_es = _elem_size(dx_dtype or dtype)
+    inputs = m * n * (es + dy_es)
+    dres = m * n * es if has_dresidual else 0
+    n_partials = int(has_weight) + int(has_bias)
+    whole_row = block_n <= _fused_limit(MAX_FUSED_N_BWD, dtype)
+    if not whole_row:
+        block_n = _fused_limit(CHUNK_N, dtype)
+    block_m = rows_per_tile(block_n, BWD_TILE, 16)
+    col_blocks = triton.cdiv(n, block_n)
+    row_tiles = triton.cdiv(m, block_m)
+    if whole_row:
+        # One row of dW/dB partial sums per program: a program per SM (two for short rows),
+        # each with enough rows that the partials stay small next to x, dy and dx.
+        groups = min(row_tiles, max(num_parallel_programs(device),
+                                    min(min_fill_programs(device), m // MIN_ROWS_PER_PARTIAL)))
+    else:
+        groups = min(row_tiles, triton.cdiv(min_fill_programs(device), col_blocks))
+    groups = max(1, groups)
+    rows_per_program = triton.cdiv(max(m, 1), groups)
+    warps = num_warps_for(block_m * block_n, elems_per_warp=ELEMS_PER_WARP_LN)
+    partial_bytes = groups * n * acc * n_partials
+    launches = []
+    if not whole_row:
+        rows = _rows_plan(m, n, dtype, device, has_weight, has_bias, w_es, es, dy_es, dx_es,
+                          dres, stats, acc, n_partials)
+        chunked_cost = _two_kernel_cost(m, n, inputs, dres, stats, has_weight, w_es, acc,
+                                        is_rms, dx_es, partial_bytes)
+        budget_l2 = l2_cache_bytes(device)
+        # The cost model picks: the persistent kernel where its window fits (3 passes), the
+        # two-kernel path where re-reading x and dy from HBM costs less than partial-row
+        # updates that miss the L2.
+        if _forced_bwd_path == "rows" or (_forced_bwd_path is None and modeled_hbm_bytes(
+                rows.launches, budget_l2) <= modeled_hbm_bytes(chunked_cost, budget_l2)):
+            return rows
+        launches.append(LaunchCost("_layer_norm_bwd_row_stats_kernel", (m,),
+                                   num_warps_for(block_n, elems_per_warp=ELEMS_PER_WARP_LN),
+                                   reads=inputs + stats + n * w_es * int(has_weight),
+                                   writes=m * acc * (1 if is_rms else 2)))
+    grid = (col_blocks, groups)
+    launches.append(LaunchCost(
+        "_layer_norm_bwd_kernel", grid, warps,
+        reads=inputs + dres + stats + n * w_es * int(has_weight)
+        + (0 if whole_row else m * acc * (1 if is_rms else 2)),
+        writes=m * n * dx_es + partial_bytes,
+        # The column-chunked kernel reads x and dy after the row-statistics kernel read all of
+        # them: from L2 only the tail (its row groups run last-first for that).
+        l2_reread=0 if whole_row else inputs))
+    launches += _column_sums(n, groups, acc, w_es, has_weight, has_bias)
+    return LayerNormPlan("bwd", "fused" if whole_row else "chunked", block_m, block_n, warps,
+                         grid, rows_per_program, groups, tuple(launches))
+
+
+def _column_sums(n: int, rows: int, acc: int, w_es: int, has_weight: bool,
+                 has_bias: bool) -> list[LaunchCost]:
+    return [LaunchCost("_column_sum_kernel", (triton.cdiv(n, 128),), 4, reads=rows * n * acc,
+                       writes=n * w_es) for present in (has_weight, has_bias) if present]
+
+
+def _two_kernel_cost(m: int, n: int, inputs: int, dres: int, stats: int, has_weight: bool,
+                     w_es: int, acc: int, is_rms: bool, dx_es: int,
+                     partial_bytes: int) -> tuple[LaunchCost, ...]:
+    """The bytes of the column-chunked backward (row statistics, then dx and dW/dB partials),
+    for comparing it with the persistent rows kernel; grids do not matter here."""
+    c = m * acc * (1 if is_rms else 2)
+    w = n * w_es * int(has_weight)
+    return (LaunchCost("_layer_norm_bwd_row_stats_kernel", (m,), 0,
+                       reads=inputs + stats + w, writes=c),
+            LaunchCost("_layer_norm_bwd_kernel", (0,), 0,
+                       reads=inputs + dres + stats + w + c, writes=m * n * dx_es + partial_bytes,
+                       l2_reread=inputs))
+
+
+def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_weight: bool,
+               has_bias: bool, w_es: int, es: int, dy_es: int, dx_es: int, dres: int,
+               stats: int, acc: int, n_partials: int) -> LayerNormPlan:
+    """The persistent long-row backward (_layer_norm_bwd_rows_kernel): one program per SM, each
+    walking its rows twice and updating its own dW/dB partial row after every row."""
+    chunk = _fused_limit(CHUNK_N, dtype)
+    # 8 elements per thread: at 16 (8 warps) ptxas held the kernel to 128 registers and spilled
+    # 16-32 bytes for unaligned N (no vector loads) on sm_90.
+    warps = num_warps_for(chunk)
+    # One program per SM, or down to 3/4 of the SMs where that makes the window (below) fit in
+    # the usable L2 (fp32 LayerNorm at N = 16384: 100 programs of 256 KB on an H100).
+    sms = num_parallel_programs(device)
+    per_program = n * (es + dy_es + acc * n_partials)
+    budget = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
+    programs = max(1, min(m, max(triton.cdiv(3 * sms, 4), min(sms, budget // per_program))))
+    inputs = m * n * (es + dy_es)
+    # A partial row is read and written once per row the program takes: those bytes stay in L2
+    # when the window (the rows in flight and the partial rows) fits; only the final partial
+    # rows reach HBM.
+    updates = m * n * acc * n_partials
+    window = programs * per_program
+    launch = LaunchCost("_layer_norm_bwd_rows_kernel", (programs,), warps,
+                        reads=2 * inputs + dres + stats + 2 * n * w_es * int(has_weight)
+                        + updates,
+                        writes=m * n * dx_es + updates,
+                        l2_reread=inputs + 2 * updates - programs * n * acc * n_partials,
+                        l2_window=window)
+    launches = (launch,) + tuple(_column_sums(n, programs, acc, w_es, has_weight, has_bias))
+    return LayerNormPlan("bwd", "rows", 1, chunk, warps, (programs,),
+                         triton.cdiv(m, programs), programs, launches)
+
+
+# --- launchers ---------------------------------------------------------------------------------
 
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,18 +707,20 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
                                 dtype=residual_dtype or residual.dtype, device=x.device)
     strides = (x.stride(0), y.stride(0), r.stride(0) if has_residual else 0,
                h.stride(0) if store_residual else 0)
-    block_n = triton.next_power_of_2(N)
+    plan = plan_layer_norm(
+        M, N, x.dtype, "fwd", x.device, is_rms=is_rms, has_weight=weight is not None,
+        has_bias=bias is not None,
+        weight_dtype=weight.dtype if weight is not None else None,
+        residual_dtype=h_arg.dtype if has_residual else None, store_residual=store_residual)
     # eps as a float64 scalar: the kernels declare it "fp64" and convert it to their ACC dtype.
-    if block_n <= _fused_limit(MAX_FUSED_N_FWD, x.dtype):
-        block_m = _row_tile(block_n)
-        _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    if plan.path == "fused":
+        _layer_norm_fwd_kernel[plan.grid](
             x, y, w, b, mean_arg, rstd, r, h_arg, M, N, *strides, float(eps), **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n))
+            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     else:
-        chunk = _fused_limit(CHUNK_N, x.dtype)
-        _layer_norm_fwd_chunked_kernel[(M,)](
-            x, y, w, b, mean_arg, rstd, r, h_arg, N, *strides, float(eps), **flags,
-            BLOCK_N=chunk, num_warps=8)
+        _layer_norm_fwd_chunked_kernel[plan.grid](
+            x, y, w, b, mean_arg, rstd, r, h_arg, M, N, *strides, float(eps), **flags,
+            BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     return y, mean, rstd, (h if store_residual else x.new_empty(0))
 
 
@@ -387,22 +741,26 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     has_weight = weight is not None
     has_bias = bias is not None
     partial_dtype = acc_dtype(x.dtype)
-
-    block_n = triton.next_power_of_2(max(N, 1))
-    whole_row = block_n <= _fused_limit(MAX_FUSED_N_BWD, x.dtype)
-    if not whole_row:
-        block_n = _fused_limit(CHUNK_N, x.dtype)
-    block_m = _row_tile(block_n, target_elems=2048, max_rows=16)
-    col_blocks = triton.cdiv(N, block_n)
-    # Enough row groups to fill the device; each group leaves one row of dW/dB partial sums.
-    groups = max(1, min(triton.cdiv(M, block_m),
-                        triton.cdiv(4 * num_parallel_programs(x.device), col_blocks)))
-    rows_per_program = triton.cdiv(max(M, 1), groups)
+    plan = plan_layer_norm(
+        M, N, x.dtype, "bwd", x.device, is_rms=is_rms, has_weight=has_weight,
+        has_bias=has_bias, weight_dtype=weight.dtype if has_weight else None,
+        has_dresidual=has_dresidual, dy_dtype=dy.dtype, dx_dtype=dx.dtype)
+    whole_row = plan.path == "fused"
+    groups = plan.partial_rows
     dw_partial = torch.zeros((groups, N) if has_weight else (0,), dtype=partial_dtype,
                              device=x.device)
     db_partial = torch.zeros((groups, N) if has_bias else (0,), dtype=partial_dtype,
                              device=x.device)
-    if M > 0 and N > 0:
+    if M > 0 and N > 0 and plan.path == "rows":
+        _layer_norm_bwd_rows_kernel[plan.grid](
+            x, weight if has_weight else rstd, dy, dx, rstd if is_rms else mean, rstd,
+            dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
+            dresidual if has_dresidual else rstd, M, N, x.stride(0), dy.stride(0),
+            dx.stride(0), dresidual.stride(0) if has_dresidual else 0,
+            IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
+            ACC=tl_acc_dtype(x.dtype), BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+    elif M > 0 and N > 0:
         flags = dict(IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
                      ACC=tl_acc_dtype(x.dtype))
         w = weight if has_weight else rstd
@@ -411,20 +769,20 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         if not whole_row:
             c1 = torch.empty(M, dtype=partial_dtype, device=x.device)
             c2 = c1 if is_rms else torch.empty(M, dtype=partial_dtype, device=x.device)
-            _layer_norm_bwd_row_stats_kernel[(M,)](
+            stats_launch = plan.launches[0]
+            _layer_norm_bwd_row_stats_kernel[stats_launch.grid](
                 x, w, dy, mean_arg, rstd, c1, c2, N, x.stride(0), dy.stride(0),
                 IS_RMS=is_rms, HAS_WEIGHT=has_weight, ROUND_XHAT=round_xhat, ACC=flags["ACC"],
-                BLOCK_N=block_n, num_warps=8)
-        _layer_norm_bwd_kernel[(col_blocks, groups)](
+                BLOCK_N=plan.block_n, num_warps=stats_launch.num_warps)
+        _layer_norm_bwd_kernel[plan.grid](
             x, w, dy, dx, mean_arg, rstd, c1, c2,
             dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
             dresidual if has_dresidual else rstd,
             M, N, x.stride(0), dy.stride(0), dx.stride(0),
-            dresidual.stride(0) if has_dresidual else 0, rows_per_program, **flags,
+            dresidual.stride(0) if has_dresidual else 0, plan.rows_per_program, **flags,
             HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
             ROW_STATS_IN_TILE=whole_row,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=_num_warps(block_m * block_n))
+            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
     dbias = column_sum(db_partial, bias.dtype) if has_bias else None
     return dx, dweight, dbias
