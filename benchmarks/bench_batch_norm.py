@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness  # noqa: E402
 
 import fastnorm  # noqa: E402
-from fastnorm import distributed  # noqa: E402
-from fastnorm.functional import _batch_norm_view  # noqa: E402
+from fastnorm import sync_batch_norm  # noqa: E402
+from fastnorm._layout import channel_view  # noqa: E402
 
 GPU_SHAPES = [(256, 64, 56, 56), (256, 256, 28, 28), (64, 1024, 14, 14)]
 CPU_SHAPES = [(4, 8, 6, 6)]
@@ -55,8 +55,8 @@ def _fastnorm_bn(x, w, b, rm, rv, training):
 def _fastnorm_sync_chain(x, w, b, rm, rv, training):
     """fastnorm's SyncBatchNorm function with no process group: stats -> apply, reduce -> elemt,
     exactly the per-GPU work of a synchronized step."""
-    y = distributed._SyncBatchNormFunction.apply(_batch_norm_view(x), w, b, rm, rv, MOMENTUM,
-                                                 EPS, None, False, torch.ops.fastnorm)
+    y = sync_batch_norm._SyncBatchNormFunction.apply(channel_view(x), w, b, rm, rv, MOMENTUM,
+                                                     EPS, None, False)
     return y.view(x.shape)
 
 
