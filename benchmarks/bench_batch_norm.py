@@ -103,6 +103,8 @@ def providers(device: torch.device, shape: tuple, dtype: torch.dtype
     if "triton" in fastnorm.available_backends():
         out["fastnorm-triton"] = (_fastnorm_bn, all_modes)
         out["fastnorm-syncbn-chain"] = (_fastnorm_sync_chain, ("fwd", "fwdbwd", "bwd"))
+    if "cuda" in fastnorm.available_backends():  # the CUDA C++ kernels (fastnorm._C)
+        out["fastnorm-cuda"] = (_fastnorm_bn, all_modes)
     if device.type == "cuda":
         if (shape, dtype) in COMPILE_CASES:
             out["torch.compile"] = (torch.compile(_torch_bn, dynamic=False), all_modes)
@@ -131,7 +133,8 @@ def main(argv=None) -> _harness.Run:
                     if not _harness.wanted(args, name):
                         continue
                     common = dict(op="batch_norm", case=case, dtype=dtype, layout=layout,
-                                  backend="triton" if name.startswith("fastnorm") else None)
+                                  backend="cuda" if name == "fastnorm-cuda" else
+                                  "triton" if name.startswith("fastnorm") else None)
                     if "fwd" in modes:
                         _harness.run_case(run, **common, mode="fwd", provider=name,
                                           ideal_bytes=2 * size,

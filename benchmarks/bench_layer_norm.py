@@ -51,9 +51,9 @@ def _torch_fn(kind: str) -> Callable:
     return lambda x, w, b: F.rms_norm(x, (x.shape[-1],), w, 1e-6)
 
 
-def _fastnorm_fn(kind: str) -> Callable:
+def _fastnorm_fn(kind: str, backend: str = "triton") -> Callable:
     def fn(x, w, b):
-        with fastnorm.use_backend("triton"):
+        with fastnorm.use_backend(backend):
             if kind == "layer_norm":
                 return fastnorm.layer_norm(x, (x.shape[-1],), w, b)
             return fastnorm.rms_norm(x, (x.shape[-1],), w, 1e-6)
@@ -103,6 +103,8 @@ def providers(kind: str, device: torch.device, case: tuple) -> dict[str, Callabl
     triton_ok = "triton" in fastnorm.available_backends()
     if triton_ok:
         out["fastnorm-triton"] = _fastnorm_fn(kind)
+    if "cuda" in fastnorm.available_backends():  # the CUDA C++ kernels (fastnorm._C)
+        out["fastnorm-cuda"] = _fastnorm_fn(kind, "cuda")
     if device.type == "cuda":
         if case in COMPILE_CASES:
             out["torch.compile"] = torch.compile(_torch_fn(kind), dynamic=False)
