@@ -189,8 +189,12 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const Tensor& x
   a.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(launch_layer_norm_bwd(a, at::cuda::getCurrentCUDAStream()), op);
   // Gradients in the parameters' own dtypes (the public contract), whatever the kernel used.
-  if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) dw = dw.to(weight->scalar_type());
-  if (!is_rms && bias.has_value() && db.scalar_type() != bias->scalar_type()) db = db.to(bias->scalar_type());
+  if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
+    dw = dw.to(weight->scalar_type());
+  }
+  if (!is_rms && bias.has_value() && db.scalar_type() != bias->scalar_type()) {
+    db = db.to(bias->scalar_type());
+  }
   return {dx, dw, db};
 }
 
@@ -332,8 +336,12 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy_in, const Ten
   a.workspace = ws.data_ptr();
   a.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(launch_group_norm_bwd(a, at::cuda::getCurrentCUDAStream()), op);
-  if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) dw = dw.to(weight->scalar_type());
-  if (bias.has_value() && db.scalar_type() != bias->scalar_type()) db = db.to(bias->scalar_type());
+  if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
+    dw = dw.to(weight->scalar_type());
+  }
+  if (bias.has_value() && db.scalar_type() != bias->scalar_type()) {
+    db = db.to(bias->scalar_type());
+  }
   return {dx, dw, db};
 }
 
@@ -348,7 +356,9 @@ void fill_bn(Args& a, const Tensor& x, bool cl, const char* op) {
   a.channels_last = cl;
 }
 
-Tensor channel_stat(const Tensor& x) { return at::empty({x.size(1)}, x.options().dtype(at::kFloat)); }
+Tensor channel_stat(const Tensor& x) {
+  return at::empty({x.size(1)}, x.options().dtype(at::kFloat));
+}
 
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& x_in) {
   const char* op = "batch_norm_stats";
@@ -536,7 +546,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& dy_in, const Ten
   a.workspace_bytes = static_cast<size_t>(ws.numel());
   check_launch(launch_batch_norm_bwd(a, at::cuda::getCurrentCUDAStream()), op);
   // dweight = sum(g * x_hat), dbias = sum(g), in the parameters' dtypes (empty when absent).
-  Tensor dw = weight.has_value() ? sum_dy_xhat.to(weight->scalar_type()) : at::empty({0}, x.options());
+  Tensor dw = weight.has_value() ? sum_dy_xhat.to(weight->scalar_type())
+                                 : at::empty({0}, x.options());
   Tensor db = bias.has_value() ? sum_dy.to(bias->scalar_type()) : at::empty({0}, x.options());
   return {dx, dw, db};
 }

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ._dtypes import stats_dtype
