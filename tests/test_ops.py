@@ -291,3 +291,28 @@ def test_ops_register_without_triton():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("False") and "'triton'" not in out.stdout, out.stdout
+
+
+def test_compile_fullgraph(backend):
+    """The ops under torch.compile(fullgraph=True) on each kernel set: LayerNorm, GroupNorm+SiLU
+    and training BatchNorm+ReLU (running stats updated), forward and backward, as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, device=DEVICE)
+    w, b = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
+
+    def fn(x, w, b, running_mean, running_var):
+        y = fastnorm.layer_norm(x.transpose(1, 2), (6,), w, b).transpose(1, 2)
+        y = fastnorm.group_norm(y, 3, w, b, activation="silu")
+        return fastnorm.batch_norm(y, running_mean, running_var, w, b, True, activation="relu")
+
+    compiled = torch.compile(fn, fullgraph=True,
+                             backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    results = []
+    for f in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        stats = [torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)]
+        y = f(*leaves, *stats)
+        y.square().sum().backward()
+        results.append([y.detach(), *stats, *(t.grad for t in leaves)])
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
