@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness  # noqa: E402
 
 import fastnorm  # noqa: E402
-from fastnorm import distributed  # noqa: E402
-from fastnorm.functional import _batch_norm_view  # noqa: E402
+from fastnorm import sync_batch_norm  # noqa: E402
+from fastnorm._layout import channel_view  # noqa: E402
 
 GPU_SHAPES = [(256, 64, 56, 56), (256, 256, 28, 28), (64, 1024, 14, 14)]
 CPU_SHAPES = [(4, 8, 6, 6)]
@@ -55,8 +55,8 @@ def _fastnorm_bn(x, w, b, rm, rv, training):
 def _fastnorm_sync_chain(x, w, b, rm, rv, training):
     """fastnorm's SyncBatchNorm function with no process group: stats -> apply, reduce -> elemt,
     exactly the per-GPU work of a synchronized step."""
-    y = distributed._SyncBatchNormFunction.apply(_batch_norm_view(x), w, b, rm, rv, MOMENTUM,
-                                                 EPS, None, False, torch.ops.fastnorm)
+    y = sync_batch_norm._SyncBatchNormFunction.apply(channel_view(x), w, b, rm, rv, MOMENTUM,
+                                                     EPS, None, False)
     return y.view(x.shape)
 
 
@@ -103,6 +103,8 @@ def providers(device: torch.device, shape: tuple, dtype: torch.dtype
     if "triton" in fastnorm.available_backends():
         out["fastnorm-triton"] = (_fastnorm_bn, all_modes)
         out["fastnorm-syncbn-chain"] = (_fastnorm_sync_chain, ("fwd", "fwdbwd", "bwd"))
+    if "cuda" in fastnorm.available_backends():  # the CUDA C++ kernels (fastnorm._C)
+        out["fastnorm-cuda"] = (_fastnorm_bn, all_modes)
     if device.type == "cuda":
         if (shape, dtype) in COMPILE_CASES:
             out["torch.compile"] = (torch.compile(_torch_bn, dynamic=False), all_modes)
@@ -131,7 +133,8 @@ def main(argv=None) -> _harness.Run:
                     if not _harness.wanted(args, name):
                         continue
                     common = dict(op="batch_norm", case=case, dtype=dtype, layout=layout,
-                                  backend="triton" if name.startswith("fastnorm") else None)
+                                  backend="cuda" if name == "fastnorm-cuda" else
+                                  "triton" if name.startswith("fastnorm") else None)
                     if "fwd" in modes:
                         _harness.run_case(run, **common, mode="fwd", provider=name,
                                           ideal_bytes=2 * size,

@@ -32,10 +32,12 @@ from fastnorm._backend import triton_interpreted  # noqa: E402
 
 SHAPES = [((8, 320, 128, 128), 32), ((8, 640, 64, 64), 32), ((8, 1280, 32, 32), 32),
           ((32, 128, 64, 64), 32)]
-QUICK_SHAPES = [((2, 32, 8, 8), 8), ((2, 64, 4, 4), 8)]
+# --quick: one small shape (the smoke test runs the fastnorm provider through the interpreter).
+QUICK_SHAPES = [((2, 32, 8, 8), 8)]
 DTYPES = [torch.bfloat16, torch.float32]
 LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 
+_FASTNORM_BACKENDS = {"fastnorm-triton": "triton", "fastnorm-cuda": "cuda"}
 GnFn = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor, Optional[str]], torch.Tensor]
 
 
@@ -61,6 +63,8 @@ def providers(device: torch.device) -> dict[str, GnFn]:
                              "torch.compile": torch.compile(_torch_gn, dynamic=False)}
     if "triton" in fastnorm.available_backends():
         found["fastnorm-triton"] = _fastnorm_gn
+    if "cuda" in fastnorm.available_backends():  # the CUDA C++ kernels (fastnorm._C)
+        found["fastnorm-cuda"] = _fastnorm_gn
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         found["liger"] = _liger_gn
     return found
@@ -103,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> _harness.Run:
                             continue
                         common = dict(op="group_norm", case=case, provider=name, dtype=dtype,
                                       layout=layout,
-                                      backend="triton" if name.startswith("fastnorm") else None)
+                                      backend=_FASTNORM_BACKENDS.get(name))
                         with torch.no_grad():
                             _harness.run_case(
                                 run, mode="fwd", ideal_bytes=2 * elem_bytes,

@@ -135,6 +135,8 @@ def providers(kind: str, device: torch.device, case: tuple) -> dict[str, Callabl
     triton_ok = "triton" in fastnorm.available_backends()
     if triton_ok:
         out["fastnorm-triton"] = _fastnorm_fn(kind)
+    if "cuda" in fastnorm.available_backends():  # the CUDA C++ kernels (fastnorm._C)
+        out["fastnorm-cuda"] = _fastnorm_fn(kind)
     if device.type == "cuda":
         if case in COMPILE_CASES:
             out["torch.compile"] = torch.compile(_torch_fn(kind), dynamic=False)
@@ -146,7 +148,8 @@ def providers(kind: str, device: torch.device, case: tuple) -> dict[str, Callabl
 
 
 def _backend(name: str) -> Optional[str]:
-    return "triton" if name.startswith("fastnorm") else None
+    """The backend a provider runs under, selected by run_case outside the timed calls."""
+    return {"fastnorm-triton": "triton", "fastnorm-cuda": "cuda"}.get(name)
 
 
 def _bench_norm(run: _harness.Run, args, kind: str, m: int, n: int, dtype: torch.dtype) -> None:

@@ -7,7 +7,7 @@
     print(fastnorm.convert_report(model))    # what was converted, what was left alone and why
     y, h = fastnorm.rms_norm(x, (n,), w, residual=r, prenorm=True)  # fused add: h = x + r
     fastnorm.explain(x, "layer_norm")        # which backend would run, and why
-    with fastnorm.use_backend("torch"): ...  # "auto" (default), "triton", "cuda", "torch"
+    with fastnorm.use_backend("torch"): ...  # also "auto", "triton", "cuda", "reference"
 """
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend

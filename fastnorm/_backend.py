@@ -1,11 +1,14 @@
 """Backend selection: which implementation runs a normalization op.
 
 Names:
-  "auto"   (default) fastest available GPU kernel for CUDA tensors; torch's own ops otherwise,
-           so CPU users never get slower (a CPU tensor goes to torch before any other check).
-  "triton" fastnorm's Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
-  "cuda"   fastnorm's CUDA C++ kernels: not written yet, so never available (it says so).
-  "torch"  torch's own ops (torch.nn.functional).
+  "auto"      (default) fastnorm's ops for CUDA tensors, whose router runs Triton, or the CUDA
+              C++ kernels where the committed auto table measured them faster; torch's own ops
+              otherwise, so CPU users never get slower (a CPU tensor goes to torch first).
+  "triton"    fastnorm's Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1).
+  "cuda"      fastnorm's CUDA C++ kernels (fastnorm._C; fp64 and ops it lacks run Triton).
+  "reference" fastnorm's ops with the torch reference kernels (fastnorm/reference.py), on any
+              device: the op layer (checks, autograd, saved statistics) without Triton or C++.
+  "torch"     torch's own ops (torch.nn.functional).
 
 Chosen with `set_backend`, the `use_backend` context manager, or the FASTNORM_BACKEND
 environment variable (read at import; a bad value raises at the first op, not at import).
@@ -26,7 +29,7 @@ import torch
 import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "reference", "torch")
 
 _peek_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
 
@@ -98,8 +101,10 @@ def _unavailable_reason(name: str) -> Optional[str]:
 
 
 def available_backends() -> list[str]:
-    """Concrete backends usable in this process, fastest first ("torch" is always there)."""
-    return [name for name in ("cuda", "triton", "torch") if _unavailable_reason(name) is None]
+    """Concrete backends usable in this process, fastest first ("reference" and "torch" are
+    always there)."""
+    return [name for name in ("cuda", "triton", "reference", "torch")
+            if _unavailable_reason(name) is None]
 
 
 def _check_name(name: str) -> str:
@@ -183,23 +188,24 @@ def transformed(*tensors: object) -> bool:
     return False
 
 
-def resolve(x: Tensor, op: str, supported: tuple[str, ...] = ("triton", "torch")) -> str:
-    """The concrete backend that runs `op` on tensor `x` under the current selection.
-
-    `supported` lists the backends that implement `op` (a later issue adds "cuda" per op).
-    """
+def resolve(x: Tensor, op: str) -> str:
+    """What runs `op` (a functional name: "layer_norm", ...) on tensor `x` now: "torch" (torch's
+    own op, the functional layer calls it) or the kernel set fastnorm's ops start from
+    ("triton", "cuda" or "reference"; under "auto" and "cuda" the ops' router may still pick
+    per call, see fastnorm/ops/_router.py). Raises when the selection cannot run on `x`.
+    Only cached availability is read: nothing is probed per call."""
     name = _current
     if name not in BACKENDS:
         name = _env_backend()
     if name == "auto":
         if x.device.type == "cuda":
-            for candidate in ("cuda", "triton"):
-                if candidate in supported and _unavailable_reason(candidate) is None:
-                    return candidate
+            if _triton_base_reason() is None:
+                return "triton"
+            if _cuda_unavailable_reason() is None:
+                return "cuda"
         return "torch"
-    if name not in supported:
-        raise RuntimeError(f"fastnorm: backend {name!r} does not implement {op} yet; "
-                           f"supported: {supported}")
+    if name in ("torch", "reference"):
+        return name
     if name == "triton" and x.device.type != "cuda":
         # (Not under torch.compile: the environment is read by Triton's C++, opaque to Dynamo.)
         changed = (_interpret_changed() if x.device.type == "cpu"
@@ -211,5 +217,8 @@ def resolve(x: Tensor, op: str, supported: tuple[str, ...] = ("triton", "torch")
             raise RuntimeError(f"fastnorm: backend 'triton' runs on CUDA tensors, but {op} got a "
                                f"tensor on {x.device}. {hint}")
     if name == "cuda":
-        _check_name("cuda")  # raises: no CUDA C++ kernels exist yet
+        _check_name("cuda")
+        if x.device.type != "cuda":
+            raise RuntimeError(f"fastnorm: backend 'cuda' runs on CUDA tensors, but {op} got a "
+                               f"tensor on {x.device}; use 'auto' or 'torch' for it")
     return name

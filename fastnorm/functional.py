@@ -5,7 +5,6 @@ input to the op's canonical view *before* entering the custom op, and reshapes t
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import operator
 from typing import Optional, Sequence, Union
@@ -15,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from ._dtypes import residual_stream_dtype
-
-if importlib.util.find_spec("triton") is not None:
-    from . import ops as _ops  # noqa: F401  (registers the custom ops; needs triton)
+from . import ops as _ops  # noqa: F401  (registers the fastnorm:: ops; needs only torch)
+from ._dtypes import residual_stream_dtype, stats_dtype
+from ._layout import batch_norm_relu, channel_view, group_norm_activation
+from .reference import norm_reference
 
 _shape_t = Union[int, Sequence[int], torch.Size]
 
@@ -206,17 +205,10 @@ def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tens
             raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {t.dtype}")
     _check_dtypes(name, input, {"weight": weight, "bias": bias, "running_mean": running_mean,
                                 "running_var": running_var}, False)
-    return activation == "relu"
+    return batch_norm_relu(activation)
 
 
-def _batch_norm_view(input: Tensor) -> Tensor:
-    """The input as (N, C, S), S = prod(spatial dims), contiguous or channels-last (a view when
-    possible, else a copy), the two layouts the kernels take."""
-    n, c = input.shape[:2]
-    x = input.reshape(n, c, math.prod(input.shape[2:]))
-    if not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
-        x = x.contiguous()
-    return x
+_batch_norm_view = channel_view  # (the name SyncBatchNorm and the benchmarks used)
 
 
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
@@ -271,7 +263,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             momentum = float(momentum)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
-    x = _batch_norm_view(input)
+    x = channel_view(input)
     if training:
         if running_mean is not None and count > 0:
             # The running statistics are updated by the launch that finalizes the batch ones.
@@ -285,8 +277,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             y, mean, var = torch.ops.fastnorm.batch_norm_fwd(x, _flat(weight), _flat(bias),
                                                              float(eps), relu)
     else:
-        y = torch.ops.fastnorm.batch_norm_apply(x, _flat(running_mean), _flat(running_var),
-                                                _flat(weight), _flat(bias), float(eps), relu)
+        # The op contract keeps statistics in the stats dtype; running stats may be x's dtype.
+        stats = stats_dtype(input.dtype)
+        y = torch.ops.fastnorm.batch_norm_apply(
+            x, _flat(running_mean).to(stats), _flat(running_var).to(stats), _flat(weight),
+            _flat(bias), float(eps), relu)
     return y.view(input.shape)
 
 
@@ -331,9 +326,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if activation == "silu" else y
     # (N, C, HW) is a view for NCHW and channels-last inputs alike; the op handles both layouts.
-    x3 = input.reshape(n, c, math.prod(input.shape[2:]))
     y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
-        x3, _flat(weight), _flat(bias), int(num_groups), float(eps), activation or "none")
+        channel_view(input), _flat(weight), _flat(bias), int(num_groups), float(eps),
+        group_norm_activation(activation))
     return y.view(input.shape)
 
 
@@ -353,22 +348,6 @@ def _check_residual(name: str, input: Tensor, residual: Tensor) -> None:
             (residual.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16))):
         raise TypeError(f"fastnorm.{name}: residual must have the input's dtype ({input.dtype}) "
                         f"or be float32 with a float16/bfloat16 input, got {residual.dtype}")
-
-
-def norm_reference(src: Tensor, shape: Sequence[int], weight: Optional[Tensor],
-                   bias: Optional[Tensor], eps: float, is_rms: bool, rounding: str,
-                   out_dtype: torch.dtype) -> Tensor:
-    """The norm of the fused residual op (on h = x + r) in torch's own, differentiable ops: its
-    torch backend, and its double backward (fastnorm::add_layer_norm_fwd's autograd)."""
-    if is_rms and rounding != "none":  # the transformers adapters' roundings (see _add_norm)
-        x_hat = F.rms_norm(src.to(torch.float32 if src.dtype != torch.float64 else src.dtype),
-                           shape, None, eps).to(out_dtype)
-        return x_hat if weight is None else (weight * x_hat).to(out_dtype)
-    w = None if weight is None else weight.to(src.dtype)
-    if is_rms:
-        return F.rms_norm(src, shape, w, eps).to(out_dtype)
-    b = None if bias is None else bias.to(src.dtype)
-    return F.layer_norm(src, shape, w, b, eps).to(out_dtype)
 
 
 def _add_residual(input: Tensor, residual: Tensor, residual_in_fp32: bool) -> Tensor:

@@ -100,23 +100,23 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
 
 class SyncBatchNorm(nn.SyncBatchNorm):
     """`torch.nn.SyncBatchNorm` with fastnorm's kernels and one collective per direction (see
-    `fastnorm.distributed.sync_batch_norm`). Unlike torch's, it also runs on CPU tensors with a
+    `fastnorm.sync_batch_norm.sync_batch_norm`). Unlike torch's, it also runs on CPU tensors with a
     gloo process group, and a synchronized step never synchronizes the host with the device
     (momentum=None included)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        from . import distributed
+        from . import sync_batch_norm as sbn
 
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         running_mean, running_var, bn_training, factor = _batch_norm_args(self)
         # Like torch: statistics are synchronized in training mode only.
-        group = distributed.sync_group(self.process_group) if bn_training and self.training \
+        group = sbn.sync_group(self.process_group) if bn_training and self.training \
             else None
         if group is None:
             return F_fast.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                      bn_training, factor, self.eps)
-        return distributed.sync_batch_norm(input, running_mean, running_var, self.weight,
+        return sbn.sync_batch_norm(input, running_mean, running_var, self.weight,
                                            self.bias, factor, self.eps, group)
 
 

@@ -25,6 +25,21 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def kernel_backends() -> list[str]:
+    """The kernel sets the per-backend tests run on: on CPU the torch reference and Triton under
+    the interpreter; on a GPU Triton and, when fastnorm._C is loaded, the CUDA C++ kernels."""
+    if torch.cuda.is_available():
+        return ["triton"] + (["cuda"] if "cuda" in fastnorm.available_backends() else [])
+    return ["reference", "triton"]
+
+
+@pytest.fixture(params=kernel_backends())
+def backend(request):
+    """Run the test body once per kernel set (kernel_backends), selected for fastnorm's ops."""
+    with fastnorm.use_backend(request.param):
+        yield request.param
+
+
 @pytest.fixture
 def triton_backend():
     """Run the test body with fastnorm's Triton kernels forced (the interpreter on CPU)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnorm
-from fastnorm import distributed
+from fastnorm import distributed, sync_batch_norm
 from helpers import ALL_DTYPES, assert_close_ref
 
 # (shape, memory format): every input rank, both layouts.
@@ -173,11 +173,13 @@ def test_empty_batch(device, triton_backend):
     assert torch.equal(running_var, torch.ones(3, device=device))
 
 
-def test_torch_backend_matches(device):
+def test_reference_backend_matches_torch(device):
+    """fastnorm's ops on the reference kernels (the op layer: views, saved statistics, autograd,
+    running-stat update) against torch's BatchNorm, training with running stats and ReLU."""
     x = _make_input((2, 3, 4, 5), None, torch.float32, device)
     params = _params(3, device)
     dy = _make_input((2, 3, 4, 5), None, torch.float32, device, seed=2)
-    with fastnorm.use_backend("torch"):
+    with fastnorm.use_backend("reference"):
         ours = _fastnorm_bn(x, *params, True, 0.1, 1e-5, True, dy)
     theirs = _torch_bn(x, *params, True, 0.1, 1e-5, True, dy)
     for name, a, b in zip(NAMES, ours, theirs):
@@ -306,43 +308,6 @@ def test_convert_to_sync_batch_norm_shares_parameters():
 
 # --- custom ops, autograd, compile ---------------------------------------------------------------
 
-def _op_samples(device):
-    for fmt in (None, "channels_last_1d"):
-        x = _make_input((2, 3, 5), fmt, torch.float32, device)
-        weight, bias, mean, var = _params(3, device)
-        dy = _make_input((2, 3, 5), fmt, torch.float32, device, seed=2)
-        yield x, weight, bias, mean, var, dy
-
-
-def test_opcheck(device, triton_backend):
-    ops = torch.ops.fastnorm
-    count = torch.full((1,), 10.0, device=device)
-    for x, weight, bias, mean, var, dy in _op_samples(device):
-        sums = (dy.sum((0, 2)), (dy * x).sum((0, 2)))
-
-        def grad(t):
-            return t.detach().clone().requires_grad_()
-
-        cases = [
-            (ops.batch_norm_stats, (x,)),
-            (ops.batch_norm_apply, (x, mean, var, weight, bias, 1e-5, True)),
-            (ops.batch_norm_apply, (grad(x), mean, var, grad(weight), None, 1e-5, False)),
-            (ops.batch_norm_backward_reduce, (dy, x, mean, var, weight, bias, 1e-5, True)),
-            (ops.batch_norm_backward_elemt, (dy, x, mean, var, weight, bias, *sums, count, 1e-5,
-                                             True)),
-            (ops.batch_norm_fwd, (grad(x), grad(weight), grad(bias), 1e-5, True)),
-            (ops.batch_norm_fwd, (x, None, None, 1e-5, False)),
-            (ops.batch_norm_bwd, (dy, x, weight, None, mean, var, 1e-5, False, True)),
-            (ops.batch_norm_stats_update, (x, mean.clone(), var.clone(), 0.1, None)),
-            (ops.batch_norm_stats_update, (x, mean.clone(), var.clone(), 0.0,
-                                           torch.full((1,), 0.5, device=device))),
-            (ops.batch_norm_train_apply, (grad(x), mean, var, grad(weight), grad(bias), 1e-5,
-                                          True)),
-        ]
-        for op, args in cases:
-            torch.library.opcheck(op, args)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
@@ -412,14 +377,19 @@ def test_bad_inputs(device, triton_backend):
 
 def test_sync_batch_norm_rejects_cpu_tensor_on_nccl():
     with pytest.raises(ValueError, match="NCCL backend, which needs CUDA tensors"):
-        distributed.check_backend_device(torch.randn(2, 3), "nccl")
-    distributed.check_backend_device(torch.randn(2, 3), "gloo")
+        sync_batch_norm.check_backend_device(torch.randn(2, 3), "nccl")
+    sync_batch_norm.check_backend_device(torch.randn(2, 3), "gloo")
     if torch.cuda.is_available():
-        distributed.check_backend_device(torch.randn(2, 3, device="cuda"), "nccl")
+        sync_batch_norm.check_backend_device(torch.randn(2, 3, device="cuda"), "nccl")
 
 
 def test_sync_group_without_init_process_group():
-    assert distributed.sync_group(None) is None
+    assert sync_batch_norm.sync_group(None) is None
+
+
+def test_distributed_is_an_alias_of_sync_batch_norm():
+    for name in distributed.__all__:
+        assert getattr(distributed, name) is getattr(sync_batch_norm, name)
 
 
 # --- kernel-level: fused running statistics, partials over several programs, NaN/Inf ----------

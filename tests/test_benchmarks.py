@@ -1,5 +1,6 @@
-"""The benchmark scripts run end to end (torch provider only, to stay fast on CPU) and write the
-CSV/JSON the GPU check collects; the plot script draws from that JSON."""
+"""The benchmark scripts run end to end (torch and the fastnorm providers, interpreted on CPU at
+the --quick shapes) and write the CSV/JSON the GPU check collects; the plot script draws from
+that JSON; the auto-table writer turns GPU results into router entries."""
 import glob
 import importlib.util
 import json
@@ -23,6 +24,7 @@ def _load(path):
 # bench_overhead.py (host overhead; test_semantics.py) and bench_train.py (steps/s of the
 # trainer; test_train_bench.py).
 _NOT_HARNESS = ("bench_overhead.py", "bench_train.py")
+PROVIDERS = ("torch", "fastnorm-triton", "fastnorm-cuda", "fastnorm-syncbn-chain")
 _HARNESS_BENCHES = sorted(p for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.py"))
                           if os.path.basename(p) not in _NOT_HARNESS)
 
@@ -30,12 +32,13 @@ _HARNESS_BENCHES = sorted(p for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.
 @pytest.mark.parametrize("path", _HARNESS_BENCHES, ids=os.path.basename)
 def test_bench_script_writes_results(path, tmp_path):
     name = os.path.basename(path)[len("bench_"):-3]
-    _load(path).main(["--quick", "--providers", "torch", "--out", str(tmp_path)])
+    _load(path).main(["--quick", "--providers", ",".join(PROVIDERS), "--out", str(tmp_path)])
     with open(tmp_path / f"{name}.json") as f:
         data = json.load(f)
     assert data["meta"]["copy_gbs"] > 0 and data["meta"]["torch"]
     rows = data["results"]
-    assert rows and all(r["provider"] == "torch" for r in rows)
+    ran = {r["provider"] for r in rows}
+    assert "torch" in ran and "fastnorm-triton" in ran and ran <= set(PROVIDERS), ran
     assert all(r["gbs"] > 0 and not r["error"] for r in rows), [r["error"] for r in rows]
     assert (tmp_path / f"{name}.csv").read_text().startswith("op,case,mode,provider")
     pngs = _load(os.path.join(BENCH_DIR, "plot.py")).plot(str(tmp_path / f"{name}.json"),
@@ -49,3 +52,27 @@ def test_time_budget_records_skipped_cases(tmp_path):
     with open(tmp_path / "layer_norm.json") as f:
         rows = json.load(f)["results"]
     assert rows and all(r["gbs"] is None and r["error"].startswith("skipped") for r in rows)
+
+
+def test_auto_table_writer_picks_the_faster_kernel_set(tmp_path):
+    writer = _load(os.path.join(BENCH_DIR, "write_auto_table.py"))
+
+    def row(provider, mode, ms, case="64x65536", op="layer_norm", layout=""):
+        return dict(op=op, case=case, mode=mode, provider=provider, dtype="bfloat16",
+                    layout=layout, ms=ms)
+
+    rows = [row("fastnorm-triton", "fwd", 2.0), row("fastnorm-cuda", "fwd", 1.0),
+            row("fastnorm-triton", "fwdbwd", 5.0), row("fastnorm-cuda", "fwdbwd", 5.5),
+            row("torch", "fwd", 0.5),  # another provider never enters the table
+            row("fastnorm-triton", "fwd", 1.0, case="8x6x5x5", op="batch_norm", layout="NHWC"),
+            row("fastnorm-cuda", "fwd", 2.0, case="8x6x5x5", op="batch_norm", layout="NHWC")]
+    assert writer.entries_from_results(rows) == {
+        "layer_norm_fwd:bfloat16:rows:65536": "cuda",
+        "layer_norm_bwd:bfloat16:rows:65536": "triton",   # (5.5 - 1) > (5 - 2)
+        "batch_norm_fwd:bfloat16:cl:256": "triton"}
+    meta = dict(device="CPU (x86_64, 2 cores)", date="2026-12-01T00:00:00+00:00", torch="2",
+                triton="3", cuda=None)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": meta, "results": rows}))
+    with pytest.raises(SystemExit, match="one GPU"):
+        writer.build_table([str(path)])

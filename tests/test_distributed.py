@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnorm
+import fastnorm.sync_batch_norm
 
 C = 3
 SPATIAL = (2, 3)
@@ -95,7 +96,7 @@ def _check_against_single_process(rank, batches, channels_last, momentum, relu, 
             if relu:  # the functional path, which fuses the ReLU
                 ours.num_batches_tracked.add_(1)
                 factor = 1.0 / ours.num_batches_tracked if momentum is None else momentum
-                y = fastnorm.distributed.sync_batch_norm(
+                y = fastnorm.sync_batch_norm.sync_batch_norm(
                     x, ours.running_mean, ours.running_var, ours.weight, ours.bias, factor,
                     ours.eps, group, activation="relu")
             else:

@@ -426,12 +426,19 @@ def test_bad_inputs(triton_backend, device, call, exc, fragment):
     assert fragment in str(info.value)
 
 
-def test_torch_backend_matches_torch(device):
-    x = torch.randn(2, 6, 5, device=device)
-    w, b = _params(6, torch.float32, device)
-    with fastnorm.use_backend("torch"):
+def test_reference_backend_matches_torch(device):
+    """fastnorm's op layer on the reference kernels (fused SiLU, saved statistics, autograd)
+    against torch's GroupNorm + SiLU, forward and gradients."""
+    x = torch.randn(2, 6, 5, device=device, requires_grad=True)
+    w, b = (p.requires_grad_() for p in _params(6, torch.float32, device))
+    with fastnorm.use_backend("reference"):
         y = fastnorm.group_norm(x, 3, w, b, activation="silu")
-    torch.testing.assert_close(y, F.silu(F.group_norm(x, 3, w, b)))
+    want = F.silu(F.group_norm(x, 3, w, b))
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    for a, b_ in zip(torch.autograd.grad(y, (x, w, b), dy),
+                     torch.autograd.grad(want, (x, w, b), dy)):
+        torch.testing.assert_close(a, b_)
 
 
 @pytest.mark.parametrize("split", [None, 4], ids=["auto", "split"])

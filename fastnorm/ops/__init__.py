@@ -1,10 +1,15 @@
-"""torch.library custom ops (`fastnorm::<op>_fwd`, `fastnorm::<op>_bwd`), one file per op
-family: schema, fake (meta) implementation for torch.compile, and autograd registration.
+"""The one schema table: every `fastnorm::` op, defined once with torch.library (schema, fake
+with argument checks, autograd, autocast), one file per op family. Nothing here imports
+Triton: the ops register wherever torch does.
 
-Ops take the canonical view of their family (LayerNorm/RMSNorm: 2-D rows x features; GroupNorm and
-BatchNorm: (N, C, S) in NCHW or channels-last strides); the
-functional layer reshapes before calling them, so ranks stay fixed under torch.compile.
+Which kernels run a call is decided inside the op body by the router (_router.py): on CPU the
+torch reference (fastnorm/reference.py) or Triton under the interpreter, on CUDA Triton or the
+CUDA C++ kernels of fastnorm._C (private ops `fastnorm_C::*` with the same schemas).
+
+Ops take the canonical view of their family (LayerNorm/RMSNorm: 2-D rows x features; GroupNorm
+and BatchNorm: (N, C, S) in NCHW or channels-last strides; fastnorm/_layout.py); the functional
+layer reshapes before calling them, so ranks stay fixed under torch.compile.
 """
-from . import layer_norm  # noqa: F401  (registers fastnorm::layer_norm_* and rms_norm_*)
+from . import layer_norm  # noqa: F401  (registers fastnorm::layer_norm_*, rms_norm_*, add_*)
 from . import group_norm  # noqa: F401  (registers fastnorm::group_norm_*)
 from . import batch_norm  # noqa: F401  (registers fastnorm::batch_norm_*)

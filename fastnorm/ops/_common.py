@@ -7,11 +7,6 @@ import torch
 from torch import Tensor
 
 
-def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """A custom op cannot return None: an absent gradient comes back as an empty tensor."""
-    return like.new_empty(0) if t is None else t
-
-
 def torch_grads(fn: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
                 needs: Sequence[bool], dy: Tensor) -> tuple[Optional[Tensor], ...]:
     """Double backward: the gradients of `fn(*inputs)` (torch's own op) for the inputs in

@@ -9,7 +9,7 @@ Single-device training, with autograd:
       -> (dx, dweight, dbias)
 Eval mode (running statistics) is `batch_norm_apply`, also differentiable.
 
-The building blocks SyncBatchNorm chains around its collectives (fastnorm.distributed):
+The building blocks SyncBatchNorm chains around its collectives (fastnorm.sync_batch_norm):
   fastnorm::batch_norm_stats(x) -> (mean, var)                      local statistics
   fastnorm::batch_norm_apply(x, mean, var, weight?, bias?, eps, relu) -> y
   fastnorm::batch_norm_backward_reduce(dy, x, mean, var, weight?, bias?, eps, relu)
@@ -29,9 +29,41 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
-from ..triton import batch_norm as kernels
+from .._layout import canonical
+from . import _checks
 from ._common import torch_grads
+from ._router import kernel
 
+
+def _check(op: str, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+           mean: Optional[Tensor] = None, var: Optional[Tensor] = None,
+           dy: Optional[Tensor] = None) -> None:
+    _checks.input_(op, x, 3)
+    c = x.shape[1]
+    _checks.param(op, "weight", weight, c, x)
+    _checks.param(op, "bias", bias, c, x)
+    _checks.like(op, "dy", dy, x)
+    if mean is not None:
+        _checks.stats(op, "mean", mean, (c,), x)
+        _checks.stats(op, "var", var, (c,), x)
+
+
+def _check_sums(op: str, x: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor, count: Tensor) -> None:
+    _checks.stats(op, "sum_dy", sum_dy, (x.shape[1],), x)
+    _checks.stats(op, "sum_dy_xhat", sum_dy_xhat, (x.shape[1],), x)
+    _checks.check(count.numel() == 1 and count.device == x.device, op,
+                  f"expected count as a 1-element tensor on {x.device}, got shape "
+                  f"{list(count.shape)} on {count.device}")
+
+
+def _check_update(x, running_mean, running_var, momentum_tensor) -> None:
+    op = "batch_norm_stats_update"
+    _check(op, x)
+    _checks.param(op, "running_mean", running_mean, x.shape[1], x)
+    _checks.param(op, "running_var", running_var, x.shape[1], x)
+    if momentum_tensor is not None:
+        _checks.check(momentum_tensor.numel() == 1 and momentum_tensor.device == x.device, op,
+                      f"expected momentum_tensor as a 1-element tensor on {x.device}")
 
 
 def _channel_stats_like(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,48 +75,47 @@ def _param_grad_like(param: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(0) if param is None else torch.empty_like(param)
 
 
-def _cast_grad(sum_: Tensor, param: Optional[Tensor], x: Tensor) -> Tensor:
-    return x.new_empty(0) if param is None else sum_.to(param.dtype)
-
-
-def _dy_like(dy: Tensor, x: Tensor) -> Tensor:
-    """The upstream gradient in x's layout, which the elementwise kernels share with x."""
-    return kernels.as_layout(dy, kernels.is_channels_last(x))
-
-
 # --- building blocks ---------------------------------------------------------------------------
 
 @torch.library.custom_op("fastnorm::batch_norm_stats", mutates_args=())
 def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    return kernels.batch_norm_stats(x)
+    _check("batch_norm_stats", x)
+    x = canonical(x)
+    return kernel("batch_norm_stats", x)(x)
 
 
 @batch_norm_stats.register_fake
 def _(x):
+    _check("batch_norm_stats", x)
     return _channel_stats_like(x)
 
 
 @torch.library.custom_op("fastnorm::batch_norm_apply", mutates_args=())
 def batch_norm_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                      bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
-    return kernels.batch_norm_apply(x, mean, var, weight, bias, eps, relu)
+    _check("batch_norm_apply", x, weight, bias, mean, var)
+    x = canonical(x)
+    return kernel("batch_norm_apply", x)(x, mean, var, weight, bias, eps, relu)
 
 
 @batch_norm_apply.register_fake
 def _(x, mean, var, weight, bias, eps, relu):
-    return torch.empty_like(x)
+    _check("batch_norm_apply", x, weight, bias, mean, var)
+    return torch.empty_like(canonical(x))
 
 
 @torch.library.custom_op("fastnorm::batch_norm_backward_reduce", mutates_args=())
 def batch_norm_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                                weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                                relu: bool) -> tuple[Tensor, Tensor]:
-    return kernels.batch_norm_backward_reduce(_dy_like(dy, x), x, mean, var, weight, bias, eps,
-                                              relu)
+    _check("batch_norm_backward_reduce", x, weight, bias, mean, var, dy)
+    x = canonical(x)
+    return kernel("batch_norm_backward_reduce", x)(dy, x, mean, var, weight, bias, eps, relu)
 
 
 @batch_norm_backward_reduce.register_fake
 def _(dy, x, mean, var, weight, bias, eps, relu):
+    _check("batch_norm_backward_reduce", x, weight, bias, mean, var, dy)
     return _channel_stats_like(x)
 
 
@@ -93,13 +124,18 @@ def batch_norm_backward_elemt(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                               weight: Optional[Tensor], bias: Optional[Tensor], sum_dy: Tensor,
                               sum_dy_xhat: Tensor, count: Tensor, eps: float,
                               relu: bool) -> Tensor:
-    return kernels.batch_norm_backward_elemt(_dy_like(dy, x), x, mean, var, weight, bias, sum_dy,
-                                             sum_dy_xhat, count, eps, relu)
+    _check("batch_norm_backward_elemt", x, weight, bias, mean, var, dy)
+    _check_sums("batch_norm_backward_elemt", x, sum_dy, sum_dy_xhat, count)
+    x = canonical(x)
+    return kernel("batch_norm_backward_elemt", x)(dy, x, mean, var, weight, bias, sum_dy,
+                                                  sum_dy_xhat, count, eps, relu)
 
 
 @batch_norm_backward_elemt.register_fake
 def _(dy, x, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, relu):
-    return torch.empty_like(x)
+    _check("batch_norm_backward_elemt", x, weight, bias, mean, var, dy)
+    _check_sums("batch_norm_backward_elemt", x, sum_dy, sum_dy_xhat, count)
+    return torch.empty_like(canonical(x))
 
 
 # --- single-device training forward / backward -------------------------------------------------
@@ -107,26 +143,30 @@ def _(dy, x, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, relu):
 @torch.library.custom_op("fastnorm::batch_norm_fwd", mutates_args=())
 def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                    relu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.batch_norm_fwd(x, weight, bias, eps, relu)
+    _check("batch_norm_fwd", x, weight, bias)
+    x = canonical(x)
+    return kernel("batch_norm_fwd", x)(x, weight, bias, eps, relu)
 
 
 @batch_norm_fwd.register_fake
 def _(x, weight, bias, eps, relu):
-    return (torch.empty_like(x), *_channel_stats_like(x))
+    _check("batch_norm_fwd", x, weight, bias)
+    return (torch.empty_like(canonical(x)), *_channel_stats_like(x))
 
 
 @torch.library.custom_op("fastnorm::batch_norm_bwd", mutates_args=())
 def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, var: Tensor, eps: float, relu: bool,
                    training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, sum_dy, sum_dy_xhat = kernels.batch_norm_bwd(_dy_like(dy, x), x, mean, var, weight, bias,
-                                                     eps, relu, training)
-    return dx, _cast_grad(sum_dy_xhat, weight, x), _cast_grad(sum_dy, bias, x)
+    _check("batch_norm_bwd", x, weight, bias, mean, var, dy)
+    x = canonical(x)
+    return kernel("batch_norm_bwd", x)(dy, x, weight, bias, mean, var, eps, relu, training)
 
 
 @batch_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, var, eps, relu, training):
-    return torch.empty_like(x), _param_grad_like(weight, x), _param_grad_like(bias, x)
+    _check("batch_norm_bwd", x, weight, bias, mean, var, dy)
+    return torch.empty_like(canonical(x)), _param_grad_like(weight, x), _param_grad_like(bias, x)
 
 
 def _param_grads(ctx, dw: Tensor, db: Tensor, weight_index: int) -> tuple:
@@ -192,12 +232,15 @@ def batch_norm_stats_update(x: Tensor, running_mean: Tensor, running_var: Tensor
                             ) -> tuple[Tensor, Tensor]:
     """Batch (mean, biased var) of x; running_mean/running_var updated in place by the same
     launch (momentum_tensor, a 1-element device tensor, overrides momentum)."""
-    return kernels.batch_norm_stats(x, running_mean, running_var,
-                                    momentum if momentum_tensor is None else momentum_tensor)
+    _check_update(x, running_mean, running_var, momentum_tensor)
+    x = canonical(x)
+    return kernel("batch_norm_stats_update", x)(x, running_mean, running_var, momentum,
+                                                momentum_tensor)
 
 
 @batch_norm_stats_update.register_fake
 def _(x, running_mean, running_var, momentum, momentum_tensor):
+    _check_update(x, running_mean, running_var, momentum_tensor)
     return _channel_stats_like(x)
 
 
@@ -205,12 +248,15 @@ def _(x, running_mean, running_var, momentum, momentum_tensor):
 def batch_norm_train_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                            bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
     """y from the batch statistics of x itself (from batch_norm_stats_update)."""
-    return kernels.batch_norm_apply(x, mean, var, weight, bias, eps, relu)
+    _check("batch_norm_train_apply", x, weight, bias, mean, var)
+    x = canonical(x)
+    return kernel("batch_norm_train_apply", x)(x, mean, var, weight, bias, eps, relu)
 
 
 @batch_norm_train_apply.register_fake
 def _(x, mean, var, weight, bias, eps, relu):
-    return torch.empty_like(x)
+    _check("batch_norm_train_apply", x, weight, bias, mean, var)
+    return torch.empty_like(canonical(x))
 
 
 def _train_apply_backward(ctx, dy):

@@ -18,25 +18,48 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
-from ..triton import group_norm as kernels
-from ._common import empty_if_none, register_fp32_autocast, torch_grads
-
-
+from .._layout import GROUP_NORM_ACTIVATIONS, canonical
+from . import _checks
+from ._common import register_fp32_autocast, torch_grads
+from ._router import kernel
 
 
 def _output_like(x: Tensor) -> Tensor:
     """What the kernels return for x: its own layout when it is one of the two they handle."""
-    return torch.empty_like(kernels.canonical(x))
+    return torch.empty_like(canonical(x))
+
+
+def _check(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+           num_groups: int, activation: str) -> None:
+    _checks.choice(op, "activation", activation, GROUP_NORM_ACTIVATIONS)
+    _checks.input_(op, x, 3)
+    c = x.shape[1]
+    _checks.check(num_groups > 0, op, f"expected num_groups > 0, got {num_groups}")
+    _checks.check(c % num_groups == 0, op, f"expected the {c} channels to be divisible by "
+                                           f"num_groups={num_groups}")
+    _checks.param(op, "weight", weight, c, x)
+    _checks.param(op, "bias", bias, c, x)
+
+
+def _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation) -> None:
+    op = "group_norm_bwd"
+    _check(op, x, weight, bias, num_groups, activation)
+    _checks.like(op, "dy", dy, x)
+    _checks.stats(op, "mean", mean, (x.shape[0], num_groups), x)
+    _checks.stats(op, "rstd", rstd, (x.shape[0], num_groups), x)
 
 
 @torch.library.custom_op("fastnorm::group_norm_fwd", mutates_args=())
 def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
                    eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.group_norm_fwd(x, weight, bias, num_groups, eps, activation)
+    _check("group_norm_fwd", x, weight, bias, num_groups, activation)
+    x = canonical(x)
+    return kernel("group_norm_fwd", x)(x, weight, bias, num_groups, eps, activation)
 
 
 @group_norm_fwd.register_fake
 def _(x, weight, bias, num_groups, eps, activation):
+    _check("group_norm_fwd", x, weight, bias, num_groups, activation)
     stats = stats_dtype(x.dtype)
     n = x.shape[0]
     return (_output_like(x), x.new_empty((n, num_groups), dtype=stats),
@@ -47,12 +70,14 @@ def _(x, weight, bias, num_groups, eps, activation):
 def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, num_groups: int,
                    activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = kernels.group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation)
-    return dx, empty_if_none(dw, x), empty_if_none(db, x)
+    _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation)
+    x = canonical(x)
+    return kernel("group_norm_bwd", x)(dy, x, weight, bias, mean, rstd, num_groups, activation)
 
 
 @group_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, num_groups, activation):
+    _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation)
     dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
     db = x.new_empty(0) if bias is None else torch.empty_like(bias)
     return _output_like(x), dw, db

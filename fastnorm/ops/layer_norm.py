@@ -17,10 +17,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import residual_stream_dtype, stats_dtype
-from ..triton import layer_norm as kernels
-from ._common import empty_if_none, register_fp32_autocast, torch_grads
+from ..reference import norm_reference
+from . import _checks
+from ._common import register_fp32_autocast, torch_grads
+from ._router import kernel
 
 
+def _check_rows(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
+    _checks.input_(op, x, 2)
+    _checks.unit_column_stride(op, x)
+    _checks.param(op, "weight", weight, x.shape[1], x)
+    _checks.param(op, "bias", bias, x.shape[1], x)
+
+
+def _check_rows_bwd(op: str, dy: Tensor, x: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor,
+                    x_name: str = "x") -> None:
+    _check_rows(op, x, weight, bias)
+    _checks.like(op, "dy", dy, x, x_name)
+    _checks.unit_column_stride(op, dy, "dy")
+    if mean is not None:
+        _checks.stats(op, "mean", mean, (x.shape[0],), x)
+    _checks.stats(op, "rstd", rstd, (x.shape[0],), x)
 
 
 # --- LayerNorm ---------------------------------------------------------------------------------
@@ -28,11 +46,13 @@ from ._common import empty_if_none, register_fp32_autocast, torch_grads
 @torch.library.custom_op("fastnorm::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.layer_norm_fwd(x, weight, bias, eps, is_rms=False)
+    _check_rows("layer_norm_fwd", x, weight, bias)
+    return kernel("layer_norm_fwd", x)(x, weight, bias, eps)
 
 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
+    _check_rows("layer_norm_fwd", x, weight, bias)
     m = x.shape[0]
     stats = stats_dtype(x.dtype)
     return x.new_empty(x.shape), x.new_empty(m, dtype=stats), x.new_empty(m, dtype=stats)
@@ -41,12 +61,13 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("fastnorm::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = kernels.layer_norm_bwd(dy, x, weight, bias, mean, rstd, is_rms=False)
-    return dx, empty_if_none(dw, x), empty_if_none(db, x)
+    _check_rows_bwd("layer_norm_bwd", dy, x, weight, bias, mean, rstd)
+    return kernel("layer_norm_bwd", x)(dy, x, weight, bias, mean, rstd)
 
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd):
+    _check_rows_bwd("layer_norm_bwd", dy, x, weight, bias, mean, rstd)
     dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
     db = x.new_empty(0) if bias is None else torch.empty_like(bias)
     return x.new_empty(x.shape), dw, db
@@ -79,25 +100,26 @@ register_fp32_autocast(layer_norm_fwd)
 
 @torch.library.custom_op("fastnorm::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    y, _mean, rstd = kernels.layer_norm_fwd(x, weight, None, eps, is_rms=True)
-    return y, rstd
+    _check_rows("rms_norm_fwd", x, weight, None)
+    return kernel("rms_norm_fwd", x)(x, weight, eps)
 
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps):
+    _check_rows("rms_norm_fwd", x, weight, None)
     return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=stats_dtype(x.dtype))
 
 
 @torch.library.custom_op("fastnorm::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor],
                  rstd: Tensor) -> tuple[Tensor, Tensor]:
-    dx, dw, _db = kernels.layer_norm_bwd(dy, x, weight, None, rstd.new_empty(0), rstd,
-                                         is_rms=True)
-    return dx, empty_if_none(dw, x)
+    _check_rows_bwd("rms_norm_bwd", dy, x, weight, None, None, rstd)
+    return kernel("rms_norm_bwd", x)(dy, x, weight, rstd)
 
 
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd):
+    _check_rows_bwd("rms_norm_bwd", dy, x, weight, None, None, rstd)
     dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
     return x.new_empty(x.shape), dw
 
@@ -140,11 +162,25 @@ register_fp32_autocast(rms_norm_fwd)
 # gradient of h from its other uses (dh) into the norm's input gradient in the same kernel;
 # dh_total has h's dtype.
 
-def _check_rounding(rounding: str) -> str:
-    if rounding not in ("none", "llama", "t5"):
-        raise ValueError(f"fastnorm::add_layer_norm: rounding must be 'none', 'llama' or 't5', "
-                         f"got {rounding!r}")
-    return rounding
+ROUNDINGS = ("none", "llama", "t5")
+
+
+def _check_add_fwd(op: str, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                   bias: Optional[Tensor], rounding: str) -> None:
+    _checks.choice(op, "rounding", rounding, ROUNDINGS)
+    _check_rows(op, x, weight, bias)
+    _checks.like(op, "residual", residual, x)
+    if residual is not None:
+        _checks.unit_column_stride(op, residual, "residual")
+
+
+def _check_add_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding) -> None:
+    op = "add_layer_norm_bwd"
+    _checks.choice(op, "rounding", rounding, ROUNDINGS)
+    _check_rows_bwd(op, dy, h, weight, bias, None if is_rms else mean, rstd, "h")
+    _checks.like(op, "dh", dh, h, "h")
+    if dh is not None:
+        _checks.unit_column_stride(op, dh, "dh")
 
 
 def _add_norm_h_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool):
@@ -158,17 +194,14 @@ def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[T
                        bias: Optional[Tensor], eps: float, is_rms: bool, residual_in_fp32: bool,
                        rounding: str, store_residual: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, mean, rstd, h = kernels.add_layer_norm_fwd(
-        x, residual, weight, bias, eps, is_rms,
-        residual_dtype=_add_norm_h_dtype(x, residual, residual_in_fp32),
-        round_xhat=_check_rounding(rounding) != "none",
-        store_residual=store_residual)
-    return y, h, mean, rstd
+    _check_add_fwd("add_layer_norm_fwd", x, residual, weight, bias, rounding)
+    return kernel("add_layer_norm_fwd", x)(x, residual, weight, bias, eps, is_rms,
+                                           residual_in_fp32, rounding, store_residual)
 
 
 @add_layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, rounding, store_residual):
-    _check_rounding(rounding)
+    _check_add_fwd("add_layer_norm_fwd", x, residual, weight, bias, rounding)
     m = x.shape[0]
     stats = stats_dtype(x.dtype)
     h_dtype = _add_norm_h_dtype(x, residual, residual_in_fp32)
@@ -182,15 +215,14 @@ def _(x, residual, weight, bias, eps, is_rms, residual_in_fp32, rounding, store_
 def add_layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
                        rounding: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = kernels.layer_norm_bwd(dy, h, weight, None if is_rms else bias, mean, rstd,
-                                        is_rms=is_rms, dresidual=dh,
-                                        round_xhat=_check_rounding(rounding) != "none",
-                                        round_dx_terms=is_rms and rounding == "t5")
-    return dx, empty_if_none(dw, h), empty_if_none(db, h)
+    _check_add_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding)
+    return kernel("add_layer_norm_bwd", h)(dy, dh, h, weight, bias, mean, rstd, is_rms,
+                                           rounding)
 
 
 @add_layer_norm_bwd.register_fake
 def _(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding):
+    _check_add_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding)
     dw = h.new_empty(0) if weight is None else torch.empty_like(weight)
     db = h.new_empty(0) if bias is None or is_rms else torch.empty_like(bias)
     return h.new_empty(h.shape), dw, db
@@ -232,8 +264,6 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
             "residual add + norm is not supported; compute h = x + residual and call "
             "fastnorm.layer_norm/rms_norm on h without residual= (differentiable twice)")
     if torch.is_grad_enabled():  # no residual: the plain norm of x, differentiable again
-        from ..functional import norm_reference
-
         dh_total, dw, db = torch_grads(
             lambda x, w, b: norm_reference(x, x.shape[1:], w, b, ctx.eps, ctx.is_rms,
                                            ctx.rounding, x_dtype),
@@ -256,9 +286,20 @@ add_layer_norm_fwd.register_autograd(_add_layer_norm_backward,
 @torch.library.custom_op("fastnorm::add_layer_norm_inplace", mutates_args=("x", "residual"))
 def add_layer_norm_inplace(x: Tensor, residual: Tensor, weight: Optional[Tensor],
                            bias: Optional[Tensor], eps: float, is_rms: bool) -> None:
-    kernels.add_layer_norm_fwd(x, residual, weight, bias, eps, is_rms, inplace=True)
+    _check_inplace(x, residual, weight, bias)
+    kernel("add_layer_norm_inplace", x)(x, residual, weight, bias, eps, is_rms)
 
 
 @add_layer_norm_inplace.register_fake
 def _(x, residual, weight, bias, eps, is_rms):
+    _check_inplace(x, residual, weight, bias)
     return None
+
+
+def _check_inplace(x, residual, weight, bias) -> None:
+    op = "add_layer_norm_inplace"
+    _check_rows(op, x, weight, bias)
+    _checks.like(op, "residual", residual, x)
+    _checks.unit_column_stride(op, residual, "residual")
+    _checks.check(residual.dtype == x.dtype, op, f"expected residual in x's dtype {x.dtype} "
+                                                 f"(updated in place), got {residual.dtype}")

@@ -1,0 +1,91 @@
+"""The per-family policies every backend shares, decided once: canonical views and their
+channels-last test, the layout of an upstream gradient, the dtype of a parameter gradient, the
+activation encoding, and what an absent optional operand is.
+
+- Canonical views (made by the functional layer *before* an op): LayerNorm/RMSNorm rows
+  (M, N) with unit column stride; GroupNorm and BatchNorm (N, C, S), S = prod(spatial dims),
+  either contiguous ("channels-first") or channels-last (strides (S*C, 1, C)).
+- A view that is both (C == 1 or S == 1) counts as channels-first: both layouts then address
+  the same memory, so any kernel reads it correctly either way.
+- Outputs (y, dx) have x's layout; an upstream gradient dy is brought into x's layout first.
+- A weight/bias gradient has its parameter's dtype; statistics and partial sums are fp32 (fp64
+  for fp64 input); an absent parameter's gradient is an empty tensor (a custom op cannot
+  return None).
+- Absent optional operands are None at the op layer. The Triton launchers substitute a stand-in
+  tensor that is never read (its HAS_* flag is off), the CUDA C++ launchers take nullptr.
+- Activations: the public API says `activation=None | "silu"` (GroupNorm) or `None | "relu"`
+  (BatchNorm); each family's ops encode it as their schemas always have (GroupNorm: a string
+  "none"/"silu", BatchNorm: `relu: bool`), converted here and nowhere else.
+- Empty inputs: LayerNorm with M = 0 gives empty outputs, with N = 0 NaN statistics (torch);
+  GroupNorm with HW = 0 zero mean and NaN rstd (torch's native_group_norm); BatchNorm with an
+  empty batch zero statistics and zero sums (a SyncBatchNorm rank with no samples adds
+  nothing). reference.py states them in code; every backend matches it (tests/test_ops.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from torch import Tensor
+
+from ._dtypes import stats_dtype
+
+__all__ = ["is_channels_last", "canonical", "channel_view", "as_layout", "dy_like",
+           "param_grad", "empty_if_none", "group_norm_activation", "batch_norm_relu",
+           "stats_dtype"]
+
+GROUP_NORM_ACTIVATIONS = ("none", "silu")
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True when the (N, C, S) view x is channels-last and not also contiguous."""
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def canonical(x: Tensor) -> Tensor:
+    """An (N, C, S) view as one of the two layouts the kernels take: itself when contiguous or
+    channels-last, else a contiguous copy."""
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def channel_view(input: Tensor) -> Tensor:
+    """An (N, C, *) input as the canonical (N, C, S) view (a view when possible, else a copy)."""
+    n, c = input.shape[:2]
+    return canonical(input.reshape(n, c, math.prod(input.shape[2:])))
+
+
+def as_layout(t: Tensor, channels_last: bool) -> Tensor:
+    """t, an (N, C, S) tensor, in the given layout (no copy when it already is)."""
+    if channels_last:
+        return t if t.transpose(1, 2).is_contiguous() else \
+            t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
+
+
+def dy_like(dy: Tensor, x: Tensor) -> Tensor:
+    """The upstream gradient of an (N, C, S) op in x's layout (kernels walk both together)."""
+    return as_layout(dy, is_channels_last(x))
+
+
+def param_grad(grad: Optional[Tensor], param: Optional[Tensor], like: Tensor) -> Tensor:
+    """A parameter's gradient in the parameter's dtype; empty when the parameter is absent."""
+    if param is None or grad is None:
+        return like.new_empty(0)
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
+
+
+def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A custom op cannot return None: an absent gradient comes back as an empty tensor."""
+    return like.new_empty(0) if t is None else t
+
+
+def group_norm_activation(activation: Optional[str]) -> str:
+    """The public `activation=None | "silu"` as fastnorm::group_norm_*'s argument."""
+    return "none" if activation is None else activation
+
+
+def batch_norm_relu(activation: Optional[str]) -> bool:
+    """The public `activation=None | "relu"` as fastnorm::batch_norm_*'s `relu` argument."""
+    return activation == "relu"

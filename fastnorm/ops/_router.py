@@ -1,0 +1,127 @@
+"""Which kernel set runs one call of a `fastnorm::` op, decided inside the op body (opaque to
+torch.compile, so its guards never see size buckets), per call, from the selected backend and
+the call's (op, dtype, layout, size bucket):
+
+  tensor   selected             kernel set
+  any      "reference", "torch" reference (torch; "torch" reaches the ops only through direct
+                                calls and SyncBatchNorm)
+  CUDA     "cuda"               cuda C++ when fastnorm._C implements the op for the dtype
+                                (fp32/fp16/bf16), else Triton
+  CUDA     "auto"               cuda C++ only where fastnorm/_auto_table.json has a measured
+                                entry saying so and fastnorm._C implements the case, else Triton
+  CUDA     "triton"             Triton
+  CUDA     any, no Triton       cuda C++ where it implements the case, else reference
+  CPU      "triton" + TRITON_INTERPRET at import   Triton through the interpreter
+  CPU/other anything else       reference
+
+Availability (Triton importable, fastnorm._C loaded and which ops it registers) and the auto
+table are read once and cached: a call costs a few attribute reads and, only with fastnorm._C
+loaded under "auto", one dict lookup. Every kernel set honours the same saved-tensor contract
+(fastnorm/reference.py), so a forward and its backward may run on different sets.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .. import reference as _reference
+
+KERNEL_SETS = ("reference", "triton", "cuda")
+OPS = ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "add_layer_norm_fwd",
+       "add_layer_norm_bwd", "add_layer_norm_inplace", "group_norm_fwd", "group_norm_bwd",
+       "batch_norm_stats", "batch_norm_apply", "batch_norm_backward_reduce",
+       "batch_norm_backward_elemt", "batch_norm_fwd", "batch_norm_bwd",
+       "batch_norm_stats_update", "batch_norm_train_apply")
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 falls back to Triton
+_TABLE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_auto_table.json")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_set():
+    """The Triton adapters, imported on first use (registration never imports Triton)."""
+    from . import _triton
+
+    return _triton
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ok() -> bool:
+    return _backend._triton_base_reason() is None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_ops() -> frozenset[str]:
+    """The ops fastnorm._C registers as torch.ops.fastnorm_C.* (empty when it is not loaded)."""
+    from .. import cuda
+
+    if cuda.unavailable_reason() is not None:
+        return frozenset()
+    return frozenset(op for op in OPS if hasattr(torch.ops.fastnorm_C, op))
+
+
+@functools.lru_cache(maxsize=None)
+def auto_table() -> dict:
+    """The committed auto table (fastnorm/_auto_table.json): {"entries": {key: set}, ...}."""
+    with open(_TABLE_PATH) as f:
+        return json.load(f)
+
+
+def family(op: str) -> str:
+    if op.startswith(("layer_norm", "rms_norm", "add_layer_norm")):
+        return "layer_norm"
+    return "group_norm" if op.startswith("group_norm") else "batch_norm"
+
+
+def case_key(op: str, x: Tensor) -> str:
+    """The auto table's key for a call: "op:dtype:layout:bucket". layout: "rows" (LayerNorm
+    family), "cl"/"cf" (channels-last / channels-first (N, C, S)); bucket: the power of two at
+    or above the normalized size (LayerNorm: N features; GroupNorm: C*S per sample; BatchNorm:
+    N*S per channel)."""
+    if family(op) == "layer_norm":
+        layout, size = "rows", x.shape[-1]
+    else:
+        n, c, s = x.shape
+        layout = "cl" if (not x.is_contiguous() and x.transpose(1, 2).is_contiguous()) else "cf"
+        size = c * s if family(op) == "group_norm" else n * s
+    bucket = 1 << max(0, int(size) - 1).bit_length()
+    return f"{op}:{_DTYPE_NAMES.get(x.dtype, str(x.dtype))}:{layout}:{bucket}"
+
+
+def choose(op: str, x: Tensor) -> str:
+    """The kernel set ("reference", "triton" or "cuda") that runs `op` on `x` now."""
+    name = _backend._current
+    if name not in _backend.BACKENDS:
+        name = _backend._env_backend()  # raises the FASTNORM_BACKEND error
+    if name in ("reference", "torch"):
+        return "reference"
+    if x.is_cuda:
+        cuda_ok = op in cuda_ops() and x.dtype in CUDA_DTYPES
+        if cuda_ok and name == "cuda":
+            return "cuda"
+        if cuda_ok and name != "triton" and \
+                auto_table()["entries"].get(case_key(op, x)) == "cuda":
+            return "cuda"
+        if _triton_ok():
+            return "triton"
+        return "cuda" if cuda_ok else "reference"
+    if name == "triton" and x.device.type == "cpu" and _backend.triton_interpreted():
+        return "triton"
+    return "reference"
+
+
+def kernel(op: str, x: Tensor) -> Callable:
+    """The implementation of `op` chosen for `x` (see `choose`)."""
+    chosen = choose(op, x)
+    if chosen == "reference":
+        return getattr(_reference, op)
+    if chosen == "triton":
+        return getattr(_triton_set(), op)
+    return getattr(torch.ops.fastnorm_C, op)
