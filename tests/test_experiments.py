@@ -6,8 +6,6 @@ import importlib.util
 import json
 import os
 
-import pytest
-
 EXP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "benchmarks", "experiments")
 

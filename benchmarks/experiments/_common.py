@@ -108,3 +108,10 @@ def pyplot() -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig: Any, out: str, name: str) -> None:
+    """The experiment's plot as out/name.png (then closed)."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=100)
+    pyplot().close(fig)

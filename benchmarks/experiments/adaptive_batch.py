@@ -101,9 +101,7 @@ not across runs of it. Per-seed rows are in {NAME}.json.
         ax.set_xscale("log")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"adaptive vs fixed batch (seed {seeds[0]})")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, f"{NAME}.png"), dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, args.out, NAME)
     return {"rows": summary}
 
 

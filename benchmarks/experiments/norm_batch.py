@@ -88,9 +88,7 @@ seed, repeated on every row).
     ax.set_ylabel("test accuracy")
     ax.legend()
     ax.set_title("digits CNN: accuracy vs per-device batch")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, f"{NAME}.png"), dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, args.out, NAME)
     return {"rows": rows}
 
 

@@ -185,9 +185,7 @@ steps (lr 0.1, adaptive batch off), mean over seeds {seeds}, at prevalence {reca
     axes[1].set_ylabel(f"class {RARE} test recall")
     axes[1].set_ylim(0, 1.02)
     axes[1].set_title("rare-class recall after training")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, f"{NAME}.png"), dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, args.out, NAME)
     return {"variance": var_rows, "recall": recall_rows}
 
 

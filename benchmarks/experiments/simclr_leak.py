@@ -147,9 +147,7 @@ probed on one process with K=2 groups (their per-device layout); a SyncBN model 
     axes[1].set_xlim(0.5, 1.0)
     axes[1].set_xlabel("test accuracy")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, f"{NAME}.png"), dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, args.out, NAME)
     return {"rows": rows}
 
 
