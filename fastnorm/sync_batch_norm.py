@@ -99,6 +99,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True; every rank raises the same way
+            raise RuntimeError(
+                "fastnorm.sync_batch_norm: double backward (create_graph=True) across ranks is "
+                "not supported: its backward all-reduces gradient sums, which are not "
+                "differentiated again")
         x, weight, bias, mean, var, count = ctx.saved_tensors
         sum_dy, sum_dy_xhat = _fastnorm.batch_norm_backward_reduce(dy, x, mean, var, weight, bias,
                                                                 ctx.eps, ctx.relu)
@@ -131,6 +136,12 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor],
     group = process_group if process_group is not None else dist.group.WORLD
     check_backend_device(input, dist.get_backend(group))
     _backend.resolve(input, "batch_norm")  # raises when the selection cannot run on input
+    if _backend.transformed(input, weight, bias):
+        raise RuntimeError(
+            "fastnorm.sync_batch_norm: forward-mode AD and torch.func transforms (jvp, vmap, "
+            "jacfwd, hessian, ...) are not supported across ranks: the statistics come from a "
+            "collective with no jvp or batching rule. Use them on a single process (BatchNorm), "
+            "or put the model in eval mode")
     x = channel_view(input)
     y = _SyncBatchNormFunction.apply(x, _flat(weight), _flat(bias), running_mean, running_var,
                                      momentum, float(eps), group, relu)

@@ -164,11 +164,29 @@ def _check_outside_group(rank, group):
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
 
 
+def _check_transform_errors(rank):
+    """Forward-mode AD / torch.func and double backward across ranks raise errors that say
+    what is unsupported (every rank the same way, so none waits in a collective)."""
+    device = _device()
+    x = torch.randn(4, C, *SPATIAL, generator=torch.Generator().manual_seed(rank)).to(device)
+    ours = fastnorm.nn.SyncBatchNorm(C).to(device)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="not supported across ranks"):
+            ours(dual)
+    y = ours(x.requires_grad_())
+    with pytest.raises(RuntimeError, match="double backward .* across ranks is not supported"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
 def _worker(rank, world_size, port, scenarios):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
         for backend, kwargs in scenarios:
+            if backend == "transform errors":
+                _check_transform_errors(rank)
+                continue
             group = None
             members = kwargs.pop("members", None)
             if members is not None:
@@ -202,6 +220,7 @@ def test_sync_batch_norm_two_ranks(monkeypatch):
         (KERNELS, dict(batches=[5, 2], channels_last=True, momentum=0.1, relu=False)),
         (KERNELS, dict(batches=[3, 4], channels_last=False, momentum=None, relu=True)),
         ("torch", dict(batches=[1, 4], channels_last=False, momentum=0.1, relu=False)),
+        ("transform errors", {}),
     ]
     _spawn(2, scenarios, monkeypatch)
 
