@@ -55,7 +55,8 @@ setup(
     version=_version(),
     description="Fast normalization layers (LayerNorm, RMSNorm, ...) for PyTorch, in Triton",
     packages=find_packages(include=["fastnorm", "fastnorm.*"]),
-    package_data={"fastnorm": ["py.typed"]},  # PEP 561: the package ships its type hints
+    # py.typed: PEP 561, the package ships its type hints; _auto_table.json: the "auto" router table.
+    package_data={"fastnorm": ["py.typed", "_auto_table.json"]},
     license="MIT",
     python_requires=">=3.9",
     install_requires=[
