@@ -53,7 +53,8 @@ ext_modules, cmdclass = _cuda_extensions()
 setup(
     name="fastnorm",
     version=_version(),
-    description="Fast normalization layers (LayerNorm, RMSNorm, ...) for PyTorch, in Triton",
+    description=("Fast normalization layers (LayerNorm, RMSNorm, GroupNorm, BatchNorm) for "
+                 "PyTorch, in Triton and CUDA C++"),
     packages=find_packages(include=["fastnorm", "fastnorm.*"]),
     # py.typed: PEP 561, the package ships its type hints; _auto_table.json: the "auto" router table.
     package_data={"fastnorm": ["py.typed", "_auto_table.json"]},
