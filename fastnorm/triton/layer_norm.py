@@ -258,18 +258,11 @@ def _layer_norm_bwd_row_stats_kernel(X, W, DY, Mean, Rstd, C1, C2, N, stride_x, 
     mean = rstd  # unused for RMSNorm
     if not IS_RMS:
         mean = tl.load(Mean + row).to(ACC)
-    sum1 = tl.zeros([BLOCK_N], dtype=ACC)
-    sum2 = tl.zeros([BLOCK_N], dtype=ACC)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = cols < N
-        _dy, wdy, x_hat = _bwd_chunk(X, W, DY, X + row * stride_x, DY + row * stride_dy, cols,
-                                     mask, mean, rstd, IS_RMS, HAS_WEIGHT, ROUND_XHAT, ACC)
-        sum1 += x_hat * wdy
-        sum2 += wdy
-    tl.store(C1 + row, tl.sum(sum1) / N)
+    c1, c2 = _row_dots(X, W, DY, X + row * stride_x, DY + row * stride_dy, N, mean, rstd,
+                       IS_RMS, HAS_WEIGHT, ROUND_XHAT, ACC, BLOCK_N)
+    tl.store(C1 + row, c1)
     if not IS_RMS:
-        tl.store(C2 + row, tl.sum(sum2) / N)
+        tl.store(C2 + row, c2)
 
 
 @triton.jit
@@ -318,6 +311,25 @@ def _bwd_chunk(X, W, DY, x_row, dy_row, cols, mask, mean, rstd, IS_RMS: tl.const
 
 
 @triton.jit
+def _row_dots(X, W, DY, x_row, dy_row, N, mean, rstd, IS_RMS: tl.constexpr,
+              HAS_WEIGHT: tl.constexpr, ROUND_XHAT: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """(c1, c2) of one row, walked in BLOCK_N chunks: c1 = mean(x_hat * w*dy), c2 = mean(w*dy)
+    (0 for RMSNorm)."""
+    sum1 = tl.zeros([BLOCK_N], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_N], dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        _dy, wdy, x_hat = _bwd_chunk(X, W, DY, x_row, dy_row, cols, mask, mean, rstd,
+                                     IS_RMS, HAS_WEIGHT, ROUND_XHAT, ACC)
+        sum1 += x_hat * wdy
+        if not IS_RMS:
+            sum2 += wdy
+    return tl.sum(sum1) / N, tl.sum(sum2) / N
+
+
+@triton.jit
 def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial, DRES, M, N,
                                 stride_x, stride_dy, stride_dx, stride_dres,
                                 IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -343,18 +355,8 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
         mean = rstd  # unused for RMSNorm
         if not IS_RMS:
             mean = tl.load(Mean + row).to(ACC)
-        sum1 = tl.zeros([BLOCK_N], dtype=ACC)
-        sum2 = tl.zeros([BLOCK_N], dtype=ACC)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            _dy, wdy, x_hat = _bwd_chunk(X, W, DY, x_row, dy_row, cols, mask, mean, rstd,
-                                         IS_RMS, HAS_WEIGHT, ROUND_XHAT, ACC)
-            sum1 += x_hat * wdy
-            if not IS_RMS:
-                sum2 += wdy
-        c1 = tl.sum(sum1) / N
-        c2 = tl.sum(sum2) / N  # 0 for RMSNorm
+        c1, c2 = _row_dots(X, W, DY, x_row, dy_row, N, mean, rstd, IS_RMS, HAS_WEIGHT,
+                           ROUND_XHAT, ACC, BLOCK_N)
         for i in range(0, num_chunks):
             cols = (num_chunks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = cols < N
