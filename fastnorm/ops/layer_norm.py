@@ -5,6 +5,17 @@ fastnorm::layer_norm_bwd(dy, x, weight?, bias?, mean, rstd) -> (dx, dweight, dbi
 fastnorm::rms_norm_fwd(x, weight?, eps) -> (y, rstd)
 fastnorm::rms_norm_bwd(dy, x, weight?, rstd) -> (dx, dweight)
 
+fastnorm::layer_norm_bwd_pe(dy, x, weight?, bias?, mean, rstd, is_rms, rows_per_example)
+    -> (dx, dweight, dbias, dweight_sq, dbias_sq)
+
+layer_norm_bwd_pe is the backward of layer_norm_fwd (is_rms=False) or rms_norm_fwd (is_rms=True,
+`mean` empty, `bias` ignored) that also returns, per example (rows_per_example consecutive rows
+of x; M must be a multiple of it), the squared norm of that example's dweight and dbias
+contributions: dweight_sq, dbias_sq of shape [M // rows_per_example] in the statistics dtype
+(empty where there is no weight / bias). dx, dweight and dbias are bitwise those of
+layer_norm_bwd / rms_norm_bwd. Triton: whole-row backward only (see
+fastnorm.triton.layer_norm.per_example_supported); longer rows raise NotImplementedError.
+
 A gradient output whose parameter is absent comes back as an empty tensor (a custom op cannot
 return None). mean/rstd are fp32 (fp64 for fp64 x).
 """
@@ -94,6 +105,39 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 register_fp32_autocast(layer_norm_fwd)
+
+
+# --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
+
+def _check_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example) -> None:
+    op = "layer_norm_bwd_pe"
+    _check_rows_bwd(op, dy, x, weight, None if is_rms else bias, None if is_rms else mean, rstd)
+    m = x.shape[0]
+    _checks.check(rows_per_example >= 1 and m % rows_per_example == 0, op,
+                  f"expected rows_per_example >= 1 dividing the {m} rows of x, "
+                  f"got {rows_per_example}")
+
+
+@torch.library.custom_op("fastnorm::layer_norm_bwd_pe", mutates_args=())
+def layer_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor, is_rms: bool, rows_per_example: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example)
+    return kernel("layer_norm_bwd_pe", x)(dy, x, weight, bias, mean, rstd, is_rms,
+                                          rows_per_example)
+
+
+@layer_norm_bwd_pe.register_fake
+def _(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example):
+    _check_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example)
+    stats = stats_dtype(x.dtype)
+    examples = x.shape[0] // rows_per_example
+    has_bias = bias is not None and not is_rms
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = x.new_empty(0) if not has_bias else torch.empty_like(bias)
+    return (x.new_empty(x.shape), dw, db,
+            x.new_empty(0 if weight is None else examples, dtype=stats),
+            x.new_empty(examples if has_bias else 0, dtype=stats))
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
