@@ -115,3 +115,14 @@ def test_estimator_recovers_known_b_simple():
             ((y * t).sum(1).mean()).backward()
             est.update(**gns.measure().as_update())
     assert est.b_simple == pytest.approx(s * s / (m * m), rel=0.10)
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_opcheck_layer_norm_fwd_gns(backend, is_rms):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 7, generator=g).to(DEVICE, torch.float64).requires_grad_()
+    w = torch.randn(7, generator=g).to(DEVICE, torch.float64).requires_grad_()
+    b = None if is_rms else torch.randn(7, generator=g).to(DEVICE, torch.float64).requires_grad_()
+    sink = torch.zeros(4, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastnorm.layer_norm_fwd_gns.default,
+                          (x, w, b, sink, 1e-5, is_rms, 3))
