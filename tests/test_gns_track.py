@@ -126,3 +126,53 @@ def test_opcheck_layer_norm_fwd_gns(backend, is_rms):
     sink = torch.zeros(4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.fastnorm.layer_norm_fwd_gns.default,
                           (x, w, b, sink, 1e-5, is_rms, 3))
+
+
+def _rank_data(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    b = 3 + rank  # uneven batches
+    return torch.randn(b, 2, 12, generator=g), torch.randn(b, 2, 12, generator=g)
+
+
+def _gns_worker(rank, world_size, port):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        with fastnorm.use_backend("reference"), track(model) as gns:
+            x, t = _rank_data(rank)
+            _loss(model(x), t).backward()
+            m = gns.measure()
+        # Expected: the mean of |g_i|^2 over every rank's examples, the mean of |G_r|^2 over
+        # the ranks (each rank's own batch gradient).
+        wants = [_want(model, *_rank_data(r)) for r in range(world_size)]
+        counts = [_rank_data(r)[0].shape[0] for r in range(world_size)]
+        small = sum(w[0] * c for w, c in zip(wants, counts)) / sum(counts)
+        big = sum(w[1] for w in wants) / world_size
+        assert m.examples == sum(counts)
+        assert m.small_sq_norm == pytest.approx(small, rel=1e-4)
+        assert m.big_sq_norm == pytest.approx(big, rel=1e-4)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_track_reduces_over_two_ranks(monkeypatch):
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gns_worker, args=(2, port), nprocs=2, join=True)
