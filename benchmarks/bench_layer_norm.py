@@ -10,7 +10,9 @@ Ideal bytes (weights, biases, mean/rstd ignored, as in anchors-h100.md):
   residual bwd     read h, dy, dh + write dx (dr is dx)     = 4 * numel * elem_size
 What is timed is the call alone: fastnorm's backend is selected outside the timed closure (the
 harness's `backend=`), bwd times only the backward of one forward run beforehand, and each result
-records the device kernel launches of one call.
+records the device kernel launches of one call. Provider fastnorm-triton-gns (bwd mode only): the
+backward with fastnorm.gns.track's per-example squared dW/dB norms (rows viewed as 32 examples,
+or gcd(M, 32)), for rows the whole-row backward takes (N <= 8192).
 
     python benchmarks/bench_layer_norm.py            # anchor shapes on a GPU, tiny ones on CPU
     python benchmarks/bench_layer_norm.py --quick --out /tmp/bench
@@ -18,6 +20,7 @@ records the device kernel launches of one call.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from typing import Callable, Optional
@@ -177,6 +180,36 @@ def _bench_norm(run: _harness.Run, args, kind: str, m: int, n: int, dtype: torch
             _harness.run_case(run, mode=mode, ideal_bytes=ideal,
                               fn=make(lambda fn=fn, xg=xg, wg=wg, bg=bg: fn(xg, wg, bg), dy),
                               grad_to_none=leaves, **common)
+    if "triton" in fastnorm.available_backends() and _harness.wanted(args, GNS_PROVIDER):
+        _bench_gns_bwd(run, kind, x, w, b, dy, size, case)
+
+
+# The backward with per-example squared dW/dB norms on (fastnorm.gns.track's mode:
+# fastnorm::layer_norm_bwd_pe), bwd mode only; the rows are viewed as GNS_EXAMPLES examples.
+GNS_PROVIDER = "fastnorm-triton-gns"
+GNS_EXAMPLES = 32
+
+
+def _bench_gns_bwd(run: _harness.Run, kind: str, x, w, b, dy, size: int, case: str) -> None:
+    from fastnorm.triton.layer_norm import per_example_supported
+
+    m, n = x.shape
+    if not per_example_supported(n, x.dtype):  # the long-row paths have no per-example mode
+        return
+    examples = math.gcd(m, GNS_EXAMPLES)
+    sink = torch.zeros(4, device=x.device, requires_grad=True)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    xg, wg = leaves[0], leaves[1]
+    bg = leaves[2] if b is not None else None
+    eps = 1e-5 if kind == "layer_norm" else 1e-6
+
+    def fn():
+        return fastnorm.functional._norm_with_gns(xg.view(examples, m // examples, n), (n,), wg,
+                                                  bg, eps, kind == "rms_norm", sink)
+    _harness.run_case(run, mode="bwd", ideal_bytes=3 * size,
+                      fn=_harness.backward_only(fn, dy.view(examples, m // examples, n)),
+                      grad_to_none=leaves + [sink], op=kind, case=case, provider=GNS_PROVIDER,
+                      dtype=x.dtype, layout="", backend="triton")
 
 
 def _bench_residual(run: _harness.Run, args, kind: str, m: int, n: int,

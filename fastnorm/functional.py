@@ -148,6 +148,30 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
     return y.view(input.shape)
 
 
+def _norm_with_gns(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: Optional[float], is_rms: bool,
+                   sink: Tensor) -> Tensor:
+    """layer_norm / rms_norm whose backward also accumulates the norm-layer noise-scale sums
+    into `sink.grad` (fastnorm::layer_norm_fwd_gns; used by fastnorm.gns.track). An example is
+    the leading batch index: the rows of input[i] (one example for an input with no batch
+    dims)."""
+    name = "rms_norm" if is_rms else "layer_norm"
+    _check_float_input(name, input)
+    shape, n = _normalized_rows(name, input, normalized_shape)
+    _check_param(name, "weight", weight, input, shape, "normalized_shape")
+    if not is_rms:
+        _check_param(name, "bias", bias, input, shape, "normalized_shape")
+        _check_dtypes(name, input, {"weight": weight, "bias": bias}, True)
+    if eps is None:
+        eps = _rms_eps(input.dtype)
+    lead = input.dim() - len(shape)
+    rows_per_example = max(1, math.prod(input.shape[1:lead])) if lead > 0 else 1
+    y, _mean, _rstd = torch.ops.fastnorm.layer_norm_fwd_gns(
+        _rows_view(input, shape, n), _flat(weight), None if is_rms else _flat(bias), sink,
+        float(eps), is_rms, rows_per_example)
+    return y.view(input.shape)
+
+
 def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
              eps: Optional[float] = None, *, residual: Optional[Tensor] = None,
              prenorm: bool = False,

@@ -16,16 +16,17 @@ noise equals its signal. Single-step estimates are very noisy and |G|^2 is often
 the two are averaged *separately* (an average of the per-step ratio is biased: it came out 2-3x
 too high on a problem with a known answer) and clamped only when read.
 
-This module is pure math on Python floats: no torch.distributed, no tensors held. Where the two
+GNSEstimator is pure math on Python floats: no torch.distributed, no tensors held. Where the two
 norms come from (a DDP communication hook, micro-batch gradients, norm layers) is the caller's
-business.
+business; `track(model)` is one source: the per-example gradient norms of the model's fastnorm
+LayerNorm/RMSNorm weights and biases, from their backward kernels.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-__all__ = ["GNSEstimator"]
+__all__ = ["GNSEstimator", "track"]
 
 # The smallest |G|^2 reported: keeps b_simple finite when the signal estimate is <= 0.
 _TINY = 1e-30
@@ -124,3 +125,31 @@ class GNSEstimator:
     def __repr__(self) -> str:
         return (f"GNSEstimator(grad_sq={self.grad_sq:.4g}, trace_sigma={self.trace_sigma:.4g}, "
                 f"b_simple={self.b_simple:.4g}, updates={self.updates})")
+
+
+def track(model: Any, loss_reduction: str = "mean", process_group: Any = None) -> Any:
+    """Measure the gradient noise scale of `model`'s fastnorm LayerNorm / RMSNorm layers (those
+    with trainable parameters) from their backward kernels: per-example squared gradient norms
+    of their weights and biases come out of the same pass (fastnorm::layer_norm_bwd_pe). An
+    example is the leading batch index of the layer's input. Returns a handle (a context
+    manager; `close()` / leaving the block stops tracking):
+
+        with fastnorm.gns.track(model) as gns:
+            loss = loss_fn(model(x), target)        # loss_reduction="mean": mean over examples
+            loss.backward()
+            m = gns.measure()                       # after each backward; resets
+            estimator.update(**m.as_update())       # small batch 1, big batch B
+
+    `measure()` gives the mean over examples of |g_i|^2 (small_batch=1) and |G_B|^2 of the
+    batch's own mean gradient (big_batch = examples per backward call), summed over the tracked
+    parameters, reduced over ranks with one all_reduce of 4 numbers when torch.distributed is
+    initialized (`process_group`). `loss_reduction`: "mean" if the loss is the mean over the
+    batch's examples (or tokens), "sum" if it is their sum; any other scaling of the loss (e.g.
+    1/accumulation steps) must be undone by the caller. Works under torch.compile (the sums are
+    the gradient of a small per-layer tensor, in the graph). Triton: rows up to 8192 features
+    (4096 for fp64); the backward of longer rows raises NotImplementedError. GroupNorm is not
+    tracked. The layers run fastnorm's kernels whatever backend is selected ("torch" included).
+    """
+    from ._norm_gns import NormLayerGNS
+
+    return NormLayerGNS(model, loss_reduction, process_group)

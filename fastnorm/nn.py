@@ -25,6 +25,10 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        sink = getattr(self, "_fastnorm_gns_sink", None)  # set by fastnorm.gns.track
+        if sink is not None and torch.is_grad_enabled():
+            return F_fast._norm_with_gns(input, self.normalized_shape, self.weight, self.bias,
+                                         self.eps, False, sink)
         return F_fast.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -34,6 +38,10 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
             return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        sink = getattr(self, "_fastnorm_gns_sink", None)  # set by fastnorm.gns.track
+        if sink is not None and torch.is_grad_enabled():
+            return F_fast._norm_with_gns(input, self.normalized_shape, self.weight, None,
+                                         self.eps, True, sink)
         return F_fast.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 

@@ -112,6 +112,26 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
     return _row_norm_bwd(dy, x, weight, bias, mean, rstd, False)
 
 
+def layer_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor, is_rms: bool, rows_per_example: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The plain backward plus each example's squared dW / dB norms (rows_per_example rows an
+    example), from the per-example sums of dy * x_hat and dy in the statistics dtype."""
+    bias = None if is_rms else bias
+    dx, dw, db = _row_norm_bwd(dy, x, weight, bias, mean, rstd, is_rms)
+    acc = rstd.dtype
+    m, n = x.shape
+    e = m // rows_per_example
+    dya = dy.to(acc)
+    dw_sq, db_sq = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    if weight is not None:
+        x_hat = (x.to(acc) if is_rms else x.to(acc) - mean[:, None]) * rstd[:, None]
+        dw_sq = (dya * x_hat).reshape(e, rows_per_example, n).sum(1).square().sum(1)
+    if bias is not None:
+        db_sq = dya.reshape(e, rows_per_example, n).sum(1).square().sum(1)
+    return dx, dw, db, dw_sq, db_sq
+
+
 def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     y, _mean, rstd = _row_norm(x, weight, None, eps, True, None, x.dtype)
     return y, rstd

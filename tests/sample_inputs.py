@@ -28,7 +28,8 @@ def _channels_last(x):
 def sample_inputs(op: str, device, dtype=torch.float64) -> Iterator[tuple]:
     """Argument tuples for torch.ops.fastnorm.<op>."""
     kw = dict(device=device, dtype=dtype)
-    if op in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
+    if op in ("layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_pe", "rms_norm_fwd",
+              "rms_norm_bwd",
               "add_layer_norm_fwd", "add_layer_norm_bwd", "add_layer_norm_inplace"):
         for i, (m, n) in enumerate(ROWS):
             x = _t(m, n, seed=i, **kw)
@@ -42,6 +43,11 @@ def sample_inputs(op: str, device, dtype=torch.float64) -> Iterator[tuple]:
                 elif op == "layer_norm_bwd":
                     _y, mean, rstd = ref.layer_norm_fwd(x, w_, b_, 1e-5)
                     yield (dy, x, w_, b_, mean, rstd)
+                elif op == "layer_norm_bwd_pe":
+                    _y, mean, rstd = ref.layer_norm_fwd(x, w_, b_, 1e-5)
+                    yield (dy, x, w_, b_, mean, rstd, False, 1)
+                    _y, rstd = ref.rms_norm_fwd(x, w_, 1e-6)
+                    yield (dy, x, w_, None, rstd.new_empty(0), rstd, True, m if m > 0 else 1)
                 elif op == "rms_norm_fwd":
                     yield (x, w_, 1e-6)
                 elif op == "rms_norm_bwd":

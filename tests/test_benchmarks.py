@@ -24,7 +24,8 @@ def _load(path):
 # bench_overhead.py (host overhead; test_semantics.py) and bench_train.py (steps/s of the
 # trainer; test_train_bench.py).
 _NOT_HARNESS = ("bench_overhead.py", "bench_train.py")
-PROVIDERS = ("torch", "fastnorm-triton", "fastnorm-cuda", "fastnorm-syncbn-chain")
+PROVIDERS = ("torch", "fastnorm-triton", "fastnorm-cuda", "fastnorm-syncbn-chain",
+             "fastnorm-triton-gns")
 _HARNESS_BENCHES = sorted(p for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.py"))
                           if os.path.basename(p) not in _NOT_HARNESS)
 

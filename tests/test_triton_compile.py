@@ -62,10 +62,13 @@ def _ln_specs():
             bwd_sig = {"X": f"*{x_dt}", "W": f"*{dt}", "DY": f"*{dt}", "DX": f"*{x_dt}",
                        "Mean": f"*{stat}", "Rstd": f"*{stat}", "C1": f"*{stat}", "C2": f"*{stat}",
                        "DW_partial": f"*{stat}", "DB_partial": f"*{stat}", "DRES": f"*{x_dt}",
+                       "PE_DW": f"*{stat}", "PE_DB": f"*{stat}",
                        "M": "i32", "N": "i32", "stride_x": "i32", "stride_dy": "i32",
-                       "stride_dx": "i32", "stride_dres": "i32", "rows_per_program": "i32"}
+                       "stride_dx": "i32", "stride_dres": "i32", "rows_per_program": "i32",
+                       "rows_per_example": "i32", "slots_per_program": "i32"}
             rows_sig = {k: v for k, v in bwd_sig.items()
-                        if k not in ("C1", "C2", "rows_per_program")}
+                        if k not in ("C1", "C2", "rows_per_program", "PE_DW", "PE_DB",
+                                     "rows_per_example", "slots_per_program")}
             specs.append(("layer_norm", "_layer_norm_bwd_rows_kernel", rows_sig,
                           {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
                            "ROUND_DX_TERMS": round_xhat,
@@ -78,8 +81,13 @@ def _ln_specs():
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
                                "ROUND_DX_TERMS": round_xhat,  # T5: with the Llama rounding
-                               "ROW_STATS_IN_TILE": in_tile, "BLOCK_M": block_m,
-                               "BLOCK_N": block_n}, warps))
+                               "ROW_STATS_IN_TILE": in_tile, "PER_EXAMPLE": False,
+                               "BLOCK_M": block_m, "BLOCK_N": block_n}, warps))
+            if not residual and not round_xhat:  # layer_norm_bwd_per_example's launch
+                specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
+                              {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
+                               "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": True,
+                               "PER_EXAMPLE": True, "BLOCK_M": 2, "BLOCK_N": 1024}, 4))
     for dt in ("fp32", "fp64"):
         specs.append(("_common", "_column_sum_kernel",
                       {"P": f"*{dt}", "Out": f"*{dt}", "num_rows": "i32", "N": "i32",

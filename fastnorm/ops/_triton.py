@@ -26,6 +26,12 @@ def layer_norm_bwd(dy, x, weight, bias, mean, rstd):
     return dx, empty_if_none(dw, x), empty_if_none(db, x)
 
 
+def layer_norm_bwd_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example):
+    dx, dw, db, dw_sq, db_sq = _ln.layer_norm_bwd_per_example(
+        dy, x, weight, None if is_rms else bias, mean, rstd, is_rms, rows_per_example)
+    return dx, empty_if_none(dw, x), empty_if_none(db, x), dw_sq, db_sq
+
+
 def rms_norm_fwd(x, weight, eps):
     y, _mean, rstd = _ln.layer_norm_fwd(x, weight, None, eps, is_rms=True)
     return y, rstd

@@ -5,6 +5,17 @@ fastnorm::layer_norm_bwd(dy, x, weight?, bias?, mean, rstd) -> (dx, dweight, dbi
 fastnorm::rms_norm_fwd(x, weight?, eps) -> (y, rstd)
 fastnorm::rms_norm_bwd(dy, x, weight?, rstd) -> (dx, dweight)
 
+fastnorm::layer_norm_bwd_pe(dy, x, weight?, bias?, mean, rstd, is_rms, rows_per_example)
+    -> (dx, dweight, dbias, dweight_sq, dbias_sq)
+
+layer_norm_bwd_pe is the backward of layer_norm_fwd (is_rms=False) or rms_norm_fwd (is_rms=True,
+`mean` empty, `bias` ignored) that also returns, per example (rows_per_example consecutive rows
+of x; M must be a multiple of it), the squared norm of that example's dweight and dbias
+contributions: dweight_sq, dbias_sq of shape [M // rows_per_example] in the statistics dtype
+(empty where there is no weight / bias). dx, dweight and dbias are bitwise those of
+layer_norm_bwd / rms_norm_bwd. Triton: whole-row backward only (see
+fastnorm.triton.layer_norm.per_example_supported); longer rows raise NotImplementedError.
+
 A gradient output whose parameter is absent comes back as an empty tensor (a custom op cannot
 return None). mean/rstd are fp32 (fp64 for fp64 x).
 """
@@ -94,6 +105,112 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 register_fp32_autocast(layer_norm_fwd)
+
+
+# --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
+
+def _check_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example) -> None:
+    op = "layer_norm_bwd_pe"
+    _check_rows_bwd(op, dy, x, weight, None if is_rms else bias, None if is_rms else mean, rstd)
+    m = x.shape[0]
+    _checks.check(rows_per_example >= 1 and m % rows_per_example == 0, op,
+                  f"expected rows_per_example >= 1 dividing the {m} rows of x, "
+                  f"got {rows_per_example}")
+
+
+@torch.library.custom_op("fastnorm::layer_norm_bwd_pe", mutates_args=())
+def layer_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor, is_rms: bool, rows_per_example: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example)
+    return kernel("layer_norm_bwd_pe", x)(dy, x, weight, bias, mean, rstd, is_rms,
+                                          rows_per_example)
+
+
+@layer_norm_bwd_pe.register_fake
+def _(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example):
+    _check_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example)
+    stats = stats_dtype(x.dtype)
+    examples = x.shape[0] // rows_per_example
+    has_bias = bias is not None and not is_rms
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = x.new_empty(0) if not has_bias else torch.empty_like(bias)
+    return (x.new_empty(x.shape), dw, db,
+            x.new_empty(0 if weight is None else examples, dtype=stats),
+            x.new_empty(examples if has_bias else 0, dtype=stats))
+
+
+# fastnorm::layer_norm_fwd_gns(x, weight?, bias?, sink, eps, is_rms, rows_per_example)
+#     -> (y, mean, rstd)
+# The forward of layer_norm_fwd / rms_norm_fwd (is_rms; bias ignored, mean empty) whose backward
+# runs layer_norm_bwd_pe and returns, as the gradient of `sink` (fp32 [4], not read), the step's
+# norm-layer noise-scale sums: [sum over examples of |dW_e|^2 + |dB_e|^2 (each example's
+# contribution), |dW|^2 + |dB|^2 (the batch's), examples, 1]. autograd accumulates them into
+# sink.grad over backward calls: in the graph, no side effects, so torch.compile keeps one graph
+# (used by fastnorm.gns.track).
+
+def _check_gns_fwd(x, weight, bias, sink, is_rms, rows_per_example) -> None:
+    op = "layer_norm_fwd_gns"
+    _check_rows(op, x, weight, None if is_rms else bias)
+    _checks.check(sink.shape == (4,) and sink.dtype == torch.float32, op,
+                  f"expected sink of shape (4,) and dtype float32, got {tuple(sink.shape)} "
+                  f"{sink.dtype}")
+    m = x.shape[0]
+    _checks.check(rows_per_example >= 1 and m % rows_per_example == 0, op,
+                  f"expected rows_per_example >= 1 dividing the {m} rows of x, "
+                  f"got {rows_per_example}")
+
+
+@torch.library.custom_op("fastnorm::layer_norm_fwd_gns", mutates_args=())
+def layer_norm_fwd_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       sink: Tensor, eps: float, is_rms: bool, rows_per_example: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_gns_fwd(x, weight, bias, sink, is_rms, rows_per_example)
+    if is_rms:
+        y, rstd = kernel("rms_norm_fwd", x)(x, weight, eps)
+        return y, rstd.new_empty(0), rstd
+    return kernel("layer_norm_fwd", x)(x, weight, bias, eps)
+
+
+@layer_norm_fwd_gns.register_fake
+def _(x, weight, bias, sink, eps, is_rms, rows_per_example):
+    _check_gns_fwd(x, weight, bias, sink, is_rms, rows_per_example)
+    m = x.shape[0]
+    stats = stats_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty(0 if is_rms else m, dtype=stats),
+            x.new_empty(m, dtype=stats))
+
+
+def _gns_setup_context(ctx, inputs, output):
+    x, weight, bias, _sink, eps, is_rms, rows_per_example = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, None if is_rms else bias, mean, rstd)
+    ctx.eps, ctx.is_rms, ctx.rows_per_example = eps, is_rms, rows_per_example
+
+
+def _gns_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, no sums
+        fn = ((lambda x, w, b: F.rms_norm(x, x.shape[1:], w, ctx.eps)) if ctx.is_rms else
+              (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b, ctx.eps)))
+        return (*torch_grads(fn, (x, weight, bias), need[:3], dy), None, None, None, None)
+    dx, dw, db, dw_sq, db_sq = layer_norm_bwd_pe(dy.contiguous(), x, weight, bias, mean, rstd,
+                                                 ctx.is_rms, ctx.rows_per_example)
+    f32 = torch.float32
+    per_example = dw_sq.to(f32).sum() + db_sq.to(f32).sum()
+    batch = dw.to(f32).square().sum() + db.to(f32).square().sum()
+    examples = x.shape[0] // ctx.rows_per_example
+    counts = torch.tensor([examples, 1], dtype=f32, device=x.device)
+    dsink = torch.cat([torch.stack([per_example, batch]), counts])
+    return (dx if need[0] else None,
+            dw if weight is not None and need[1] else None,
+            db if bias is not None and need[2] else None,
+            dsink if need[3] else None, None, None, None)
+
+
+layer_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)
+register_fp32_autocast(layer_norm_fwd_gns)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------

@@ -376,10 +376,12 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
 
 @triton.jit
 def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial, DRES,
-                           M, N, stride_x, stride_dy, stride_dx, stride_dres, rows_per_program,
+                           PE_DW, PE_DB, M, N, stride_x, stride_dy, stride_dx, stride_dres,
+                           rows_per_program, rows_per_example, slots_per_program,
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_DRESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
                            ROUND_DX_TERMS: tl.constexpr, ROW_STATS_IN_TILE: tl.constexpr,
+                           PER_EXAMPLE: tl.constexpr,
                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (column blocks, row groups). Each program owns rows [g*rows_per_program, ...) of one
     column block: writes dx there and one row of the dW/dB partial sums.
@@ -392,6 +394,12 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     ROUND_DX_TERMS (RMSNorm): dx = round(wdy * rstd) + round(-x_hat * c1 * rstd), each term
     rounded to dx's dtype, as torch's autograd does for T5LayerNorm, whose input enters its two
     uses (the variance in fp32, `x * rsqrt(...)` promoted) separately.
+    PER_EXAMPLE (whole rows only: one column block): rows are grouped into examples of
+    rows_per_example consecutive rows; the program also adds, from the tile already in
+    registers, each example's dW (dB) terms into its own slot row PE_DW[group, e - e_first]
+    (slots_per_program rows of N per program, zeroed by the launcher; read, add, store, no
+    atomics). The launcher sums the slots of an example over the programs it spans. The dW/dB
+    partials and dx are computed exactly as without the flag.
     """
     col_block = tl.program_id(0)
     # Row groups from the last: after the row-statistics kernel the last rows are in L2, and
@@ -443,9 +451,28 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
                  mask=mask)
         if HAS_WEIGHT:
-            dw_acc += _dw_term(dy, x_hat, DY, ROUND_XHAT, ACC)
+            dw_term = _dw_term(dy, x_hat, DY, ROUND_XHAT, ACC)
+            dw_acc += dw_term
         if HAS_BIAS:
             db_acc += dy
+        if PER_EXAMPLE:
+            # Examples this tile touches: a masked segmented sum per example (a tile holds few
+            # examples unless rows_per_example is small).
+            example = rows // rows_per_example
+            e_first = row_start // rows_per_example
+            e_lo = first_row // rows_per_example
+            e_hi = (tl.minimum(first_row + BLOCK_M, row_end) - 1) // rows_per_example
+            for e in range(e_lo, e_hi + 1):
+                sel = (row_mask & (example == e))[:, None]
+                slot = (group * slots_per_program + (e - e_first)).to(tl.int64) * N + cols
+                if HAS_WEIGHT:
+                    part = tl.sum(tl.where(sel, dw_term, 0.0), axis=0)
+                    prev = tl.load(PE_DW + slot, mask=col_mask, other=0.0)
+                    tl.store(PE_DW + slot, prev + part, mask=col_mask)
+                if HAS_BIAS:
+                    part = tl.sum(tl.where(sel, dy, 0.0), axis=0)
+                    prev = tl.load(PE_DB + slot, mask=col_mask, other=0.0)
+                    tl.store(PE_DB + slot, prev + part, mask=col_mask)
     if HAS_WEIGHT:
         tl.store(DW_partial + group * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if HAS_BIAS:
@@ -779,12 +806,97 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         _layer_norm_bwd_kernel[plan.grid](
             x, w, dy, dx, mean_arg, rstd, c1, c2,
             dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-            dresidual if has_dresidual else rstd,
+            dresidual if has_dresidual else rstd, rstd, rstd,
             M, N, x.stride(0), dy.stride(0), dx.stride(0),
-            dresidual.stride(0) if has_dresidual else 0, plan.rows_per_program, **flags,
+            dresidual.stride(0) if has_dresidual else 0, plan.rows_per_program, 1, 0, **flags,
             HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
-            ROW_STATS_IN_TILE=whole_row,
+            ROW_STATS_IN_TILE=whole_row, PER_EXAMPLE=False,
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
     dbias = column_sum(db_partial, bias.dtype) if has_bias else None
     return dx, dweight, dbias
+
+
+def per_example_supported(n: int, dtype: torch.dtype) -> bool:
+    """Whether `layer_norm_bwd_per_example` can run rows of `n` features of `dtype`: only the
+    whole-row backward (padded N <= MAX_FUSED_N_BWD, half that for fp64) has an example's rows
+    in registers whole; the long-row paths split a row over column chunks or walk it twice."""
+    return triton.next_power_of_2(max(n, 1)) <= _fused_limit(MAX_FUSED_N_BWD, dtype)
+
+
+def layer_norm_bwd_per_example(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                               bias: Optional[torch.Tensor], mean: torch.Tensor,
+                               rstd: torch.Tensor, is_rms: bool, rows_per_example: int
+                               ) -> tuple[torch.Tensor, Optional[torch.Tensor],
+                                          Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """`layer_norm_bwd` (no residual, no rounding) plus, per example (rows_per_example
+    consecutive rows; M must be a multiple of it), the squared norms of that example's dW and
+    dB: (dx, dweight, dbias, dw_sq [E], db_sq [E]) in the accumulation dtype, dw_sq / db_sq empty
+    where there is no weight / bias. dx, dweight and dbias are bitwise those of layer_norm_bwd.
+
+    Same pass as the plain backward: the whole-row kernel adds each example's terms, from the
+    tile in registers, into per-(program, example) slot rows: (E + programs) * N values of the
+    accumulation dtype per parameter, summed here over the programs an example spans (a fixed
+    order, no atomics) and squared. Only the whole-row path (see per_example_supported); longer
+    rows raise."""
+    M, N = x.shape
+    rpe = int(rows_per_example)
+    if rpe < 1 or M % rpe != 0:
+        raise ValueError(f"layer_norm_bwd_per_example: expected rows_per_example >= 1 dividing "
+                         f"the {M} rows, got {rows_per_example}")
+    if not per_example_supported(N, x.dtype):
+        raise NotImplementedError(
+            f"layer_norm_bwd_per_example: per-example gradient norms need whole rows in one "
+            f"tile (at most {_fused_limit(MAX_FUSED_N_BWD, x.dtype)} features for {x.dtype}), "
+            f"got {N}; the long-row backward paths do not support them")
+    has_weight = weight is not None
+    has_bias = bias is not None and not is_rms
+    acc = acc_dtype(x.dtype)
+    examples = M // rpe
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    plan = plan_layer_norm(M, N, x.dtype, "bwd", x.device, is_rms=is_rms, has_weight=has_weight,
+                           has_bias=has_bias, weight_dtype=weight.dtype if has_weight else None,
+                           dy_dtype=dy.dtype, dx_dtype=dx.dtype)
+    groups, rpp = plan.partial_rows, plan.rows_per_program
+    slots = triton.cdiv(rpp, rpe) + 1  # examples a run of rpp rows can touch
+    dw_partial = torch.zeros((groups, N) if has_weight else (0,), dtype=acc, device=x.device)
+    db_partial = torch.zeros((groups, N) if has_bias else (0,), dtype=acc, device=x.device)
+    pe_dw = torch.zeros((groups * slots + 1, N) if has_weight else (0,), dtype=acc,
+                        device=x.device)
+    pe_db = torch.zeros((groups * slots + 1, N) if has_bias else (0,), dtype=acc,
+                        device=x.device)
+    if M > 0 and N > 0:
+        _layer_norm_bwd_kernel[plan.grid](
+            x, weight if has_weight else rstd, dy, dx, rstd if is_rms else mean, rstd, rstd,
+            rstd, dw_partial if has_weight else rstd, db_partial if has_bias else rstd, rstd,
+            pe_dw if has_weight else rstd, pe_db if has_bias else rstd,
+            M, N, x.stride(0), dy.stride(0), dx.stride(0), 0, rpp, rpe, slots,
+            IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_DRESIDUAL=False,
+            ROUND_XHAT=False, ROUND_DX_TERMS=False, ROW_STATS_IN_TILE=True, PER_EXAMPLE=True,
+            ACC=tl_acc_dtype(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+            num_warps=plan.num_warps)
+    dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
+    dbias = column_sum(db_partial, bias.dtype) if has_bias else None
+    index = _example_slots(examples, rpe, rpp, slots, groups, x.device)
+    dw_sq = _slot_sq_norms(pe_dw, index) if has_weight else x.new_empty(0, dtype=acc)
+    db_sq = _slot_sq_norms(pe_db, index) if has_bias else x.new_empty(0, dtype=acc)
+    return dx, dweight, dbias, dw_sq, db_sq
+
+
+def _example_slots(examples: int, rpe: int, rpp: int, slots: int, groups: int,
+                   device: torch.device) -> torch.Tensor:
+    """[E, K] indices into the flattened slot rows: example e's slot in each program p its rows
+    [e*rpe, (e+1)*rpe) reach (p = e*rpe // rpp ... ((e+1)*rpe - 1) // rpp), padded with the
+    last (all-zero) slot row."""
+    k = triton.cdiv(rpe, rpp) + 1
+    e = torch.arange(examples, device=device)
+    p_lo = e * rpe // rpp
+    p_hi = ((e + 1) * rpe - 1) // rpp
+    p = p_lo[:, None] + torch.arange(k, device=device)[None, :]
+    index = p * slots + (e[:, None] - p * rpp // rpe)
+    return torch.where(p <= p_hi[:, None], index, groups * slots)
+
+
+def _slot_sq_norms(slot_rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # Summed over the spanned programs in program order: deterministic.
+    return slot_rows[index].sum(dim=1).square().sum(dim=1)
