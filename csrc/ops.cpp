@@ -109,6 +109,18 @@ void check_launch(cudaError_t err, const char* op) {
               cudaGetErrorString(err));
 }
 
+// The launchers that need scratch memory: allocate it (bytes on x's device, from the caching
+// allocator, so it stays valid for the work queued on the current stream), then launch there.
+template <class Args>
+void launch_with_workspace(Args& a, size_t (*workspace_bytes)(const Args&),
+                           cudaError_t (*launch)(const Args&, cudaStream_t), const Tensor& x,
+                           const char* op) {
+  Tensor ws = workspace(workspace_bytes(a), x);
+  a.workspace = ws.data_ptr();
+  a.workspace_bytes = static_cast<size_t>(ws.numel());
+  check_launch(launch(a, at::cuda::getCurrentCUDAStream()), op);
+}
+
 // ---- LayerNorm / RMSNorm --------------------------------------------------------------------
 
 Tensor rows_input(const Tensor& x, const char* op, const char* what) {
@@ -184,10 +196,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const Tensor& x
   a.dy_row_stride = m > 0 ? dy.stride(0) : n;
   a.dx_row_stride = n;
   a.is_rms = is_rms;
-  Tensor ws = workspace(layer_norm_bwd_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_layer_norm_bwd(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, layer_norm_bwd_workspace_bytes, launch_layer_norm_bwd, x, op);
   // Gradients in the parameters' own dtypes (the public contract), whatever the kernel used.
   if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
     dw = dw.to(weight->scalar_type());
@@ -288,10 +297,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd(const Tensor& x_in, const OptT
   a.G = g;
   a.eps = static_cast<float>(eps);
   a.channels_last = cl;
-  Tensor ws = workspace(group_norm_fwd_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_group_norm_fwd(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, group_norm_fwd_workspace_bytes, launch_group_norm_fwd, x, op);
   return {y, mean, rstd};
 }
 
@@ -332,10 +338,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy_in, const Ten
   a.HW = s;
   a.G = g;
   a.channels_last = cl;
-  Tensor ws = workspace(group_norm_bwd_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_group_norm_bwd(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, group_norm_bwd_workspace_bytes, launch_group_norm_bwd, x, op);
   if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
     dw = dw.to(weight->scalar_type());
   }
@@ -369,10 +372,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& x_in) {
   fill_bn(a, x, cl, op);
   a.mean = mean.data_ptr<float>();
   a.var = var.data_ptr<float>();
-  Tensor ws = workspace(batch_norm_stats_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_batch_norm_stats(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, batch_norm_stats_workspace_bytes, launch_batch_norm_stats, x, op);
   return {mean, var};
 }
 
@@ -396,10 +396,7 @@ Tensor apply_impl(const Tensor& x_in, const Tensor& mean, const Tensor& var,
   a.bias = ptr(p.bias);
   a.eps = static_cast<float>(eps);
   a.relu = relu;
-  Tensor ws = workspace(batch_norm_apply_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_batch_norm_apply(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, batch_norm_apply_workspace_bytes, launch_batch_norm_apply, x, op);
   return y;
 }
 
@@ -440,10 +437,8 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& dy_in, const
   a.sum_dy_xhat = sum_dy_xhat.data_ptr<float>();
   a.eps = static_cast<float>(eps);
   a.relu = relu;
-  Tensor ws = workspace(batch_norm_bwd_reduce_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_batch_norm_bwd_reduce(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, batch_norm_bwd_reduce_workspace_bytes, launch_batch_norm_bwd_reduce, x,
+                        op);
   return {sum_dy, sum_dy_xhat};
 }
 
@@ -481,10 +476,8 @@ Tensor batch_norm_backward_elemt(const Tensor& dy_in, const Tensor& x_in, const 
   a.dx = dx.data_ptr();
   a.eps = static_cast<float>(eps);
   a.relu = relu;
-  Tensor ws = workspace(batch_norm_bwd_elemt_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_batch_norm_bwd_elemt(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, batch_norm_bwd_elemt_workspace_bytes, launch_batch_norm_bwd_elemt, x,
+                        op);
   return dx;
 }
 
@@ -506,10 +499,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x_in, const OptT
   a.var = var.data_ptr<float>();
   a.eps = static_cast<float>(eps);
   a.relu = relu;
-  Tensor ws = workspace(batch_norm_fwd_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_batch_norm_fwd(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, batch_norm_fwd_workspace_bytes, launch_batch_norm_fwd, x, op);
   return {y, mean, var};
 }
 
@@ -541,10 +531,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& dy_in, const Ten
   a.eps = static_cast<float>(eps);
   a.relu = relu;
   a.training = training;
-  Tensor ws = workspace(batch_norm_bwd_workspace_bytes(a), x);
-  a.workspace = ws.data_ptr();
-  a.workspace_bytes = static_cast<size_t>(ws.numel());
-  check_launch(launch_batch_norm_bwd(a, at::cuda::getCurrentCUDAStream()), op);
+  launch_with_workspace(a, batch_norm_bwd_workspace_bytes, launch_batch_norm_bwd, x, op);
   // dweight = sum(g * x_hat), dbias = sum(g), in the parameters' dtypes (empty when absent).
   Tensor dw = weight.has_value() ? sum_dy_xhat.to(weight->scalar_type())
                                  : at::empty({0}, x.options());
