@@ -62,7 +62,7 @@ echo "## tests on the GPU" | tee -a "$OUT/bench.log"
 timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 \
   tests/test_ops.py tests/test_cuda_binding.py tests/test_layer_norm.py tests/test_residual.py \
   tests/test_group_norm.py tests/test_batch_norm.py tests/test_semantics.py tests/test_convert.py \
-  tests/test_distributed.py tests/test_gns_per_example.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py 2>&1 | tee "$OUT/tests.log" | tail -15
 test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
 

@@ -17,9 +17,11 @@ import torch
 
 
 def _reexec_with_interpreter() -> None:
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         return
-    if importlib.util.find_spec("triton") is None:
+    from ._backend import _interpret_env  # Triton's own reading ("1", "true", "on", ...)
+
+    if _interpret_env():
         return
     env = dict(os.environ, TRITON_INTERPRET="1")
     os.execve(sys.executable, [sys.executable, "-m", "fastnorm", *sys.argv[1:]], env)
