@@ -27,8 +27,15 @@ Split path, forward, three launches:
    so statistics stay exact at large means (no E[x^2] - E[x]^2) and are deterministic (no
    atomics). mean and rstd are stored [N, G] in fp32 (fp64 for fp64 input).
 3. apply: y = (x - mean) * rstd * w + b, then SiLU. It walks the tiles in the reverse order of the
-   stats pass, so the data the stats pass read last (still in L2) is read first: x is read at
-   most twice from HBM, and a tensor that fits in L2 only once.
+   stats pass, so the data the stats pass read last (still in L2) is read first.
+
+Sample chunks: a tensor whose x (dy too in the backward) exceeds the L2 window of the cost model
+(L2_REUSE_FRACTION of the L2) runs the three launches once per chunk of whole samples
+(`samples_per_chunk`: the most samples that fit the window, at least one, at most MAX_CHUNKS
+chunks), on views of x, y, the partial rows and the statistics. A chunk's second walk then
+re-reads only what its first walk just read, within the window. Groups lie within a sample and a
+sample's partial rows do not depend on the chunk, so the results are bitwise those of one chunk.
+The split count is chosen so that one chunk's reduce programs fill the GPU.
 
 Split path, backward, the same three-step shape:
 1. reduce: per (n, split, c) partials P1 = sum(dz * x_hat) and P2 = sum(dz), where dz is dy, or
@@ -41,11 +48,16 @@ Split path, backward, the same three-step shape:
 
 Cost (HBM passes over numel * elem_size, unmeasured so far): the fused path does the minimum,
 2 forward and 3 backward. The split path: forward 2 (x in, y out) when the re-read of x hits L2,
-3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5. The partials
-are C floats per (sample, split): noise next to x. The model (`plan_group_norm`, which states
-every launch with its grid, warps and bytes; _common.modeled_hbm_bytes) counts the reversed
-second walk's re-read as an L2 hit up to half the L2 (H100: 25 of 50 MB), the rest from HBM;
+3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5; with sample
+chunks the worst case is only one sample over the window (fp32 backward of 320 x 128^2
+channels: 42 MB of x and dy per sample). The partials are C floats per (sample, split): noise
+next to x but for small tensors. The model (`plan_group_norm`, which states every launch, chunk
+by chunk, with its grid, warps and bytes; _common.modeled_hbm_bytes) counts each chunk's
+reversed re-read as an L2 hit up to half the L2 (H100: 25 of 50 MB), the rest from HBM;
 benchmarks/static_report.py prints it per shape and the GPU check compares it with measurements.
+The combine stays its own launch (not yet folded into apply / dx): there every tile program
+would redo the merges of all its groups (several per channels-last tile), and they must stay
+bitwise the mean/rstd that one program saves for the backward.
 NaN/Inf propagate to the group's statistics and outputs (the M2 clamp is NaN-preserving), and
 eps is declared tl.float64 so fp64 inputs get it exactly. Why the split path is not one kernel: a group
 split over several programs needs its statistics before any program can normalize, and programs
