@@ -63,8 +63,13 @@ DESIGN_EXCEPTIONS = {
     ("batch_norm", "bwd"): "the dx pass needs the per-channel sums of the whole batch: x and dy "
                            "are read twice (5 passes) unless the reversed walk hits L2",
     ("group_norm", "fwd", "split"): "a group split over programs needs its statistics first: x "
-                                    "read twice, the second read an L2 hit only for the tail",
-    ("group_norm", "bwd", "split"): "as the forward: x and dy read twice",
+                                    "read twice, per chunk of samples sized to the L2 window; "
+                                    "for small tensors (16x256x16x16, 4x96x7x7) the per-split "
+                                    "partials and statistics are not small next to x",
+    ("group_norm", "bwd", "split"): "as the forward, with x and dy; one sample's x and dy over "
+                                    "the L2 window (8x320x128^2 fp32: 42 MB > 25 MB) is re-read "
+                                    "partly from HBM; channels-last dweight/dbias partials of "
+                                    "many splits (8x1280x32^2: ~12 % of x, dy and dx)",
     ("layer_norm", "bwd", "chunked"): "rows too long for the persistent backward's L2 window "
                                       "(1024x65536 bf16: 132 rows of x, dy + 132 fp32 partial "
                                       "rows = 67 MB > 25 MB): the two-kernel path reads x and "

@@ -453,3 +453,48 @@ def test_nan_inf_group_propagates(device, bad, split):
     ref = F.group_norm(x, 4, w, b, 1e-5)
     torch.testing.assert_close(y, ref, equal_nan=True, atol=1e-5, rtol=1e-5)
     assert y[1, 2:4].isnan().all() and not y[0].isnan().any()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_sample_chunks_are_bitwise_the_unchunked_result(device, layout):
+    """A tensor bigger than the L2 window runs the split path's launch sequence once per chunk
+    of samples (here forced by a tiny assumed L2: 3 chunks forward, 5 backward); groups lie
+    within a sample, so y, mean, rstd, dx, dweight and dbias are bitwise the one-chunk result."""
+    from fastnorm.triton import _common
+
+    gen = torch.Generator().manual_seed(7)
+    n, act = 5, "silu"
+    c, groups, hw, split = (64, 4, 200, 64) if layout == "cl" else (2, 1, 5184, 1)
+    x = _to_layout(torch.randn(n, c, hw, generator=gen).to(device), layout)
+    w, b = _params(c, torch.float32, device)
+    dy = _to_layout(torch.randn(n, c, hw, generator=gen).to(device), layout)
+    sample = c * hw * 4
+    tiny_l2 = int(2 * 2.5 * sample)  # a window of 2.5 samples: 2 per chunk fwd, 1 bwd
+    with _common.assume_l2_bytes(tiny_l2):
+        fwd = gn_kernels.GroupNormPlan.make(n, c, hw, x.dtype, layout == "cl", x.device, split)
+        bwd = gn_kernels.GroupNormPlan.make(n, c, hw, x.dtype, layout == "cl", x.device, split,
+                                            backward=True)
+        assert fwd.chunks(n) == [(0, 2), (2, 4), (4, 5)]
+        assert len(bwd.chunks(n)) == 5 and fwd.num_splits == bwd.num_splits > 1
+        chunked = gn_kernels.group_norm_fwd(x, w, b, groups, 1e-5, act, split)
+        chunked += gn_kernels.group_norm_bwd(dy, x, w, b, chunked[1], chunked[2], groups, act,
+                                             split)
+    whole = gn_kernels.GroupNormPlan.make(n, c, hw, x.dtype, layout == "cl", x.device, split,
+                                          backward=True)
+    assert whole.chunks(n) == [(0, n)]
+    ref = gn_kernels.group_norm_fwd(x, w, b, groups, 1e-5, act, split)
+    ref += gn_kernels.group_norm_bwd(dy, x, w, b, ref[1], ref[2], groups, act, split)
+    for name, got, want in zip(("y", "mean", "rstd", "dx", "dweight", "dbias"), chunked, ref):
+        assert torch.equal(got, want), name
+    assert chunked[0].stride() == x.stride() and chunked[3].stride() == x.stride()
+
+
+def test_sample_chunk_rule(device):
+    """As many samples per chunk as fit the window, at most MAX_CHUNKS chunks, balanced."""
+    from fastnorm.triton import _common
+
+    with _common.assume_l2_bytes(2 * 100):  # a 100-byte window
+        assert gn_kernels.samples_per_chunk(4, 25, device) == 4  # fits: one chunk
+        assert gn_kernels.samples_per_chunk(10, 30, device) == 3  # 3 per chunk, 4 chunks
+        assert gn_kernels.samples_per_chunk(5, 500, device) == 1  # a sample alone overflows
+        assert gn_kernels.samples_per_chunk(64, 40, device) == 8  # 32 chunks capped at 8

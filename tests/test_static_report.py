@@ -65,10 +65,13 @@ def test_modeled_traffic_within_10_percent_of_ideal_or_explained(report):
                     r["traffic_vs_ideal"]) for r in cases if r["exception"] == "UNEXPLAINED"]
     assert not unexplained, unexplained
     # Eval BatchNorm, GroupNorm's and LayerNorm's fused paths, LayerNorm's persistent long-row
-    # backward ("rows") and 16-bit chunked forward where their L2 windows fit: at the ideal bytes
-    # (within 10 %).
+    # backward ("rows") and 16-bit chunked forward where their L2 windows fit, GroupNorm's split
+    # path at 8x320x128^2 (sample chunks) but the fp32 backward: at the ideal bytes (within 10 %).
     for r in cases:
         if r["mode"] == "eval" or r["path"] in ("fused", "rows"):
+            assert r["traffic_vs_ideal"] <= 1.10, r
+        if r["op"] == "group_norm" and r["case"].startswith("8x320x128x128") and \
+                (r["mode"] == "fwd" or r["dtype"] != "float32"):
             assert r["traffic_vs_ideal"] <= 1.10, r
         if r["op"] in ("layer_norm", "rms_norm") and r["path"] == "chunked" and \
                 r["mode"] == "fwd" and r["dtype"] != "float32":
@@ -89,6 +92,39 @@ def test_exception_rule():
     assert static_report.exception_for("batch_norm", "eval", "cl", 1.3) == "UNEXPLAINED"
     assert static_report.exception_for("group_norm", "fwd", "fused", 1.05) == ""
     assert static_report.exception_for("group_norm", "fwd", "split", 1.4).startswith("a group")
+
+
+def test_group_norm_sample_chunks_reach_ideal_bytes(tmp_path):
+    """The model only (--no-compile, a few seconds): at 8x320x128^2 (84 MB bf16, > the 25 MB L2
+    window) the split path runs once per sample chunk, the launchers make exactly the plan's
+    per-chunk launches (the report checks kernel, grid and warps), and the modeled traffic is
+    within 10 % of ideal but for the fp32 backward, whose one sample of x and dy (42 MB)
+    overflows the window."""
+    import json
+    import subprocess
+
+    # Traced outside the interpreter, which would run the kernels on the meta tensors.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "static_report.py"),
+                           "--quick", "--no-compile", "--targets", "sm_90", "--ops",
+                           "group_norm", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(tmp_path / "static_report.json") as f:
+        rows = json.load(f)["cases"]
+    big = [r for r in rows if r["case"].startswith("8x320x128x128")]
+    assert len(big) == 12
+    for r in big:
+        assert r["path"] == "split"
+        # fwd: 3 launches per chunk; bwd: 3 per chunk and two column sums.
+        assert r["launches"] == (12 if r["dtype"] != "float32" else 24) if r["mode"] == "fwd" \
+            else 8 * 3 + 2, r
+        if r["mode"] == "fwd" or r["dtype"] != "float32":
+            assert r["traffic_vs_ideal"] <= 1.10, r
+        else:
+            assert 1.10 < r["traffic_vs_ideal"] <= 1.30 and r["exception"] != "UNEXPLAINED", r
 
 
 def test_occupancy_model():

@@ -27,8 +27,15 @@ Split path, forward, three launches:
    so statistics stay exact at large means (no E[x^2] - E[x]^2) and are deterministic (no
    atomics). mean and rstd are stored [N, G] in fp32 (fp64 for fp64 input).
 3. apply: y = (x - mean) * rstd * w + b, then SiLU. It walks the tiles in the reverse order of the
-   stats pass, so the data the stats pass read last (still in L2) is read first: x is read at
-   most twice from HBM, and a tensor that fits in L2 only once.
+   stats pass, so the data the stats pass read last (still in L2) is read first.
+
+Sample chunks: a tensor whose x (dy too in the backward) exceeds the L2 window of the cost model
+(L2_REUSE_FRACTION of the L2) runs the three launches once per chunk of whole samples
+(`samples_per_chunk`: the most samples that fit the window, at least one, at most MAX_CHUNKS
+chunks), on views of x, y, the partial rows and the statistics. A chunk's second walk then
+re-reads only what its first walk just read, within the window. Groups lie within a sample and a
+sample's partial rows do not depend on the chunk, so the results are bitwise those of one chunk.
+The split count is chosen so that one chunk's reduce programs fill the GPU.
 
 Split path, backward, the same three-step shape:
 1. reduce: per (n, split, c) partials P1 = sum(dz * x_hat) and P2 = sum(dz), where dz is dy, or
@@ -41,11 +48,16 @@ Split path, backward, the same three-step shape:
 
 Cost (HBM passes over numel * elem_size, unmeasured so far): the fused path does the minimum,
 2 forward and 3 backward. The split path: forward 2 (x in, y out) when the re-read of x hits L2,
-3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5. The partials
-are C floats per (sample, split): noise next to x. The model (`plan_group_norm`, which states
-every launch with its grid, warps and bytes; _common.modeled_hbm_bytes) counts the reversed
-second walk's re-read as an L2 hit up to half the L2 (H100: 25 of 50 MB), the rest from HBM;
+3 at worst (ceiling ~67 % of copy bandwidth); backward 3 (x, dy in, dx out) to 5; with sample
+chunks the worst case is only one sample over the window (fp32 backward of 320 x 128^2
+channels: 42 MB of x and dy per sample). The partials are C floats per (sample, split): noise
+next to x but for small tensors. The model (`plan_group_norm`, which states every launch, chunk
+by chunk, with its grid, warps and bytes; _common.modeled_hbm_bytes) counts each chunk's
+reversed re-read as an L2 hit up to half the L2 (H100: 25 of 50 MB), the rest from HBM;
 benchmarks/static_report.py prints it per shape and the GPU check compares it with measurements.
+The combine stays its own launch (not yet folded into apply / dx): there every tile program
+would redo the merges of all its groups (several per channels-last tile), and they must stay
+bitwise the mean/rstd that one program saves for the backward.
 NaN/Inf propagate to the group's statistics and outputs (the M2 clamp is NaN-preserving), and
 eps is declared tl.float64 so fp64 inputs get it exactly. Why the split path is not one kernel: a group
 split over several programs needs its statistics before any program can normalize, and programs
@@ -60,8 +72,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchCost, acc_dtype, as_acc, column_sum, load_affine, min_fill_programs,
-                      num_warps_for, reduce_programs, tl_acc_dtype)
+from ._common import (L2_REUSE_FRACTION, LaunchCost, acc_dtype, as_acc, column_sum,
+                      l2_cache_bytes, load_affine, min_fill_programs, num_warps_for,
+                      reduce_programs, tl_acc_dtype)
 
 # Elements per tile: 4096 keeps x (and dy in the backward) in registers at 8 warps. fp64 halves it.
 TILE = 4096
@@ -76,6 +89,9 @@ COMBINE_BLOCK = 1024
 # the fused path. The backward holds x and dy, so its limit is lower. fp64 halves both.
 MAX_FUSED_FWD = 16384
 MAX_FUSED_BWD = 8192
+# Most sample chunks the split path cuts a call into (3 launches each, a few µs of CPU apiece):
+# beyond it the chunks grow past the L2 window and the tail of each re-read comes from HBM.
+MAX_CHUNKS = 8
 
 ACTIVATIONS = ("none", "silu")
 
@@ -408,10 +424,24 @@ def _group_norm_bwd_fused_kernel(X, DY, DX, W, B, Mean, Rstd, P1, P2, C, HW, G, 
 
 # --- launch planning ---------------------------------------------------------------------------
 
+def samples_per_chunk(n: int, sample_bytes: int, device: torch.device) -> int:
+    """Samples per launch sequence of the split path, whose elementwise pass re-reads the
+    `sample_bytes` per sample (x, and dy in the backward) that its reduce pass just read: all n
+    when they fit the L2 window the cost model uses (L2_REUSE_FRACTION of the L2), else the most
+    samples that fit (at least one), and at most MAX_CHUNKS chunks of equal size (the last one
+    smaller). Groups lie within one sample, so a chunk's statistics are the whole call's."""
+    window = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
+    if n * sample_bytes <= window:
+        return max(1, n)
+    chunks = min(MAX_CHUNKS, triton.cdiv(n, max(1, window // max(1, sample_bytes))))
+    return triton.cdiv(n, chunks)
+
+
 @dataclass(frozen=True)
 class GroupNormPlan:
     """Tiling of an (N, C, HW) tensor: tiles of block_s x block_c; the reduce passes cut the
-    spatial extent into num_splits splits of split_size positions (a multiple of block_s)."""
+    spatial extent into num_splits splits of split_size positions (a multiple of block_s). The
+    three launches run once per chunk of `chunk` samples (see samples_per_chunk)."""
     channels_last: bool
     block_s: int
     block_c: int
@@ -420,12 +450,16 @@ class GroupNormPlan:
     split_size: int
     num_splits: int
     num_warps: int
+    chunk: int
 
     @classmethod
     def make(cls, n: int, c: int, hw: int, dtype: torch.dtype, channels_last: bool,
-             device: torch.device, split_size: int | None = None) -> "GroupNormPlan":
+             device: torch.device, split_size: int | None = None,
+             backward: bool = False) -> "GroupNormPlan":
         """The heuristic. `split_size` (spatial positions per split, rounded up to a multiple of
-        block_s) overrides the choice of splits, for tests and tuning."""
+        block_s) overrides the choice of splits, for tests and tuning. `backward`: the passes
+        read x and dy (twice the bytes per sample in the L2 window)."""
+        chunk = samples_per_chunk(n, c * hw * _elem_size(dtype) * (2 if backward else 1), device)
         tile = TILE // 2 if dtype == torch.float64 else TILE
         if channels_last:
             # The largest power-of-two divisor of C keeps row segments sector-aligned and
@@ -440,16 +474,21 @@ class GroupNormPlan:
         num_c_blocks = triton.cdiv(c, block_c)
         num_s_blocks = triton.cdiv(hw, block_s)
         if split_size is None:
-            # Enough reduce programs to fill the GPU; never less than one tile per split.
+            # Enough reduce programs per chunk to fill the GPU; never less than one tile per
+            # split.
             target = reduce_programs(device)
-            splits = max(1, min(num_s_blocks, triton.cdiv(target, max(1, n * num_c_blocks))))
+            splits = max(1, min(num_s_blocks, triton.cdiv(target, max(1, chunk * num_c_blocks))))
             split_blocks = triton.cdiv(num_s_blocks, splits)
         else:
             split_blocks = max(1, triton.cdiv(split_size, block_s))
         split = split_blocks * block_s
         num_warps = num_warps_for(block_s * block_c)
         return cls(channels_last, block_s, block_c, num_c_blocks, num_s_blocks, split,
-                   max(1, triton.cdiv(hw, split)), num_warps)
+                   max(1, triton.cdiv(hw, split)), num_warps, chunk)
+
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        """[start, stop) sample ranges, one launch sequence each."""
+        return [(n0, min(n, n0 + self.chunk)) for n0 in range(0, n, self.chunk)]
 
     def reduce_grid(self, n: int) -> tuple[int]:
         return (n * self.num_c_blocks * self.num_splits,)
@@ -485,8 +524,9 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
                     split_size: int | None = None) -> tuple[str, tuple[LaunchCost, ...]]:
     """(path, launches) of one group_norm_fwd (mode "fwd") or group_norm_bwd ("bwd") call, in
     launch order, with the HBM bytes each reads and writes: the same choices the launchers
-    make. Path "fused" (one program per group) or "split" (reduce, combine, elementwise; the
-    elementwise pass re-reads x (and dy) in the reverse order, `l2_reread`)."""
+    make. Path "fused" (one program per group) or "split" (reduce, combine, elementwise per
+    chunk of samples, GroupNormPlan.chunks; the elementwise pass re-reads the chunk's x (and dy)
+    in the reverse order, `l2_reread`)."""
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"unknown group_norm plan mode {mode!r}")
     backward = mode == "bwd"
@@ -508,18 +548,26 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
         rows = n
     else:
         path = "split"
-        plan = GroupNormPlan.make(n, c, hw, dtype, channels_last, device, split_size)
-        partials = 2 * n * plan.num_splits * c * acc
+        plan = GroupNormPlan.make(n, c, hw, dtype, channels_last, device, split_size, backward)
         names = (("_group_norm_bwd_reduce_kernel", "_group_norm_bwd_combine_kernel",
                   "_group_norm_bwd_dx_kernel") if backward else
                  ("_group_norm_fwd_stats_kernel", "_group_norm_fwd_combine_kernel",
                   "_group_norm_fwd_apply_kernel"))
-        launches.append(LaunchCost(names[0], plan.reduce_grid(n), plan.num_warps,
-                                   reads=inputs + (stats if backward else 0), writes=partials))
-        launches.append(LaunchCost(names[1], (n * num_groups,), 4, reads=partials, writes=stats))
-        launches.append(LaunchCost(names[2], (plan.num_tiles(n),), plan.num_warps,
-                                   reads=inputs + stats * (2 if backward else 1), writes=data,
-                                   l2_reread=inputs))
+        # One launch sequence per sample chunk, each re-reading only its own chunk's x (and dy).
+        for n0, n1 in plan.chunks(n):
+            m = n1 - n0
+            part = 2 * m * plan.num_splits * c * acc
+            chunk_data = data // n * m
+            chunk_in = inputs // n * m
+            chunk_stats = stats // n * m
+            launches.append(LaunchCost(names[0], plan.reduce_grid(m), plan.num_warps,
+                                       reads=chunk_in + (chunk_stats if backward else 0),
+                                       writes=part))
+            launches.append(LaunchCost(names[1], (m * num_groups,), 4, reads=part,
+                                       writes=chunk_stats))
+            launches.append(LaunchCost(names[2], (plan.num_tiles(m),), plan.num_warps,
+                                       reads=chunk_in + chunk_stats * (2 if backward else 1),
+                                       writes=chunk_data, l2_reread=chunk_in))
         rows = n * plan.num_splits
     if backward:
         for present in (has_weight, has_bias):
@@ -593,19 +641,27 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
     p_mean = torch.empty((n * plan.num_splits, c), dtype=stats_dtype, device=x.device)
     p_m2 = torch.empty_like(p_mean)
-    _group_norm_fwd_stats_kernel[plan.reduce_grid(n)](
-        x, p_mean, p_m2, c, hw, plan.split_size, plan.num_splits, plan.num_c_blocks,
-        CHANNELS_LAST=channels_last, ACC=flags["ACC"], BLOCK_S=plan.block_s,
-        BLOCK_C=plan.block_c, num_warps=plan.num_warps)
     block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
-    _group_norm_fwd_combine_kernel[(n * g,)](
-        p_mean, p_m2, mean, rstd, c, hw, g, group_size, plan.split_size, plan.num_splits, eps,
-        ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
-    num_tiles = plan.num_tiles(n)
-    _group_norm_fwd_apply_kernel[(num_tiles,)](
-        x, y, w, b, mean, rstd, c, hw, g, group_size, plan.num_s_blocks, plan.num_c_blocks,
-        num_tiles, CHANNELS_LAST=channels_last, **flags, BLOCK_S=plan.block_s,
-        BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    # Per chunk of samples (views; groups never cross samples): the apply pass re-reads only
+    # the chunk the stats pass just read, which the chunk size keeps within the L2 window.
+    for n0, n1 in plan.chunks(n):
+        m = n1 - n0
+        xs, ys = x[n0:n1], y[n0:n1]
+        pm, pm2 = p_mean[n0 * plan.num_splits:n1 * plan.num_splits], \
+            p_m2[n0 * plan.num_splits:n1 * plan.num_splits]
+        ms, rs = mean[n0:n1], rstd[n0:n1]
+        _group_norm_fwd_stats_kernel[plan.reduce_grid(m)](
+            xs, pm, pm2, c, hw, plan.split_size, plan.num_splits, plan.num_c_blocks,
+            CHANNELS_LAST=channels_last, ACC=flags["ACC"], BLOCK_S=plan.block_s,
+            BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+        _group_norm_fwd_combine_kernel[(m * g,)](
+            pm, pm2, ms, rs, c, hw, g, group_size, plan.split_size, plan.num_splits, eps,
+            ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
+        num_tiles = plan.num_tiles(m)
+        _group_norm_fwd_apply_kernel[(num_tiles,)](
+            xs, ys, w, b, ms, rs, c, hw, g, group_size, plan.num_s_blocks, plan.num_c_blocks,
+            num_tiles, CHANNELS_LAST=channels_last, **flags, BLOCK_S=plan.block_s,
+            BLOCK_C=plan.block_c, num_warps=plan.num_warps)
     return y, mean, rstd
 
 
@@ -646,24 +702,32 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
             x, dy, dx, w, b, mean, rstd, p1, p2, c, hw, g, group_size, **flags,
             BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
     else:
-        plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
+        plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size,
+                                  backward=True)
         p1 = torch.empty((n * plan.num_splits, c), dtype=partial_dtype, device=x.device)
         p2 = torch.empty_like(p1)
-        _group_norm_bwd_reduce_kernel[plan.reduce_grid(n)](
-            x, dy, w, b, mean, rstd, p1, p2, c, hw, g, group_size, plan.split_size,
-            plan.num_splits, plan.num_c_blocks, CHANNELS_LAST=channels_last, **flags,
-            BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
         c1 = torch.empty((n, g), dtype=partial_dtype, device=x.device)
         c2 = torch.empty_like(c1)
         block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
-        _group_norm_bwd_combine_kernel[(n * g,)](
-            p1, p2, w, c1, c2, c, hw, g, group_size, plan.num_splits, HAS_WEIGHT=has_weight,
-            ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
-        num_tiles = plan.num_tiles(n)
-        _group_norm_bwd_dx_kernel[(num_tiles,)](
-            x, dy, dx, w, b, mean, rstd, c1, c2, c, hw, g, group_size, plan.num_s_blocks,
-            plan.num_c_blocks, num_tiles, CHANNELS_LAST=channels_last, **flags,
-            BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+        # Per chunk of samples, as in the forward; each chunk fills its own rows of P1/P2.
+        for n0, n1 in plan.chunks(n):
+            m = n1 - n0
+            xs, dys, dxs = x[n0:n1], dy[n0:n1], dx[n0:n1]
+            ms, rs, c1s, c2s = mean[n0:n1], rstd[n0:n1], c1[n0:n1], c2[n0:n1]
+            rows = slice(n0 * plan.num_splits, n1 * plan.num_splits)
+            p1s, p2s = p1[rows], p2[rows]
+            _group_norm_bwd_reduce_kernel[plan.reduce_grid(m)](
+                xs, dys, w, b, ms, rs, p1s, p2s, c, hw, g, group_size, plan.split_size,
+                plan.num_splits, plan.num_c_blocks, CHANNELS_LAST=channels_last, **flags,
+                BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+            _group_norm_bwd_combine_kernel[(m * g,)](
+                p1s, p2s, w, c1s, c2s, c, hw, g, group_size, plan.num_splits,
+                HAS_WEIGHT=has_weight, ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
+            num_tiles = plan.num_tiles(m)
+            _group_norm_bwd_dx_kernel[(num_tiles,)](
+                xs, dys, dxs, w, b, ms, rs, c1s, c2s, c, hw, g, group_size, plan.num_s_blocks,
+                plan.num_c_blocks, num_tiles, CHANNELS_LAST=channels_last, **flags,
+                BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
     dweight = column_sum(p1, weight.dtype) if has_weight else None
     dbias = column_sum(p2, bias.dtype) if has_bias else None
     return dx, dweight, dbias
