@@ -36,6 +36,9 @@ chunks), on views of x, y, the partial rows and the statistics. A chunk's second
 re-reads only what its first walk just read, within the window. Groups lie within a sample and a
 sample's partial rows do not depend on the chunk, so the results are bitwise those of one chunk.
 The split count is chosen so that one chunk's reduce programs fill the GPU.
+Launch cost: balanced chunks hold at least half the window (12.5 MB of x on an H100, >= ~8 us of
+HBM traffic at 3 TB/s) for their three launches of a few us of host time each, so the GPU should
+stay ahead of the host; whether it does is unmeasured (MAX_CHUNKS = 1 turns chunking off).
 
 Split path, backward, the same three-step shape:
 1. reduce: per (n, split, c) partials P1 = sum(dz * x_hat) and P2 = sum(dz), where dz is dy, or
