@@ -43,7 +43,7 @@ def _rows(run_dir: str, kind: str = "step") -> list[dict]:
 def test_one_process_norm_layers_drive_the_batch(tmp_path):
     run = str(tmp_path / "run")
     # --min-batch-size 16 = one micro-batch: allowed (no accumulation needed for the estimate).
-    summary = train(_cfg("--out-dir", run, *NORM, "--max-steps", "30", "--batch-size", "32",
+    summary = train(_cfg("--out-dir", run, *NORM, "--max-steps", "20", "--batch-size", "32",
                          "--micro-batch", "16", "--min-batch-size", "16", "--max-batch-size",
                          "128", "--batch-cooldown", "3", "--plots", "true"))
     steps = _rows(run)
