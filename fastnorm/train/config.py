@@ -38,6 +38,12 @@ class TrainConfig:
     max_batch_size: int = _f(512, "largest global batch the controller may choose")
     adaptive_batch: str = _f("gns", "gns: batch follows target_snr * b_simple; off: fixed",
                              ("gns", "off"))
+    gns_source: str = _f("model", "where the controller's noise scale comes from: model (the "
+                                  "whole model's gradient: the DDP all-reduce on several ranks, "
+                                  ">= 2 micro-batches on one process) or norm-layers (per-example "
+                                  "gradients of the norm layers from their backward kernels, "
+                                  "fastnorm.gns.track; --norm ln or gn; one process needs no "
+                                  "micro-batches)", ("model", "norm-layers"))
     target_snr: float = _f(1.0, "target batch = target_snr * b_simple")
     gns_memory: float = _f(8000.0, "time constant of the noise-scale averages, in samples")
     batch_threshold: float = _f(0.25, "no batch change below this relative difference")
@@ -151,6 +157,20 @@ class TrainConfig:
             raise ConfigError(f"--virtual-devices {self.virtual_devices} splits per-device "
                               f"BatchNorm statistics and needs --norm bn (got --norm "
                               f"{self.norm}, which it would not change)")
+        if self.gns_source == "norm-layers":
+            if self.adaptive_batch != "gns":
+                raise ConfigError("--gns-source norm-layers drives the batch-size controller: "
+                                  "it needs --adaptive-batch gns (got --adaptive-batch "
+                                  f"{self.adaptive_batch})")
+            if self.norm not in ("ln", "gn"):
+                raise ConfigError(f"--gns-source norm-layers measures the noise scale in "
+                                  f"LayerNorm / GroupNorm layers: use --norm ln or gn (got "
+                                  f"--norm {self.norm}; BatchNorm couples the examples of a "
+                                  f"batch, so it has no per-example gradient)")
+            if self.micro_batch < 2:
+                raise ConfigError("--gns-source norm-layers compares one example with the "
+                                  "micro-batch: --micro-batch must be >= 2 (got "
+                                  f"{self.micro_batch})")
         if self.task == "simclr":
             if counts or prevalence or self.importance_weights == "on":
                 raise ConfigError("--stratify, --imbalance and --importance-weights apply to "
@@ -175,11 +195,12 @@ class TrainConfig:
             raise ConfigError(f"no multiple of world size x micro-batch = {unit} lies in "
                               f"[{lo}, {self.max_batch_size}] (--min-batch-size, "
                               "--max-batch-size)")
-        if world == 1 and self.adaptive_batch == "gns" and self.batch_size < 2 * self.micro_batch:
+        if (world == 1 and self.adaptive_batch == "gns" and self.gns_source == "model"
+                and self.batch_size < 2 * self.micro_batch):
             raise ConfigError("one process measures the noise scale from at least 2 micro-"
                               f"batches per step: --batch-size {self.batch_size} needs "
                               f"--micro-batch <= {self.batch_size // 2} (got {self.micro_batch})"
-                              ", or --adaptive-batch off")
+                              ", or --gns-source norm-layers, or --adaptive-batch off")
         local = self.batch_size // world
         if self.task == "simclr":
             if self.micro_batch != local:

@@ -12,6 +12,11 @@ Where the gradient noise scale comes from:
 Both are read before clipping and divided by the loss scale squared under a GradScaler; a
 non-finite pair is skipped by the estimator (the scaler skips that step too).
 
+With --gns-source norm-layers, `fastnorm.gns.track` gives a second pair from the norm layers'
+backward kernels (per-example gradients: batch 1 against the micro-batch, no accumulation
+needed), and that estimate drives the controller; the whole-model one keeps running where it is
+free (several ranks, or one process with >= 2 micro-batches) so both are logged side by side.
+
 The two tasks share the loop. classify: cross-entropy per micro-batch (with --importance-weights,
 sum of w[y] * loss / the rank's step share, so accumulation and DDP keep it unbiased), test
 evaluation every eval_every steps, recall of the --stratify/--imbalance classes at the end.
@@ -32,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..gns import GNSEstimator
+from ..gns import GNSEstimator, track
 from .checkpoint import (CHECKPOINT, config_mismatch, find_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig
@@ -139,6 +144,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads or 1)
     out_dir, ckpt_path = _resolve_run(cfg, env)
     gns_on = cfg.adaptive_batch == "gns"
+    gns_norm = gns_on and cfg.gns_source == "norm-layers"
 
     # ---- data, model, optimizer, estimator, controller ------------------------------------
     x_tr, y_tr, x_te, y_te = (t.to(dev) for t in load_digits_split(cfg.seed))
@@ -159,6 +165,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        cfg.embed_dim if simclr else 10).to(dev)
     if cfg.virtual_devices > 1:
         set_virtual_devices(model, cfg.virtual_devices)
+    tracker = None
+    if gns_norm:
+        try:
+            tracker = track(model, loss_reduction="mean")   # all ranks: the default group
+        except ValueError as e:
+            raise ConfigError(f"--gns-source norm-layers with --norm {cfg.norm}: {e}") from e
     torch.manual_seed(cfg.seed + 1000 * env.rank)
     optimizer = make_optimizer(cfg, model)
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if dev.type == "cuda" else "off")
@@ -172,13 +184,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return torch.autocast(dev.type, dtype=amp_dtype)
 
     scaler = torch.amp.GradScaler(dev.type, enabled=(amp == "fp16"))
-    estimator = GNSEstimator(cfg.gns_memory)
+    estimator = GNSEstimator(cfg.gns_memory)          # the whole model's gradient
+    norm_estimator = GNSEstimator(cfg.gns_memory) if gns_norm else None
+    driver = norm_estimator if norm_estimator is not None else estimator   # -> the controller
     controller = BatchSizeController(
         cfg.batch_size, cfg.micro_batch, env.world, min_batch=cfg.min_batch_size,
         max_batch=cfg.max_batch_size if gns_on else cfg.batch_size, target_snr=cfg.target_snr,
         threshold=cfg.batch_threshold, cooldown=cfg.batch_cooldown,
         allow_shrink=cfg.allow_shrink, lr_scaling=cfg.lr_scaling,
-        min_accum=2 if gns_on and env.world == 1 else 1)
+        min_accum=2 if gns_on and env.world == 1 and not gns_norm else 1)
     sampler = make_batch_sampler(cfg, y_tr.cpu(), env.world, env.rank)
     step, samples, progress, epoch = 0, 0, 0.0, 0
     # simclr: the views come from a per-rank generator (checkpointed with the RNG states); the
@@ -206,6 +220,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         estimator.load_state_dict(state["estimator"])
+        if norm_estimator is not None:   # same gns_source: config_mismatch checked it
+            norm_estimator.load_state_dict(state["estimator_norm"])
         controller.load_state_dict(state["controller"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"][env.rank])
@@ -234,7 +250,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = Progress(cfg.max_steps, progress, cfg.log_every, enabled=env.is_main)
     if env.is_main:
         bar.write(f"fastnorm.train: {env.world} process(es) on {dev} ({env.backend or 'no'} "
-                  f"process group), norm={cfg.norm}, adaptive batch {cfg.adaptive_batch}, "
+                  f"process group), norm={cfg.norm}, adaptive batch {cfg.adaptive_batch}"
+                  + (f" (noise scale from {cfg.gns_source})" if gns_on else "") + ", "
                   f"B0={cfg.batch_size}, run dir {out_dir}"
                   + (f", resumed at step {step}" if ckpt_path else ""))
 
@@ -249,6 +266,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "progress": progress, "epoch": epoch, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "estimator": estimator.state_dict(), "controller": controller.state_dict(),
+                **({"estimator_norm": norm_estimator.state_dict()}
+                   if norm_estimator is not None else {}),
                 "sampler": sampler.state_dict(), "rng": rngs}, out_dir)
 
     def evaluate() -> tuple[float, float]:
@@ -290,12 +309,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for local_idx in sampler:
             t0 = time.perf_counter()
             batch, k = controller.batch_size, controller.accum_steps
-            gain = controller.lr_factor(estimator.b_simple)
+            gain = controller.lr_factor(driver.b_simple)
             lr = lr_schedule(cfg, progress) * gain
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = torch.tensor(local_idx, device=dev)
             loss_sum, correct, small_sq, big_sq = zero, zero, zero, zero
+            # The whole-model pair: the comm hook on several ranks, >= 2 micro-batches on one.
+            model_pair = gns_on and (env.world > 1 or k >= 2)
             for i, micro in enumerate(idx.split(cfg.micro_batch)):
                 last = i == k - 1
                 sync = contextlib.nullcontext() if last or env.world == 1 else ddp.no_sync()
@@ -318,14 +339,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         correct = correct + (out.argmax(1) == y_tr[micro]).sum()
                     scaler.scale(term).backward()
                 loss_sum = loss_sum + loss.detach()
-                if gns_on and env.world == 1 and i == 0:
+                if model_pair and env.world == 1 and i == 0:
                     small_sq = grad_sq_norm(params) * (k * k)
-            if gns_on:
+            if model_pair:
                 if hook is not None:
                     small_sq, big_sq = hook.pop()
                 else:
                     big_sq = grad_sq_norm(params)
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            norm_pair = None
+            if tracker is not None:
+                # measure() sums the k backward calls of this step (all ranks): the mean over
+                # the step's examples of |g_i|^2 (batch 1) and the mean over calls of the
+                # micro-batch's own |G|^2 (batch micro_batch, not the accumulated step
+                # gradient). Each backward took scale * loss / k with loss the micro-batch mean
+                # (--importance-weights: the mean of w[y] * loss), so both norms carry
+                # (scale / k)^2: undone below. One host sync and one all_reduce of 4 numbers.
+                norm_pair = tracker.measure()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -338,10 +368,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step += 1
             samples += batch
             progress += gain
-            if gns_on:
+            if model_pair:
                 small_batch = cfg.micro_batch if env.world == 1 else batch // env.world
                 estimator.update(small_v / scale ** 2, big_v / scale ** 2, small_batch, batch)
-                if controller.update(step, estimator.b_simple):
+            if norm_pair is not None:
+                undo = (k / scale) ** 2
+                norm_estimator.update(norm_pair.small_sq_norm * undo,
+                                      norm_pair.big_sq_norm * undo, norm_pair.small_batch,
+                                      norm_pair.big_batch)
+            if gns_on:
+                if controller.update(step, driver.b_simple):
                     sampler.set_batch_size(controller.batch_size)
                     if weights is not None:
                         weights = sampler.class_weights().to(dev)
@@ -358,11 +394,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 log.write({"kind": "step", "step": step, "samples": samples,
                            "global_batch": batch, "micro_batch": cfg.micro_batch,
                            "accum": k, "lr": lr, "gain": gain,
-                           "grad_sq": estimator.grad_sq, "trace_sigma": estimator.trace_sigma,
-                           "b_simple": estimator.b_simple, "loss": loss_v, **extra,
+                           "grad_sq": driver.grad_sq, "trace_sigma": driver.trace_sigma,
+                           "b_simple": driver.b_simple, "b_simple_model": estimator.b_simple,
+                           **({"b_simple_norm": norm_estimator.b_simple}
+                              if norm_estimator is not None else {}),
+                           "loss": loss_v, **extra,
                            "samples_per_s": batch / dt, "step_seconds": dt,
                            "progress": progress, "epoch": epoch})
-                bar.update(gain, step, {"B": batch, "b_simple": round(estimator.b_simple, 1),
+                bar.update(gain, step, {"B": batch, "b_simple": round(driver.b_simple, 1),
                                         "loss": loss_v, "lr": lr})
                 if not simclr and cfg.eval_every and step % cfg.eval_every == 0:
                     test_loss, test_acc = evaluate()
@@ -411,7 +450,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    **extra_summary, "steps": step,
                    "samples": samples, "epochs": samples / len(x_tr),
                    "final_global_batch": controller.batch_size,
-                   "batch_changes": controller.changes, "b_simple": estimator.b_simple,
+                   "batch_changes": controller.changes, "b_simple": driver.b_simple,
+                   "gns_source": cfg.gns_source if gns_on else "off",
+                   **({"b_simple_model": estimator.b_simple,
+                       "b_simple_norm": norm_estimator.b_simple}
+                      if norm_estimator is not None else {}),
                    "target_snr": cfg.target_snr, "world_size": env.world, "device": str(dev),
                    "norm": cfg.norm, "virtual_devices": cfg.virtual_devices,
                    "stratify": cfg.stratify, "imbalance": cfg.imbalance,
@@ -426,7 +469,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         print(f"done: {step} steps, {samples} samples ({summary['epochs']:.1f} epochs) in "
               f"{train_seconds:.1f} s; global batch {cfg.batch_size} -> "
               f"{controller.batch_size} ({controller.changes} changes), b_simple "
-              f"{estimator.b_simple:.1f}", flush=True)
+              f"{driver.b_simple:.1f}", flush=True)
         if simclr:
             print(f"leak gap {summary['leak_gap']:+.4f}; kNN accuracy "
                   f"{summary['knn_accuracy']:.4f}, linear probe "

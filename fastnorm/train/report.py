@@ -100,8 +100,9 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list, list]:
 
 
 def write_report(run_dir: str, summary: dict[str, Any]) -> list[str]:
-    """Plots (loss_accuracy.png, batch_size.png, lr.png) and report.md from metrics.jsonl;
-    returns the files written."""
+    """Plots (loss_accuracy.png, batch_size.png, lr.png; leak_gap.png for simclr; gns_sources.png
+    with --gns-source norm-layers) and report.md from metrics.jsonl; returns the files
+    written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,13 +171,46 @@ def write_report(run_dir: str, summary: dict[str, Any]) -> list[str]:
         ax.legend()
         ax.set_title("contrastive pretext accuracy and leak gap")
         files.append(_save(fig, run_dir, "leak_gap.png"))
+    gns_lines: list[str] = []
+    xn, bn = _series(steps, "b_simple_norm")
+    if xn:   # --gns-source norm-layers
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(xn, bn, lw=0.9, label="norm layers (drives the batch)")
+        xm, bm = _series(steps, "b_simple_model")
+        if xm:
+            ax.plot(xm, bm, lw=0.9, label="whole model")
+        ax.plot(*_series(steps, "global_batch"), drawstyle="steps-post", lw=0.8, color="gray",
+                label="global batch B")
+        ax.set_yscale("log")
+        top = max([r["global_batch"] for r in steps] or [1])   # same cap as batch_size.png
+        ax.set_ylim(bottom=1, top=100 * top)
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel("b_simple (samples)")
+        ax.legend()
+        ax.set_title("noise scale: norm layers against the whole model")
+        files.append(_save(fig, run_dir, "gns_sources.png"))
+        ratios = sorted(r["b_simple_norm"] / r["b_simple_model"] for r in steps
+                        if r.get("b_simple_norm") is not None
+                        and r.get("b_simple_model") is not None and r["b_simple_model"] > 0)
+        if ratios:
+            n = len(ratios)
+            med = (ratios[(n - 1) // 2] + ratios[n // 2]) / 2
+            says = (f"the median of b_simple(norm layers) / b_simple(whole model) over the {n} "
+                    f"steps with both is {med:.3g}.")
+        else:
+            says = ("no step had the whole-model estimate (one process with a single "
+                    "micro-batch per step), so there is nothing to compare.")
+        gns_lines = ["![noise scale sources](gns_sources.png)", "",
+                     "The norm-layer noise scale (per-example gradients of the norm layers' "
+                     "weights and biases) against the whole model's (micro-batch or DDP "
+                     f"estimate): {says}", ""]
     plt.close("all")
 
     lines = ["# fastnorm.train run", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in summary.items() if k != "config"]
     lines += ["", "![loss and accuracy](loss_accuracy.png)", "",
               "![batch size](batch_size.png)", "", "![learning rate](lr.png)", "",
-              *(["![leak gap](leak_gap.png)", ""] if leaks else []),
+              *(["![leak gap](leak_gap.png)", ""] if leaks else []), *gns_lines,
               "Config: `config.json`; per-step numbers: `metrics.jsonl`.", ""]
     path = os.path.join(run_dir, "report.md")
     with open(path, "w") as fh:
