@@ -29,7 +29,7 @@
 //    (at most two per slot) that pe_split_sq_kernel adds in slot order before squaring;
 //  - cluster and fallback paths: after the plain kernels, one more pass over x and dy
 //    (layer_norm_bwd_param_partial_kernel with SQ: a thread per column sums an example's rows,
-//    squares, a block adds its 256 columns) and pe_colblock_sq_kernel adds the column blocks in
+//    squares, a warp adds its 32 columns) and pe_colblock_sq_kernel adds the warps in column
 //    order. Fixed order everywhere, no atomics.
 // 2. Cluster path (sm_90 only, same alignment conditions, 32768 < N <= 262144 forward,
 //    8192 < N <= 131072 backward): a thread-block cluster of up to 8 CTAs owns a row, each CTA a
@@ -673,19 +673,18 @@ __global__ void __launch_bounds__(THREADS) layer_norm_bwd_fallback_kernel(LayerN
 // rows [g * rows_per_group, (g + 1) * rows_per_group) in order.
 // SQ (the per-example sums of the cluster and fallback paths, an extra pass over x and dy):
 // groups are examples (rows_per_group = rows_per_example, g walks them grid-stride); each
-// column's sums are squared, the block adds its 256 columns, and partial[(g * column blocks +
-// column block) * 2 + {0, 1}] gets (dW, dB) squared sums for pe_colblock_sq_kernel.
+// column's sums are squared, each warp adds its 32 columns (no barrier: a block reduction in
+// this loop spilled on sm_80), and partial[((g * column blocks + column block) * 8 + warp) * 2 +
+// {0, 1}] gets (dW, dB) squared sums for pe_colblock_sq_kernel. `groups` comes from the host.
 template <typename T, bool SQ>
 __global__ void __launch_bounds__(256)
     layer_norm_bwd_param_partial_kernel(LayerNormBwdArgs a, int64_t rows_per_group,
-                                        float* __restrict__ dw_partial,
+                                        int64_t groups, float* __restrict__ dw_partial,
                                         float* __restrict__ db_partial) {
-  __shared__ float2 slots[8];
   const int64_t col = int64_t(blockIdx.x) * 256 + threadIdx.x;
   if (!SQ && col >= a.N) return;
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ dy = static_cast<const T*>(a.dy);
-  const int64_t groups = SQ ? a.M / rows_per_group : int64_t(gridDim.y);
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
     const int64_t row_end = col < a.N ? min(a.M, (g + 1) * rows_per_group) : 0;
     float dw = 0.f, db = 0.f;
@@ -696,9 +695,10 @@ __global__ void __launch_bounds__(256)
       db += d;
     }
     if constexpr (SQ) {
-      const float2 sq = block_sum<8>(make_float2(dw * dw, db * db), slots);
-      if (threadIdx.x == 0)
-        *reinterpret_cast<float2*>(dw_partial + (g * gridDim.x + blockIdx.x) * 2) = sq;
+      const float2 sq = warp_sum(make_float2(dw * dw, db * db));
+      if (threadIdx.x % 32 == 0)
+        *reinterpret_cast<float2*>(
+            dw_partial + ((g * gridDim.x + blockIdx.x) * 8 + threadIdx.x / 32) * 2) = sq;
     } else {
       if (dw_partial != nullptr) dw_partial[g * a.N + col] = dw;
       if (db_partial != nullptr) db_partial[g * a.N + col] = db;
@@ -739,15 +739,15 @@ __global__ void __launch_bounds__(256)
 }
 
 // Per-example squares from layer_norm_bwd_param_partial_kernel<T, true>'s [examples, column
-// blocks, 2]: thread per example, column blocks in order.
+// blocks * 8 warps, 2]: thread per example, warps in column order.
 __global__ void __launch_bounds__(256)
     pe_colblock_sq_kernel(LayerNormBwdArgs a, int64_t col_blocks, const float* __restrict__ part) {
   const int64_t ex = int64_t(blockIdx.x) * 256 + threadIdx.x;
   if (ex >= a.M / a.rows_per_example) return;
   float2 sq = make_float2(0.f, 0.f);
-  for (int64_t c = 0; c < col_blocks; ++c) {
-    sq.x += part[(ex * col_blocks + c) * 2];
-    sq.y += part[(ex * col_blocks + c) * 2 + 1];
+  for (int64_t c = 0; c < col_blocks * 8; ++c) {
+    sq.x += part[(ex * col_blocks * 8 + c) * 2];
+    sq.y += part[(ex * col_blocks * 8 + c) * 2 + 1];
   }
   if (a.dweight_sq != nullptr) a.dweight_sq[ex] = sq.x;
   if (a.dbias_sq != nullptr) a.dbias_sq[ex] = sq.y;
@@ -958,7 +958,7 @@ cudaError_t bwd_rows(const LayerNormBwdArgs& a, int64_t blocks, float* dw, float
 }
 
 // Per-example scratch (a.rows_per_example > 0): the register path's head / tail rows
-// [2 * slots, N] per wanted square, the other paths' [examples, column blocks, 2].
+// [2 * slots, N] per wanted square, the other paths' [examples, column blocks * 8 warps, 2].
 struct PeScratch {
   float* seg_w = nullptr;
   float* seg_b = nullptr;
@@ -972,7 +972,7 @@ PeScratch take_pe_scratch(Workspace& ws, const LayerNormBwdArgs& a, const BwdPla
     if (a.dweight_sq != nullptr) s.seg_w = ws.take<float>(2 * p.partial_rows * a.N);
     if (a.dbias_sq != nullptr) s.seg_b = ws.take<float>(2 * p.partial_rows * a.N);
   } else if (a.dweight_sq != nullptr || a.dbias_sq != nullptr) {
-    s.colblock = ws.take<float>(a.M / a.rows_per_example * ceil_div(a.N, 256) * 2);
+    s.colblock = ws.take<float>(a.M / a.rows_per_example * ceil_div(a.N, 256) * 8 * 2);
   }
   return s;
 }
@@ -1001,7 +1001,7 @@ cudaError_t pe_finish(const LayerNormBwdArgs& a, const BwdPlan& p, const PeScrat
   const int64_t col_blocks = ceil_div(a.N, 256);
   const dim3 grid(unsigned(col_blocks), unsigned(std::min<int64_t>(examples, 65535)));
   layer_norm_bwd_param_partial_kernel<T, true><<<grid, 256, 0, stream>>>(
-      a, a.rows_per_example, s.colblock, nullptr);
+      a, a.rows_per_example, examples, s.colblock, nullptr);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   pe_colblock_sq_kernel<<<unsigned(ceil_div(examples, 256)), 256, 0, stream>>>(a, col_blocks,
@@ -1044,7 +1044,7 @@ cudaError_t layer_norm_bwd_impl(const LayerNormBwdArgs& a, cudaStream_t stream) 
       if (err == cudaSuccess && (dw != nullptr || db != nullptr)) {
         const dim3 grid(unsigned(ceil_div(a.N, 256)), unsigned(p.partial_rows));
         layer_norm_bwd_param_partial_kernel<T, false><<<grid, 256, 0, stream>>>(
-            a, p.rows_per_group, dw, db);
+            a, p.rows_per_group, p.partial_rows, dw, db);
         err = cudaGetLastError();
       }
     }
