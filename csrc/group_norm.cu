@@ -19,6 +19,10 @@
 //   (split, n, c); combine per (n, g) into c1, c2 (a warp, lane-strided then butterfly); the
 //   [splits * N, C] partials summed per channel in row order (column_sum_kernel) for dweight /
 //   dbias; elementwise dx.
+// Per-sample gradient norms (group_norm_bwd_pe, an example = a sample n): the reduce partials are
+//   already per sample, so one more small kernel (group_norm_sample_sq_kernel, a block per n)
+//   adds sample n's splits per channel in split order, squares and sums over channels; x and dy
+//   are not read again and dx / dweight / dbias are untouched.
 // HBM traffic: forward reads x twice (reduce, apply; the second read hits L2 only for tensors
 // that fit) and writes y once; backward reads x and dy twice and writes dx. Partials and tables
 // are O(N * C * splits) floats. Everything is fixed-order: deterministic, no atomics.
@@ -102,6 +106,31 @@ __global__ void __launch_bounds__(32 * kCombineWarps)
   const float count = float(cg) * float(HW);
   const float2 cc = make_float2(s.x / count, s.y / count);
   for (int64_t j = lane; j < cg; j += 32) tab_b[n * C + g * cg + j] = cc;
+}
+
+// Block per sample n: dweight_sq[n] = sum_c (sum_sp p1[sp][n, c])^2, dbias_sq likewise from p2.
+__global__ void __launch_bounds__(256)
+    group_norm_sample_sq_kernel(const float* __restrict__ p1, const float* __restrict__ p2,
+                                int64_t splits, int64_t N, int64_t C,
+                                float* __restrict__ dweight_sq, float* __restrict__ dbias_sq) {
+  __shared__ float2 slots[8];
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    float2 sq = make_float2(0.f, 0.f);
+    for (int64_t c = threadIdx.x; c < C; c += 256) {
+      float w = 0.f, b = 0.f;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        w += p1[sp * N * C + n * C + c];
+        b += p2[sp * N * C + n * C + c];
+      }
+      sq.x += w * w;
+      sq.y += b * b;
+    }
+    sq = block_sum<8>(sq, slots);
+    if (threadIdx.x == 0) {
+      if (dweight_sq != nullptr) dweight_sq[n] = sq.x;
+      if (dbias_sq != nullptr) dbias_sq[n] = sq.y;
+    }
+  }
 }
 
 unsigned combine_blocks(int64_t N, int64_t G) {
@@ -196,6 +225,12 @@ cudaError_t group_norm_bwd_impl(const GroupNormBwdArgs& a, cudaStream_t stream) 
   if (err != cudaSuccess) return err;
   err = launch_column_sum(sp.p2, splits * a.N, a.C, static_cast<PT*>(a.dbias), stream);
   if (err != cudaSuccess) return err;
+  if (a.dweight_sq != nullptr || a.dbias_sq != nullptr) {
+    group_norm_sample_sq_kernel<<<unsigned(std::min(a.N, kMaxGridX)), 256, 0, stream>>>(
+        sp.p1, sp.p2, splits, a.N, a.C, a.dweight_sq, a.dbias_sq);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   return launch_elementwise<T, true, ACT, true>(x, dy, static_cast<T*>(a.dx), a.N, a.C, a.HW,
                                                 a.channels_last, dev.sms, sp.tab_a, sp.tab_b,
                                                 stream);
@@ -267,7 +302,11 @@ cudaError_t launch_group_norm_bwd(const GroupNormBwdArgs& args, cudaStream_t str
     if (a.N * a.C * a.HW == 0) {  // empty: zero parameter gradients, empty dx
       cudaError_t err = launch_column_sum<PT>(nullptr, 0, a.C, static_cast<PT*>(a.dweight), stream);
       if (err != cudaSuccess) return err;
-      return launch_column_sum<PT>(nullptr, 0, a.C, static_cast<PT*>(a.dbias), stream);
+      err = launch_column_sum<PT>(nullptr, 0, a.C, static_cast<PT*>(a.dbias), stream);
+      if (err != cudaSuccess) return err;
+      err = launch_fill(a.dweight_sq, a.N, 0.f, stream);  // per-sample norms of empty sums
+      if (err != cudaSuccess) return err;
+      return launch_fill(a.dbias_sq, a.N, 0.f, stream);
     }
     if (a.activation == Activation::kSilu)
       return group_norm_bwd_impl<T, PT, Activation::kSilu>(a, stream);

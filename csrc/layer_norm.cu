@@ -16,9 +16,21 @@
 //    var = sum d^2 / N - (sum d / N)^2 (the same correction the Triton fused kernel applies; exact
 //    at large means). HBM traffic: forward one read of x, one write of y (+ w, b from L2);
 //    backward one read of x and dy, one write of dx. dW/dB: each row slot (a warp or a block)
-//    keeps fp32 accumulators for its columns in registers over its rows (row slot, + slots, ...)
-//    and writes one row of [slots, N] partials; column_sum_kernel adds them in slot order.
-//    Deterministic (fixed slots for a given device), no atomics.
+//    keeps fp32 accumulators for its columns in registers over its contiguous chunk of
+//    ceil(M / slots) rows and writes one row of [slots, N] partials; column_sum_kernel adds them
+//    in slot order. Deterministic (fixed slots for a given device), no atomics.
+//
+// Per-example mode (layer_norm_bwd_pe, args.rows_per_example = R > 0: an example is R
+// consecutive rows): the same kernels with the same plan, so dx / dW / dB are bitwise those of
+// the plain mode. Each example's dW / dB contribution is summed over its rows *before* squaring:
+//  - register path, same pass: the row kernel (template flag PE) keeps a second set of
+//    accumulators for the current example; an example inside one slot's chunk is squared and
+//    reduced there, one crossing chunk boundaries leaves a "head" / "tail" partial row per slot
+//    (at most two per slot) that pe_split_sq_kernel adds in slot order before squaring;
+//  - cluster and fallback paths: after the plain kernels, one more pass over x and dy
+//    (layer_norm_bwd_param_partial_kernel with SQ: a thread per column sums an example's rows,
+//    squares, a warp adds its 32 columns) and pe_colblock_sq_kernel adds the warps in column
+//    order. Fixed order everywhere, no atomics.
 // 2. Cluster path (sm_90 only, same alignment conditions, 32768 < N <= 262144 forward,
 //    8192 < N <= 131072 backward): a thread-block cluster of up to 8 CTAs owns a row, each CTA a
 //    contiguous slice held in registers. Per-CTA statistics (two-pass as above) are published in
@@ -179,10 +191,22 @@ __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 1024 ? 1 : 1024 / (TP
 }
 
 // Backward: x, dy and the dW/dB accumulators need more registers; >= 512 threads per SM.
-template <typename T, typename PT, int TPR, int RPB, int E>
+// Row slot s owns the contiguous rows [s * rps, (s + 1) * rps), rps = ceil(M / slots) (contiguous
+// so that an example's rows are together). PE (per-example mode, a.rows_per_example = R > 0):
+// the slot also sums the current example's dy * x_hat and dy in a second set of accumulators,
+// kept in dynamic shared memory (pe_smem_bytes; [2][E][threads], each thread only its own
+// entries, so no barriers and no bank conflicts): in registers they would spill at the 128
+// registers this launch bound allows. dw_acc / db_acc and dx are computed exactly as without PE. When its rows of an example end:
+// an example wholly inside the slot is squared and reduced over the row's threads here and
+// written to a.dweight_sq / a.dbias_sq (only this slot touches it); an example that crosses a
+// slot boundary is written as one partial row of seg_w / seg_b [2 * slots, N]: row 2s for the
+// slot's first example ("head"), 2s + 1 for its last ("tail"), and pe_split_sq_kernel adds those
+// rows in slot order, squares and sums them. Fixed order throughout, no atomics.
+template <typename T, typename PT, int TPR, int RPB, int E, bool PE>
 __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 512 ? 1 : 512 / (TPR * RPB)))
     layer_norm_bwd_kernel(LayerNormBwdArgs a, float* __restrict__ dw_partial,
-                          float* __restrict__ db_partial) {
+                          float* __restrict__ db_partial, float* __restrict__ seg_w,
+                          float* __restrict__ seg_b) {
   constexpr int V = Pack<T>::kWidth;
   constexpr int VPT = E / V;
   static_assert(E % V == 0 && V % 4 == 0 && (TPR == 32 || RPB == 1), "bad configuration");
@@ -206,8 +230,20 @@ __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 512 ? 1 : 512 / (TPR 
   for (int j = 0; j < VPT; ++j)
 #pragma unroll
     for (int k = 0; k < V; ++k) dw_acc[j][k] = db_acc[j][k] = 0.f;
+  // PE: the current example's sums, entry (j, k) of this thread at [(j * V + k) * threads + tid].
+  extern __shared__ float pe_smem[];
+  float* const ew_acc = pe_smem + threadIdx.x;
+  float* const eb_acc = pe_smem + E * TPR * RPB + threadIdx.x;
+  constexpr int kStride = TPR * RPB;
+  if constexpr (PE) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) ew_acc[i * kStride] = eb_acc[i * kStride] = 0.f;
+  }
 
-  for (int64_t row = slot; row < a.M; row += num_slots) {
+  const int64_t rps = (a.M + num_slots - 1) / num_slots;  // as on the host (ceil_div)
+  const int64_t row_begin = min(a.M, slot * rps);
+  const int64_t row_end = min(a.M, row_begin + rps);
+  for (int64_t row = row_begin; row < row_end; ++row) {
     const T* xr = x + row * a.x_row_stride;
     const T* dyr = dy + row * a.dy_row_stride;
     Pack<T> xv[VPT], gv[VPT];
@@ -253,8 +289,48 @@ __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB >= 512 ? 1 : 512 / (TPR 
           out.v[k] = from_float<T>((g - (xh * c1 + c2)) * rstd);
           dw_acc[j][k] += d * xh;
           db_acc[j][k] += d;
+          if constexpr (PE) {
+            ew_acc[(j * V + k) * kStride] += d * xh;
+            eb_acc[(j * V + k) * kStride] += d;
+          }
         }
         store_pack(dxr + col, out);
+      }
+    }
+    if constexpr (PE) {
+      const int64_t rpe = a.rows_per_example;
+      if ((row + 1) % rpe == 0 || row + 1 == row_end) {  // this slot's rows of the example end
+        const int64_t ex = row / rpe;
+        if (ex * rpe >= row_begin && (ex + 1) * rpe <= row_end) {
+          float2 sq = make_float2(0.f, 0.f);
+#pragma unroll
+          for (int i = 0; i < E; ++i) {
+            const float w = ew_acc[i * kStride], b = eb_acc[i * kStride];
+            sq.x += w * w;
+            sq.y += b * b;
+          }
+          sq = row_sum<TPR>(sq, slots);
+          if (lane == 0) {
+            if (a.dweight_sq != nullptr) a.dweight_sq[ex] = sq.x;
+            if (a.dbias_sq != nullptr) a.dbias_sq[ex] = sq.y;
+          }
+        } else {
+          const int64_t seg = 2 * slot + (ex == row_begin / rpe ? 0 : 1);
+#pragma unroll
+          for (int j = 0; j < VPT; ++j) {
+            if (j < n_valid) {
+              const int64_t col = (int64_t(j) * TPR + lane) * V;
+#pragma unroll
+              for (int k = 0; k < V; ++k) {
+                const int i = (j * V + k) * kStride;
+                if (a.dweight_sq != nullptr) seg_w[seg * n + col + k] = ew_acc[i];
+                if (a.dbias_sq != nullptr) seg_b[seg * n + col + k] = eb_acc[i];
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < E; ++i) ew_acc[i * kStride] = eb_acc[i * kStride] = 0.f;
       }
     }
   }
@@ -595,26 +671,86 @@ __global__ void __launch_bounds__(THREADS) layer_norm_bwd_fallback_kernel(LayerN
 
 // dW/dB partials of the fallback: grid (column blocks, groups); thread = column, group g sums
 // rows [g * rows_per_group, (g + 1) * rows_per_group) in order.
-template <typename T>
+// SQ (the per-example sums of the cluster and fallback paths, an extra pass over x and dy):
+// groups are examples (rows_per_group = rows_per_example, g walks them grid-stride); each
+// column's sums are squared, each warp adds its 32 columns (no barrier: a block reduction in
+// this loop spilled on sm_80), and partial[((g * column blocks + column block) * 8 + warp) * 2 +
+// {0, 1}] gets (dW, dB) squared sums for pe_colblock_sq_kernel. `groups` comes from the host.
+template <typename T, bool SQ>
 __global__ void __launch_bounds__(256)
     layer_norm_bwd_param_partial_kernel(LayerNormBwdArgs a, int64_t rows_per_group,
-                                        float* __restrict__ dw_partial,
+                                        int64_t groups, float* __restrict__ dw_partial,
                                         float* __restrict__ db_partial) {
   const int64_t col = int64_t(blockIdx.x) * 256 + threadIdx.x;
-  if (col >= a.N) return;
+  if (!SQ && col >= a.N) return;
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ dy = static_cast<const T*>(a.dy);
-  const int64_t g = blockIdx.y;
-  const int64_t row_end = min(a.M, (g + 1) * rows_per_group);
-  float dw = 0.f, db = 0.f;
-  for (int64_t row = g * rows_per_group; row < row_end; ++row) {
-    const float mean = a.is_rms ? 0.f : a.mean[row];
-    const float d = to_float(dy[row * a.dy_row_stride + col]);
-    dw += d * ((to_float(x[row * a.x_row_stride + col]) - mean) * a.rstd[row]);
-    db += d;
+  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
+    const int64_t row_end = col < a.N ? min(a.M, (g + 1) * rows_per_group) : 0;
+    float dw = 0.f, db = 0.f;
+    for (int64_t row = g * rows_per_group; row < row_end; ++row) {
+      const float mean = a.is_rms ? 0.f : a.mean[row];
+      const float d = to_float(dy[row * a.dy_row_stride + col]);
+      dw += d * ((to_float(x[row * a.x_row_stride + col]) - mean) * a.rstd[row]);
+      db += d;
+    }
+    if constexpr (SQ) {
+      const float2 sq = warp_sum(make_float2(dw * dw, db * db));
+      if (threadIdx.x % 32 == 0)
+        *reinterpret_cast<float2*>(
+            dw_partial + ((g * gridDim.x + blockIdx.x) * 8 + threadIdx.x / 32) * 2) = sq;
+    } else {
+      if (dw_partial != nullptr) dw_partial[g * a.N + col] = dw;
+      if (db_partial != nullptr) db_partial[g * a.N + col] = db;
+    }
   }
-  if (dw_partial != nullptr) dw_partial[g * a.N + col] = dw;
-  if (db_partial != nullptr) db_partial[g * a.N + col] = db;
+}
+
+// Per-example squares from the register path's head / tail rows (see layer_norm_bwd_kernel):
+// block per example (grid-stride); examples inside one slot were written by that slot.
+__global__ void __launch_bounds__(256)
+    pe_split_sq_kernel(LayerNormBwdArgs a, int64_t num_slots, const float* __restrict__ seg_w,
+                       const float* __restrict__ seg_b) {
+  __shared__ float2 slots[8];
+  const int64_t rpe = a.rows_per_example, n = a.N;
+  const int64_t rps = (a.M + num_slots - 1) / num_slots;  // as on the host (ceil_div)
+  for (int64_t ex = blockIdx.x; ex < a.M / rpe; ex += gridDim.x) {
+    const int64_t s0 = ex * rpe / rps, s1 = ((ex + 1) * rpe - 1) / rps;
+    if (s0 == s1) continue;  // uniform over the block
+    // Slot s0's row is its tail unless ex is its first example; every later slot's is a head.
+    const int64_t seg0 = 2 * s0 + (ex == s0 * rps / rpe ? 0 : 1);
+    float2 sq = make_float2(0.f, 0.f);
+    for (int64_t col = threadIdx.x; col < n; col += 256) {
+      float w = 0.f, b = 0.f;
+      for (int64_t s = s0; s <= s1; ++s) {
+        const int64_t seg = s == s0 ? seg0 : 2 * s;
+        if (seg_w != nullptr) w += seg_w[seg * n + col];
+        if (seg_b != nullptr) b += seg_b[seg * n + col];
+      }
+      sq.x += w * w;
+      sq.y += b * b;
+    }
+    sq = block_sum<8>(sq, slots);
+    if (threadIdx.x == 0) {
+      if (a.dweight_sq != nullptr) a.dweight_sq[ex] = sq.x;
+      if (a.dbias_sq != nullptr) a.dbias_sq[ex] = sq.y;
+    }
+  }
+}
+
+// Per-example squares from layer_norm_bwd_param_partial_kernel<T, true>'s [examples, column
+// blocks * 8 warps, 2]: thread per example, warps in column order.
+__global__ void __launch_bounds__(256)
+    pe_colblock_sq_kernel(LayerNormBwdArgs a, int64_t col_blocks, const float* __restrict__ part) {
+  const int64_t ex = int64_t(blockIdx.x) * 256 + threadIdx.x;
+  if (ex >= a.M / a.rows_per_example) return;
+  float2 sq = make_float2(0.f, 0.f);
+  for (int64_t c = 0; c < col_blocks * 8; ++c) {
+    sq.x += part[(ex * col_blocks * 8 + c) * 2];
+    sq.y += part[(ex * col_blocks * 8 + c) * 2 + 1];
+  }
+  if (a.dweight_sq != nullptr) a.dweight_sq[ex] = sq.x;
+  if (a.dbias_sq != nullptr) a.dbias_sq[ex] = sq.y;
 }
 
 // ---- host side -------------------------------------------------------------------------------
@@ -804,9 +940,41 @@ BwdPlan plan_bwd(const LayerNormBwdArgs& a, const DeviceInfo& dev) {
 
 template <typename T, typename PT, int TPR, int RPB, int E>
 cudaError_t bwd_rows(const LayerNormBwdArgs& a, int64_t blocks, float* dw, float* db,
-                     cudaStream_t stream) {
-  layer_norm_bwd_kernel<T, PT, TPR, RPB, E><<<unsigned(blocks), TPR * RPB, 0, stream>>>(a, dw, db);
+                     float* seg_w, float* seg_b, cudaStream_t stream) {
+  if (a.rows_per_example > 0) {
+    auto kernel = layer_norm_bwd_kernel<T, PT, TPR, RPB, E, true>;
+    const size_t smem = size_t(2) * E * TPR * RPB * sizeof(float);  // up to 64 KiB (N = 8192)
+    if (smem > 48 * 1024) {
+      const cudaError_t err =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+    }
+    kernel<<<unsigned(blocks), TPR * RPB, smem, stream>>>(a, dw, db, seg_w, seg_b);
+  } else {
+    layer_norm_bwd_kernel<T, PT, TPR, RPB, E, false>
+        <<<unsigned(blocks), TPR * RPB, 0, stream>>>(a, dw, db, nullptr, nullptr);
+  }
   return cudaGetLastError();
+}
+
+// Per-example scratch (a.rows_per_example > 0): the register path's head / tail rows
+// [2 * slots, N] per wanted square, the other paths' [examples, column blocks * 8 warps, 2].
+struct PeScratch {
+  float* seg_w = nullptr;
+  float* seg_b = nullptr;
+  float* colblock = nullptr;
+};
+
+PeScratch take_pe_scratch(Workspace& ws, const LayerNormBwdArgs& a, const BwdPlan& p) {
+  PeScratch s;
+  if (a.rows_per_example <= 0 || a.M == 0) return s;
+  if (p.path == BwdPath::kRows) {
+    if (a.dweight_sq != nullptr) s.seg_w = ws.take<float>(2 * p.partial_rows * a.N);
+    if (a.dbias_sq != nullptr) s.seg_b = ws.take<float>(2 * p.partial_rows * a.N);
+  } else if (a.dweight_sq != nullptr || a.dbias_sq != nullptr) {
+    s.colblock = ws.take<float>(a.M / a.rows_per_example * ceil_div(a.N, 256) * 8 * 2);
+  }
+  return s;
 }
 
 template <typename T, typename PT>
@@ -814,7 +982,31 @@ size_t bwd_workspace(const LayerNormBwdArgs& a, const DeviceInfo& dev, const Bwd
   Workspace ws(nullptr);
   if (a.dweight != nullptr) ws.take<float>(p.partial_rows * a.N);
   if (a.dbias != nullptr) ws.take<float>(p.partial_rows * a.N);
+  take_pe_scratch(ws, a, p);
   return ws.bytes();
+}
+
+// The per-example squares after the plain kernels of `p` ran (M > 0, N > 0).
+template <typename T>
+cudaError_t pe_finish(const LayerNormBwdArgs& a, const BwdPlan& p, const PeScratch& s,
+                      cudaStream_t stream) {
+  if (a.dweight_sq == nullptr && a.dbias_sq == nullptr) return cudaSuccess;
+  const int64_t examples = a.M / a.rows_per_example;
+  if (p.path == BwdPath::kRows) {  // the row kernel wrote the in-slot examples already
+    pe_split_sq_kernel<<<unsigned(std::min(examples, kMaxGridX)), 256, 0, stream>>>(
+        a, p.partial_rows, s.seg_w, s.seg_b);
+    return cudaGetLastError();
+  }
+  // Cluster / fallback: one more pass over x and dy, summing each example's rows per column.
+  const int64_t col_blocks = ceil_div(a.N, 256);
+  const dim3 grid(unsigned(col_blocks), unsigned(std::min<int64_t>(examples, 65535)));
+  layer_norm_bwd_param_partial_kernel<T, true><<<grid, 256, 0, stream>>>(
+      a, a.rows_per_example, examples, s.colblock, nullptr);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  pe_colblock_sq_kernel<<<unsigned(ceil_div(examples, 256)), 256, 0, stream>>>(a, col_blocks,
+                                                                               s.colblock);
+  return cudaGetLastError();
 }
 
 template <typename T, typename PT>
@@ -825,13 +1017,16 @@ cudaError_t layer_norm_bwd_impl(const LayerNormBwdArgs& a, cudaStream_t stream) 
   Workspace ws(a.workspace);
   float* dw = a.dweight != nullptr ? ws.take<float>(p.partial_rows * a.N) : nullptr;
   float* db = a.dbias != nullptr ? ws.take<float>(p.partial_rows * a.N) : nullptr;
+  const PeScratch pe = take_pe_scratch(ws, a, p);
+  float* sw = pe.seg_w;
+  float* sb = pe.seg_b;
   cudaError_t err = cudaSuccess;
   if (p.path == BwdPath::kRows) {
-    if (p.tpr == 32 && p.e == 8) err = bwd_rows<T, PT, 32, 4, 8>(a, p.blocks, dw, db, stream);
-    else if (p.tpr == 32) err = bwd_rows<T, PT, 32, 4, 16>(a, p.blocks, dw, db, stream);
-    else if (p.tpr == 128) err = bwd_rows<T, PT, 128, 1, 16>(a, p.blocks, dw, db, stream);
-    else if (p.tpr == 256) err = bwd_rows<T, PT, 256, 1, 16>(a, p.blocks, dw, db, stream);
-    else err = bwd_rows<T, PT, 512, 1, 16>(a, p.blocks, dw, db, stream);
+    if (p.tpr == 32 && p.e == 8) err = bwd_rows<T, PT, 32, 4, 8>(a, p.blocks, dw, db, sw, sb, stream);
+    else if (p.tpr == 32) err = bwd_rows<T, PT, 32, 4, 16>(a, p.blocks, dw, db, sw, sb, stream);
+    else if (p.tpr == 128) err = bwd_rows<T, PT, 128, 1, 16>(a, p.blocks, dw, db, sw, sb, stream);
+    else if (p.tpr == 256) err = bwd_rows<T, PT, 256, 1, 16>(a, p.blocks, dw, db, sw, sb, stream);
+    else err = bwd_rows<T, PT, 512, 1, 16>(a, p.blocks, dw, db, sw, sb, stream);
   } else if (p.path == BwdPath::kCluster) {
     auto kernel = p.shape.threads == 512 ? layer_norm_bwd_cluster_kernel<T, PT, 512, 16>
                                          : layer_norm_bwd_cluster_kernel<T, PT, 1024, 16>;
@@ -848,12 +1043,13 @@ cudaError_t layer_norm_bwd_impl(const LayerNormBwdArgs& a, cudaStream_t stream) 
       err = cudaGetLastError();
       if (err == cudaSuccess && (dw != nullptr || db != nullptr)) {
         const dim3 grid(unsigned(ceil_div(a.N, 256)), unsigned(p.partial_rows));
-        layer_norm_bwd_param_partial_kernel<T><<<grid, 256, 0, stream>>>(a, p.rows_per_group,
-                                                                         dw, db);
+        layer_norm_bwd_param_partial_kernel<T, false><<<grid, 256, 0, stream>>>(
+            a, p.rows_per_group, p.partial_rows, dw, db);
         err = cudaGetLastError();
       }
     }
   }
+  if (err == cudaSuccess && a.rows_per_example > 0) err = pe_finish<T>(a, p, pe, stream);
   if (err != cudaSuccess) return err;
   const int64_t rows = a.M > 0 ? p.partial_rows : 0;
   err = launch_column_sum(dw, rows, a.N, static_cast<PT*>(a.dweight), stream);
@@ -905,9 +1101,17 @@ size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdArgs& args) {
 cudaError_t launch_layer_norm_bwd(const LayerNormBwdArgs& args, cudaStream_t stream) {
   if (args.M < 0 || args.N < 0 || args.rstd == nullptr || (!args.is_rms && args.mean == nullptr))
     return cudaErrorInvalidValue;
+  if (args.rows_per_example < 0 ||
+      (args.rows_per_example > 0 && args.M % args.rows_per_example != 0))
+    return cudaErrorInvalidValue;
   const LayerNormBwdArgs a = normalized(
       args, args.weight != nullptr || args.dweight != nullptr || args.dbias != nullptr);
-  if (a.N == 0) return cudaSuccess;
+  if (a.N == 0) {  // no features: every example's gradient is empty, its norm 0
+    if (a.rows_per_example == 0 || a.M == 0) return cudaSuccess;
+    cudaError_t err = launch_fill(a.dweight_sq, a.M / a.rows_per_example, 0.f, stream);
+    if (err != cudaSuccess) return err;
+    return launch_fill(a.dbias_sq, a.M / a.rows_per_example, 0.f, stream);
+  }
   return dispatch_types(a.dtype, a.param_dtype, [&](auto t, auto p) -> cudaError_t {
     using T = typename decltype(t)::type;
     using PT = typename decltype(p)::type;

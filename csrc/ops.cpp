@@ -161,10 +161,14 @@ std::tuple<Tensor, Tensor, Tensor> norm_fwd(const Tensor& x_in, const OptTensor&
   return {y, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const Tensor& x_in,
-                                            const OptTensor& weight, const OptTensor& bias,
-                                            const OptTensor& mean, const Tensor& rstd,
-                                            bool is_rms, const char* op) {
+// The LayerNorm / RMSNorm backward; rows_per_example > 0 is layer_norm_bwd_pe's per-example
+// mode (dweight_sq / dbias_sq [M / rows_per_example] fp32, empty where there is no weight /
+// bias), 0 the plain op (both empty).
+using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Grads5 norm_bwd(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight,
+                const OptTensor& bias, const OptTensor& mean, const Tensor& rstd, bool is_rms,
+                int64_t rows_per_example, const char* op) {
   const Tensor x = rows_input(x_in, op, "x");
   const Tensor dy = rows_input(dy_in, op, "dy");
   const at::cuda::CUDAGuard guard(x.device());
@@ -179,6 +183,16 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const Tensor& x
   Tensor dx = at::empty({m, n}, x.options());
   Tensor dw = param_grad_like(weight, x, p.dtype);
   Tensor db = param_grad_like(is_rms ? OptTensor() : bias, x, p.dtype);
+  const bool pe = rows_per_example > 0;
+  if (pe) {
+    TORCH_CHECK(m % rows_per_example == 0, "fastnorm_C::", op,
+                ": expected rows_per_example >= 1 dividing the ", m, " rows of x, got ",
+                rows_per_example);
+  }
+  const int64_t examples = pe ? m / rows_per_example : 0;
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dw_sq = at::empty({pe && weight.has_value() ? examples : 0}, f32);
+  Tensor db_sq = at::empty({pe && !is_rms && bias.has_value() ? examples : 0}, f32);
   LayerNormBwdArgs a;
   a.dtype = to_dtype(x, op, "x");
   a.param_dtype = p.dtype;
@@ -196,6 +210,9 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const Tensor& x
   a.dy_row_stride = m > 0 ? dy.stride(0) : n;
   a.dx_row_stride = n;
   a.is_rms = is_rms;
+  a.rows_per_example = pe ? rows_per_example : 0;
+  a.dweight_sq = dw_sq.numel() > 0 ? dw_sq.data_ptr<float>() : nullptr;
+  a.dbias_sq = db_sq.numel() > 0 ? db_sq.data_ptr<float>() : nullptr;
   launch_with_workspace(a, layer_norm_bwd_workspace_bytes, launch_layer_norm_bwd, x, op);
   // Gradients in the parameters' own dtypes (the public contract), whatever the kernel used.
   if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
@@ -204,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const Tensor& x
   if (!is_rms && bias.has_value() && db.scalar_type() != bias->scalar_type()) {
     db = db.to(bias->scalar_type());
   }
-  return {dx, dw, db};
+  return {dx, dw, db, dw_sq, db_sq};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& weight,
@@ -215,7 +232,21 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTens
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
                                                   const OptTensor& weight, const OptTensor& bias,
                                                   const Tensor& mean, const Tensor& rstd) {
-  return norm_bwd(dy, x, weight, bias, mean, rstd, false, "layer_norm_bwd");
+  auto [dx, dw, db, dw_sq, db_sq] =
+      norm_bwd(dy, x, weight, bias, mean, rstd, false, 0, "layer_norm_bwd");
+  return {dx, dw, db};
+}
+
+// fastnorm::layer_norm_bwd_pe: `mean` is empty (unread) and `bias` ignored when is_rms.
+Grads5 layer_norm_bwd_pe(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                         const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
+                         bool is_rms, c10::SymInt rows_per_example) {
+  const int64_t rpe = rows_per_example.expect_int();
+  TORCH_CHECK(rpe >= 1, "fastnorm_C::layer_norm_bwd_pe: expected rows_per_example >= 1, got ",
+              rpe);
+  return norm_bwd(dy, x, weight, is_rms ? OptTensor() : bias,
+                  is_rms ? OptTensor() : OptTensor(mean), rstd, is_rms, rpe,
+                  "layer_norm_bwd_pe");
 }
 
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, const OptTensor& weight, double eps) {
@@ -225,8 +256,8 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, const OptTensor& weight
 
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
                                         const OptTensor& weight, const Tensor& rstd) {
-  auto [dx, dw, db] = norm_bwd(dy, x, weight, std::nullopt, std::nullopt, rstd, true,
-                               "rms_norm_bwd");
+  auto [dx, dw, db, dw_sq, db_sq] =
+      norm_bwd(dy, x, weight, std::nullopt, std::nullopt, rstd, true, 0, "rms_norm_bwd");
   return {dx, dw};
 }
 
@@ -301,12 +332,11 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_fwd(const Tensor& x_in, const OptT
   return {y, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy_in, const Tensor& x_in,
-                                                  const OptTensor& weight, const OptTensor& bias,
-                                                  const Tensor& mean, const Tensor& rstd,
-                                                  c10::SymInt num_groups,
-                                                  c10::string_view activation) {
-  const char* op = "group_norm_bwd";
+// The GroupNorm backward; pe: group_norm_bwd_pe's per-sample dweight_sq / dbias_sq [N] fp32
+// (empty where there is no weight / bias; both empty for the plain op).
+Grads5 gn_bwd(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight,
+              const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
+              c10::SymInt num_groups, c10::string_view activation, bool pe, const char* op) {
   auto [x, cl] = channel_input(x_in, op);
   const at::cuda::CUDAGuard guard(x.device());
   const Tensor dy = grad_input(dy_in, x, cl, op);
@@ -320,6 +350,9 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy_in, const Ten
   Tensor dx = like_layout(x);
   Tensor dw = param_grad_like(weight, x, p.dtype);
   Tensor db = param_grad_like(bias, x, p.dtype);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dw_sq = at::empty({pe && weight.has_value() ? n : 0}, f32);
+  Tensor db_sq = at::empty({pe && bias.has_value() ? n : 0}, f32);
   GroupNormBwdArgs a;
   a.activation = gn_activation(std::string(activation), op);
   a.dtype = to_dtype(x, op, "x");
@@ -338,6 +371,8 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy_in, const Ten
   a.HW = s;
   a.G = g;
   a.channels_last = cl;
+  a.dweight_sq = dw_sq.numel() > 0 ? dw_sq.data_ptr<float>() : nullptr;
+  a.dbias_sq = db_sq.numel() > 0 ? db_sq.data_ptr<float>() : nullptr;
   launch_with_workspace(a, group_norm_bwd_workspace_bytes, launch_group_norm_bwd, x, op);
   if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
     dw = dw.to(weight->scalar_type());
@@ -345,7 +380,24 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy_in, const Ten
   if (bias.has_value() && db.scalar_type() != bias->scalar_type()) {
     db = db.to(bias->scalar_type());
   }
+  return {dx, dw, db, dw_sq, db_sq};
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                  const OptTensor& weight, const OptTensor& bias,
+                                                  const Tensor& mean, const Tensor& rstd,
+                                                  c10::SymInt num_groups,
+                                                  c10::string_view activation) {
+  auto [dx, dw, db, dw_sq, db_sq] = gn_bwd(dy, x, weight, bias, mean, rstd, num_groups,
+                                           activation, false, "group_norm_bwd");
   return {dx, dw, db};
+}
+
+Grads5 group_norm_bwd_pe(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                         const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
+                         c10::SymInt num_groups, c10::string_view activation) {
+  return gn_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation, true,
+                "group_norm_bwd_pe");
 }
 
 // BatchNorm: the launch structs share their (N, C, S, layout, eps, relu) fields.
@@ -545,10 +597,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& dy_in, const Ten
 TORCH_LIBRARY(fastnorm_C, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd_pe(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool is_rms, SymInt rows_per_example) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("group_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, SymInt num_groups, float eps, str activation) -> (Tensor, Tensor, Tensor)");
   m.def("group_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, SymInt num_groups, str activation) -> (Tensor, Tensor, Tensor)");
+  m.def("group_norm_bwd_pe(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, SymInt num_groups, str activation) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("batch_norm_apply(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, bool relu) -> Tensor");
   m.def("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, bool relu) -> (Tensor, Tensor)");
@@ -561,10 +615,12 @@ TORCH_LIBRARY(fastnorm_C, m) {
 TORCH_LIBRARY_IMPL(fastnorm_C, CUDA, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
+  m.impl("layer_norm_bwd_pe", &layer_norm_bwd_pe);
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("group_norm_fwd", &group_norm_fwd);
   m.impl("group_norm_bwd", &group_norm_bwd);
+  m.impl("group_norm_bwd_pe", &group_norm_bwd_pe);
   m.impl("batch_norm_stats", &batch_norm_stats);
   m.impl("batch_norm_apply", &batch_norm_apply);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);

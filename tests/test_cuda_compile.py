@@ -72,7 +72,7 @@ def _compile(source: str, arch: str, out_dir: str) -> tuple[int, str, str]:
     cmd = [NVCC, "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, f"-I{INCLUDE}",
            "-c", str(CSRC / source), "-o", str(keep / "out.o"),
            f"-gencode=arch=compute_{arch},code=sm_{arch}",
-           "-Werror", "all-warnings", "-keep", "-keep-dir", str(keep)]
+           "-Werror", "all-warnings", "-Xptxas=-v", "-keep", "-keep-dir", str(keep)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -135,6 +135,35 @@ def test_cluster_path_only_on_sm90(arch90):
     # The sm_80 build keeps only a trapping stub (the host never launches it there).
     assert "barrier.cluster" not in ptx80 and "mapa" not in ptx80
     assert "trap;" in ptx80
+
+
+# The per-example gradient-norm kernels (layer_norm_bwd_pe, group_norm_bwd_pe): the register
+# path's PE instantiations (template flag `true`, mangled "Lb1E"), their second stages, the extra
+# pass of the cluster / fallback paths and GroupNorm's per-sample reduction.
+PER_EXAMPLE = {"layer_norm.cu": [r"layer_norm_bwd_kernel\w*Lb1E", r"pe_split_sq_kernel",
+                                 r"pe_colblock_sq_kernel",
+                                 r"layer_norm_bwd_param_partial_kernel\w*Lb1E"],
+               "group_norm.cu": [r"group_norm_sample_sq_kernel"]}
+
+
+def _ptxas_entries(log: str) -> dict[str, tuple[int, int, int]]:
+    """-Xptxas -v output: mangled entry -> (registers, spill store bytes, spill load bytes)."""
+    pat = (r"Compiling entry function '(\w+)'.*?\n.*?Function properties for \w+\n\s*\d+ bytes "
+           r"stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n.*?Used (\d+) registers")
+    return {m[0]: (int(m[3]), int(m[1]), int(m[2])) for m in re.findall(pat, log)}
+
+
+@pytest.mark.parametrize("source, arch", [(s, a) for s in PER_EXAMPLE for a in ARCHS])
+def test_per_example_kernels_built_without_spills(source, arch):
+    rc, log, ptx = _builds()[(source, arch)]
+    assert rc == 0, log[-4000:]
+    entries = _ptxas_entries(log)
+    assert entries, "no ptxas -v report in the log"
+    for pattern in PER_EXAMPLE[source]:
+        found = {name: v for name, v in entries.items() if re.search(pattern, name)}
+        assert found, f"{pattern} missing from the sm_{arch} build of {source}"
+        spills = {name: v for name, v in found.items() if v[1] or v[2]}
+        assert not spills, f"register spills (regs, store, load bytes): {spills}"
 
 
 def test_launch_header_is_host_cxx(tmp_path):

@@ -56,6 +56,13 @@ struct LayerNormBwdArgs {
   int64_t M = 0, N = 0;
   int64_t x_row_stride = 0, dy_row_stride = 0, dx_row_stride = 0;
   bool is_rms = false;
+  // Per-example mode (layer_norm_bwd_pe) when > 0: an example is rows_per_example consecutive
+  // rows (M a multiple of it); dweight_sq / dbias_sq [M / rows_per_example] fp32 get each
+  // example's squared norm of its dW / dB contribution (null: not wanted). dx, dweight and dbias
+  // are bitwise those of the plain mode.
+  int64_t rows_per_example = 0;
+  float* dweight_sq = nullptr;
+  float* dbias_sq = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 };
@@ -100,6 +107,10 @@ struct GroupNormBwdArgs {
   int64_t N = 0, C = 0, HW = 0, G = 1;
   bool channels_last = false;
   Activation activation = Activation::kNone;
+  // group_norm_bwd_pe: [N] fp32 per-sample squared norms of the dweight / dbias contributions
+  // (null: not wanted); dx, dweight and dbias are unchanged by them.
+  float* dweight_sq = nullptr;
+  float* dbias_sq = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 };

@@ -172,8 +172,30 @@ struct Workspace {
 
 // ---- LayerNorm / RMSNorm ----------------------------------------------------------------------
 
+// Per-example squared norms of the dW / dB contributions (rows_per_example consecutive rows an
+// example), summed over the example's rows before squaring, in double.
+void per_example_sq(const std::vector<double>& dy, const std::vector<double>& x,
+                    const std::vector<double>& mean, const std::vector<double>& rstd, int64_t M,
+                    int64_t N, int64_t rpe, std::vector<double>* dw_sq,
+                    std::vector<double>* db_sq) {
+  dw_sq->assign(M / rpe, 0.0);
+  db_sq->assign(M / rpe, 0.0);
+  for (int64_t e = 0; e < M / rpe; ++e)
+    for (int64_t i = 0; i < N; ++i) {
+      double w = 0, b = 0;
+      for (int64_t r = e * rpe; r < (e + 1) * rpe; ++r) {
+        w += dy[r * N + i] * (x[r * N + i] - mean[r]) * rstd[r];
+        b += dy[r * N + i];
+      }
+      (*dw_sq)[e] += w * w;
+      (*db_sq)[e] += b * b;
+    }
+}
+
+// rpe > 0: also the per-example mode (LayerNormBwdArgs::rows_per_example), whose dx / dW / dB
+// must be bitwise the plain mode's and whose squared norms must match per_example_sq.
 void test_layer_norm(const HostType& t, const HostType& pt, int64_t M, int64_t N, bool rms,
-                     bool has_w, bool has_b, int offset) {
+                     bool has_w, bool has_b, int offset, int64_t rpe = 0) {
   has_b = has_b && !rms;
   const double eps = 1e-5;
   std::vector<double> x = random_values(t, M * N, 2.0, rms ? 0.0 : 3.0);
@@ -269,10 +291,45 @@ void test_layer_norm(const HostType& t, const HostType& pt, int64_t M, int64_t N
   ok &= close("dx", dx_buf.download(), dx, t.atol * 2, t.rtol * 2, &msg);
   if (has_w) ok &= close("dw", dw_buf.download(), dw, sum_tol, pt.rtol * 2, &msg);
   if (has_b) ok &= close("db", db_buf.download(), db, sum_tol, pt.rtol * 2, &msg);
+  if (rpe > 0) {
+    Buf pdx(t, M * N), pdw(pt, N), pdb(pt, N), dw_sq(kF32, M / rpe), db_sq(kF32, M / rpe);
+    LayerNormBwdArgs p = g;
+    p.dx = pdx.ptr;
+    p.dweight = has_w ? pdw.ptr : nullptr;
+    p.dbias = has_b ? pdb.ptr : nullptr;
+    p.rows_per_example = rpe;
+    p.dweight_sq = has_w ? static_cast<float*>(dw_sq.ptr) : nullptr;
+    p.dbias_sq = has_b ? static_cast<float*>(db_sq.ptr) : nullptr;
+    Workspace pws(layer_norm_bwd_workspace_bytes(p));
+    p.workspace = pws.ptr;
+    p.workspace_bytes = pws.bytes;
+    std::vector<char> sq_first[2];
+    for (int rep = 0; rep < 2; ++rep) {
+      CUDA_OK(launch_layer_norm_bwd(p, nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      if (rep == 0) {
+        sq_first[0] = dw_sq.raw(), sq_first[1] = db_sq.raw();
+      } else if (sq_first[0] != dw_sq.raw() || sq_first[1] != db_sq.raw()) {
+        ok = false;
+        msg += " per-example not deterministic;";
+      }
+    }
+    if (pdx.raw() != dx_buf.raw() || (has_w && pdw.raw() != dw_buf.raw()) ||
+        (has_b && pdb.raw() != db_buf.raw())) {
+      ok = false;
+      msg += " per-example dx/dw/db differ from the plain mode;";
+    }
+    std::vector<double> rw, rb;
+    per_example_sq(dy, x, mean, rstd, M, N, rpe, &rw, &rb);
+    const double sq_atol = 1e-5 * double(N * rpe);
+    if (has_w) ok &= close("dw_sq", dw_sq.download(), rw, sq_atol, 2e-3, &msg);
+    if (has_b) ok &= close("db_sq", db_sq.download(), rb, sq_atol, 2e-3, &msg);
+  }
   char name[160];
-  std::snprintf(name, sizeof name, "%s %s/%s M=%lld N=%lld w=%d b=%d offset=%d",
+  std::snprintf(name, sizeof name, "%s %s/%s M=%lld N=%lld w=%d b=%d offset=%d%s",
                 rms ? "rms_norm" : "layer_norm", t.name, pt.name, (long long)M, (long long)N,
-                int(has_w), int(has_b), offset);
+                int(has_w), int(has_b), offset,
+                rpe > 0 ? (" rows_per_example=" + std::to_string(rpe)).c_str() : "");
   report(name, ok, msg);
 }
 
@@ -291,6 +348,7 @@ void test_group_norm(const HostType& t, const HostType& pt, int64_t N, int64_t C
   std::vector<double> x = random_values(t, total, 2.0, 5.0), dy = random_values(t, total, 1, 0);
   std::vector<double> w = random_values(pt, C, 0.5, 1.0), b = random_values(pt, C, 0.5, 0.0);
   std::vector<double> y(total), dx(total), mean(N * G), rstd(N * G), dw(C, 0.0), db(C, 0.0);
+  std::vector<double> dw_n(C), db_n(C), dw_sq(N, 0.0), db_sq(N, 0.0);  // per-sample norms
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g) {
       double m = 0, v = 0;
@@ -322,13 +380,18 @@ void test_group_norm(const HostType& t, const HostType& pt, int64_t N, int64_t C
       c2 /= cnt;
       for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
         const double wc = affine ? w[c] : 1.0, bc = affine ? b[c] : 0.0;
+        dw_n[c] = db_n[c] = 0.0;
         for (int64_t s = 0; s < HW; ++s) {
           const int64_t i = at(cl, C, HW, n, c, s);
           const double xh = (x[i] - m) * r, z = xh * wc + bc;
           const double sg = 1.0 / (1.0 + std::exp(-z));
           const double dz = act ? dy[i] * (sg + z * sg * (1 - sg)) : dy[i];
           dx[i] = r * (wc * dz - (xh * c1 + c2));
+          dw_n[c] += dz * xh;
+          db_n[c] += dz;
         }
+        dw_sq[n] += dw_n[c] * dw_n[c];
+        db_sq[n] += db_n[c] * db_n[c];
       }
     }
   Buf x_buf(t, total), dy_buf(t, total), y_buf(t, total), dx_buf(t, total);
@@ -392,6 +455,24 @@ void test_group_norm(const HostType& t, const HostType& pt, int64_t N, int64_t C
   }
   ok &= close("dw", dw_buf.download(), dw, sum_tol, pt.rtol * 2, &msg);
   ok &= close("db", db_buf.download(), db, sum_tol, pt.rtol * 2, &msg);
+  {  // per-sample norms (group_norm_bwd_pe): dx / dW / dB bitwise the plain ones
+    Buf pdx(t, total), pdw(pt, C), pdb(pt, C), pw_sq(kF32, N), pb_sq(kF32, N);
+    GroupNormBwdArgs p = g;
+    p.dx = pdx.ptr, p.dweight = pdw.ptr, p.dbias = pdb.ptr;
+    p.dweight_sq = static_cast<float*>(pw_sq.ptr);
+    p.dbias_sq = static_cast<float*>(pb_sq.ptr);
+    Workspace pws(group_norm_bwd_workspace_bytes(p));
+    p.workspace = pws.ptr, p.workspace_bytes = pws.bytes;
+    CUDA_OK(launch_group_norm_bwd(p, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    if (pdx.raw() != dx_buf.raw() || pdw.raw() != dw_buf.raw() || pdb.raw() != db_buf.raw()) {
+      ok = false;
+      msg += " per-sample dx/dw/db differ from the plain mode;";
+    }
+    const double sq_atol = 1e-5 * double(C * HW);
+    ok &= close("dw_sq", pw_sq.download(), dw_sq, sq_atol, 2e-3, &msg);
+    ok &= close("db_sq", pb_sq.download(), db_sq, sq_atol, 2e-3, &msg);
+  }
   char name[160];
   std::snprintf(name, sizeof name, "group_norm %s/%s N=%lld C=%lld HW=%lld G=%lld %s silu=%d affine=%d",
                 t.name, pt.name, (long long)N, (long long)C, (long long)HW, (long long)G,
@@ -597,6 +678,24 @@ int main(int argc, char** argv) {
       }
     }
     test_layer_norm(*t, *t, 0, 512, false, true, true, 0);  // empty batch: zero dW / dB
+  }
+
+  // Per-example mode: M = 48 rows (6 row slots of 8 on the register path): examples of 3 rows
+  // (inside a slot or crossing one boundary), 12 (always crossing), 48 (spanning every slot);
+  // warp / block register configurations, the cluster (8200, 40000 on sm_90) and fallback
+  // (odd N, misaligned) paths.
+  const int64_t pe_ns_quick[] = {256, 4096, 40000};
+  const int64_t pe_ns_full[] = {7, 256, 1000, 4096, 8192, 8200, 40000};
+  for (const HostType* t : types) {
+    for (int64_t n : quick ? std::vector<int64_t>(std::begin(pe_ns_quick), std::end(pe_ns_quick))
+                           : std::vector<int64_t>(std::begin(pe_ns_full), std::end(pe_ns_full))) {
+      for (int64_t rpe : {3, 12, 48}) {
+        test_layer_norm(*t, *t, 48, n, false, true, true, 0, rpe);
+        if (!quick) test_layer_norm(*t, *t, 48, n, true, true, false, 0, rpe);
+      }
+      if (!quick) test_layer_norm(*t, kF32, 48, n, false, true, true, 1, 12);  // misaligned
+    }
+    test_layer_norm(*t, *t, 0, 512, false, true, true, 0, 4);  // empty batch
   }
 
   // GroupNorm: NCHW and channels-last, SiLU, splits (small N*C with large HW).
