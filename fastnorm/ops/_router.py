@@ -35,6 +35,7 @@ from .. import reference as _reference
 KERNEL_SETS = ("reference", "triton", "cuda")
 OPS = ("layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_pe", "rms_norm_fwd", "rms_norm_bwd", "add_layer_norm_fwd",
        "add_layer_norm_bwd", "add_layer_norm_inplace", "group_norm_fwd", "group_norm_bwd",
+       "group_norm_bwd_pe",
        "batch_norm_stats", "batch_norm_apply", "batch_norm_backward_reduce",
        "batch_norm_backward_elemt", "batch_norm_fwd", "batch_norm_bwd",
        "batch_norm_stats_update", "batch_norm_train_apply")
