@@ -700,7 +700,6 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     dweight = column_sum(p1, weight.dtype) if has_weight else None
     dbias = column_sum(p2, bias.dtype) if has_bias else None
     if per_example:
-        empty = p1.new_empty(0)
-        return (dx, dweight, dbias, per_example_sq(p1, n) if has_weight else empty,
-                per_example_sq(p2, n) if has_bias else empty)
+        return (dx, dweight, dbias, per_example_sq(p1, n) if has_weight else p1.new_empty(0),
+                per_example_sq(p2, n) if has_bias else p2.new_empty(0))
     return dx, dweight, dbias
