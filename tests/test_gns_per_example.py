@@ -128,15 +128,30 @@ def _gn_per_sample_sq_norms(x, dy, w, bias, groups, activation):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("activation,affine", [("none", (True, True)), ("silu", (True, True)),
                                                ("silu", (True, False)), ("none", (False, True))])
-@pytest.mark.parametrize("split_size", [None, 4])
-def test_group_norm_per_example_sq_norms(backend, dtype, channels_last, activation, affine,
-                                         split_size):
-    """Against vmap(grad), NCHW and channels-last, the fused and the split Triton paths
-    (split_size forces splits of 4 spatial positions: 3 splits of 10); dx/dweight/dbias
-    bitwise those of group_norm_bwd."""
+def test_group_norm_per_example_sq_norms(backend, dtype, channels_last, activation, affine):
+    """Against vmap(grad), NCHW and channels-last (Triton: the fused path for NCHW);
+    dx/dweight/dbias bitwise those of group_norm_bwd."""
+    _check_group_norm_pe(dtype, channels_last, activation, affine, (3, 6, 10, 3), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation,affine", [("silu", (True, True)), ("none", (False, True))])
+def test_group_norm_per_example_split_path(triton_backend, dtype, channels_last, activation,
+                                           affine):
+    """The Triton split path with several splits per sample (spatial extent past one tile:
+    NCHW 2 splits of 4096, channels-last 5 of 1024)."""
     from fastnorm.triton import group_norm as _gn
 
-    n, c, s, groups = 3, 6, 10, 3
+    plan = _gn.GroupNormPlan.make(2, 4, 4100, dtype, channels_last, DEVICE, 1)
+    assert plan.num_splits > 1
+    _check_group_norm_pe(dtype, channels_last, activation, affine, (2, 4, 4100, 2), 1)
+
+
+def _check_group_norm_pe(dtype, channels_last, activation, affine, shape, split_size):
+    from fastnorm.triton import group_norm as _gn
+
+    n, c, s, groups = shape
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(n, c, s, generator=gen).to(DEVICE, dtype)
     dy = torch.randn(n, c, s, generator=gen).to(DEVICE, dtype)
@@ -148,8 +163,6 @@ def test_group_norm_per_example_sq_norms(backend, dtype, channels_last, activati
     if split_size is None:
         got = torch.ops.fastnorm.group_norm_bwd_pe(dy, x, w, b, mean, rstd, groups, activation)
         plain = torch.ops.fastnorm.group_norm_bwd(dy, x, w, b, mean, rstd, groups, activation)
-    elif backend != "triton":
-        pytest.skip("split_size is a Triton launcher argument")
     else:
         got = _gn.group_norm_bwd(dy, x, w, b, mean, rstd, groups, activation, split_size,
                                  per_example=True)
