@@ -132,8 +132,8 @@ def track(model: Any, loss_reduction: str = "mean", process_group: Any = None) -
     layers (those with trainable parameters) from their backward kernels: per-example squared
     gradient norms of their weights and biases come out of the same pass
     (fastnorm::layer_norm_bwd_pe / group_norm_bwd_pe). An example is the leading batch index of
-    the layer's input. Returns a handle (a context
-    manager; `close()` / leaving the block stops tracking):
+    the layer's input. Returns a handle (a context manager; `close()` / leaving the block
+    stops tracking):
 
         with fastnorm.gns.track(model) as gns:
             loss = loss_fn(model(x), target)        # loss_reduction="mean": mean over examples
@@ -149,7 +149,8 @@ def track(model: Any, loss_reduction: str = "mean", process_group: Any = None) -
     1/accumulation steps) must be undone by the caller. Works under torch.compile (the sums are
     the gradient of a small per-layer tensor, in the graph). Triton: rows up to 8192 features
     (4096 for fp64); the backward of longer rows raises NotImplementedError. BatchNorm is not
-    tracked (its per-example gradients are coupled through the batch statistics). The layers run fastnorm's kernels whatever backend is selected ("torch" included).
+    tracked (its per-example gradients are coupled through the batch statistics). The layers
+    run fastnorm's kernels whatever backend is selected ("torch" included).
     """
     from ._norm_gns import NormLayerGNS
 

@@ -13,9 +13,9 @@ other strides give contiguous results. group_norm_bwd_pe is group_norm_bwd (dx, 
 bitwise the same) that also returns each example's (index n's) squared dweight / dbias norm:
 [N] in the statistics dtype, empty where there is no weight / bias. group_norm_fwd_gns is
 group_norm_fwd whose backward runs group_norm_bwd_pe and returns the noise-scale sums as the
-gradient of `sink`, as fastnorm::layer_norm_fwd_gns does. activation is "none" or "silu". A gradient output whose
-parameter is absent comes back as an empty tensor (a custom op cannot return None). mean/rstd are
-(N, G) in fp32 (fp64 for fp64 x).
+gradient of `sink`, as fastnorm::layer_norm_fwd_gns does. activation is "none" or "silu". A
+gradient output whose parameter is absent comes back as an empty tensor (a custom op cannot
+return None). mean/rstd are (N, G) in fp32 (fp64 for fp64 x).
 """
 from __future__ import annotations
 
