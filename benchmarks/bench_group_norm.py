@@ -10,6 +10,10 @@ selected once around the timing, not inside the timed call.
 
     python benchmarks/bench_group_norm.py [--quick] [--out DIR] [--providers torch,liger]
 
+Provider fastnorm-triton-gns (bwd mode only): the backward with fastnorm.gns.track's
+per-example squared dW/dB norms (fastnorm::group_norm_bwd_pe), against fastnorm-triton's bwd
+for its overhead.
+
 --quick (the default on a CPU) uses tiny shapes. On a CPU the default providers are torch, plus
 fastnorm-triton under TRITON_INTERPRET=1; --providers overrides.
 """
@@ -84,6 +88,25 @@ def _compile_case(run: _harness.Run, shape: tuple[int, ...], dtype: torch.dtype)
     return run.quick or (shape == SHAPES[0][0] and dtype == torch.bfloat16)
 
 
+# The backward with per-example squared dW/dB norms on (fastnorm.gns.track's mode:
+# fastnorm::group_norm_bwd_pe; an example is a sample n), bwd mode only.
+GNS_PROVIDER = "fastnorm-triton-gns"
+
+
+def _bench_gns_bwd(run: _harness.Run, x, groups, w, b, dy, activation, case, layout,
+                   elem_bytes) -> None:
+    sink = torch.zeros(4, device=x.device, requires_grad=True)
+    xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+
+    def fn():
+        return fastnorm.functional._group_norm_with_gns(xg, groups, wg, bg, 1e-5, activation,
+                                                        sink)
+    _harness.run_case(run, mode="bwd", ideal_bytes=3 * elem_bytes,
+                      fn=_harness.backward_only(fn, dy), grad_to_none=[xg, wg, bg, sink],
+                      op="group_norm", case=case, provider=GNS_PROVIDER, dtype=x.dtype,
+                      layout=layout, backend="triton")
+
+
 def main(argv: Optional[list[str]] = None) -> _harness.Run:
     args = _harness.parser(__doc__.splitlines()[0]).parse_args(argv)
     run = _harness.start(args)
@@ -124,6 +147,10 @@ def main(argv: Optional[list[str]] = None) -> _harness.Run:
                             fn=_harness.backward_only(
                                 lambda gn=gn: gn(xg, groups, wg, bg, activation), dy),
                             grad_to_none=[xg, wg, bg], **common)
+                    if "triton" in fastnorm.available_backends() and \
+                            _harness.wanted(args, GNS_PROVIDER):
+                        _bench_gns_bwd(run, x, groups, w, b, dy, activation, case, layout,
+                                       elem_bytes)
                 del x, dy
                 # Results so far, in case the GPU check's time limit stops the script early.
                 _harness.write_results(run, args.out, "group_norm")

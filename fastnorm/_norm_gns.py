@@ -1,8 +1,9 @@
 """fastnorm.gns.track: the gradient noise scale measured from the norm layers' backward.
 
-Each tracked fastnorm LayerNorm/RMSNorm gets a small fp32 "sink" tensor [4] that its forward
-passes to fastnorm::layer_norm_fwd_gns; that op's backward (layer_norm_bwd_pe: per-example
-squared dW/dB norms from the same kernel pass) returns the layer's sums as the sink's gradient,
+Each tracked fastnorm LayerNorm/RMSNorm/GroupNorm gets a small fp32 "sink" tensor [4] that its
+forward passes to fastnorm::layer_norm_fwd_gns / group_norm_fwd_gns; that op's backward
+(layer_norm_bwd_pe / group_norm_bwd_pe: per-example squared dW/dB norms from the same kernel
+pass) returns the layer's sums as the sink's gradient,
 which autograd accumulates in sink.grad. Everything stays in the autograd graph (no hooks, no
 side effects), so torch.compile(fullgraph=True) keeps one graph.
 """
@@ -50,11 +51,11 @@ class NormLayerGNS:
         self.loss_reduction = loss_reduction
         self.process_group = process_group
         self.layers = [m for m in model.modules()
-                       if isinstance(m, (fnn.LayerNorm, fnn.RMSNorm))
+                       if isinstance(m, (fnn.LayerNorm, fnn.RMSNorm, fnn.GroupNorm))
                        and any(p.requires_grad for p in m.parameters(recurse=False))]
         if not self.layers:
             raise ValueError("fastnorm.gns.track: the model has no fastnorm.nn.LayerNorm / "
-                             "RMSNorm with trainable parameters (convert it with "
+                             "RMSNorm / GroupNorm with trainable parameters (convert it with "
                              "fastnorm.convert first)")
         for m in self.layers:
             if getattr(m, _ATTR, None) is not None:

@@ -327,6 +327,33 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if activation == "silu" else y
+    num_groups = _check_group_norm(input, num_groups, weight, bias)
+    if _backend.resolve(input, "group_norm") == "torch":
+        y = F.group_norm(input, num_groups, weight, bias, eps)
+        return F.silu(y) if activation == "silu" else y
+    # (N, C, HW) is a view for NCHW and channels-last inputs alike; the op handles both layouts.
+    y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
+        channel_view(input), _flat(weight), _flat(bias), int(num_groups), float(eps),
+        group_norm_activation(activation))
+    return y.view(input.shape)
+
+
+def _group_norm_with_gns(input: Tensor, num_groups: int, weight: Optional[Tensor],
+                         bias: Optional[Tensor], eps: float, activation: Optional[str],
+                         sink: Tensor) -> Tensor:
+    """group_norm whose backward also accumulates the norm-layer noise-scale sums into
+    `sink.grad` (fastnorm::group_norm_fwd_gns; used by fastnorm.gns.track). An example is the
+    batch index n."""
+    num_groups = _check_group_norm(input, num_groups, weight, bias)
+    y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd_gns(
+        channel_view(input), _flat(weight), _flat(bias), sink, int(num_groups), float(eps),
+        group_norm_activation(activation))
+    return y.view(input.shape)
+
+
+def _check_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor],
+                      bias: Optional[Tensor]) -> int:
+    """torch's argument checks of group_norm; num_groups as an int."""
     _check_float_input("group_norm", input)
     num_groups = _as_int("group_norm", "num_groups", 2, num_groups)
     if input.dim() < 2:
@@ -346,14 +373,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                                f"{list(param.shape)} and input of shape {list(input.shape)}")
         _check_param("group_norm", what, param, input, (c,), "num_channels")
     _check_dtypes("group_norm", input, {"weight": weight, "bias": bias}, True)
-    if _backend.resolve(input, "group_norm") == "torch":
-        y = F.group_norm(input, num_groups, weight, bias, eps)
-        return F.silu(y) if activation == "silu" else y
-    # (N, C, HW) is a view for NCHW and channels-last inputs alike; the op handles both layouts.
-    y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
-        channel_view(input), _flat(weight), _flat(bias), int(num_groups), float(eps),
-        group_norm_activation(activation))
-    return y.view(input.shape)
+    return num_groups
 
 
 # --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------

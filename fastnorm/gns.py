@@ -19,7 +19,7 @@ too high on a problem with a known answer) and clamped only when read.
 GNSEstimator is pure math on Python floats: no torch.distributed, no tensors held. Where the two
 norms come from (a DDP communication hook, micro-batch gradients, norm layers) is the caller's
 business; `track(model)` is one source: the per-example gradient norms of the model's fastnorm
-LayerNorm/RMSNorm weights and biases, from their backward kernels.
+LayerNorm/RMSNorm/GroupNorm weights and biases, from their backward kernels.
 """
 from __future__ import annotations
 
@@ -128,11 +128,12 @@ class GNSEstimator:
 
 
 def track(model: Any, loss_reduction: str = "mean", process_group: Any = None) -> Any:
-    """Measure the gradient noise scale of `model`'s fastnorm LayerNorm / RMSNorm layers (those
-    with trainable parameters) from their backward kernels: per-example squared gradient norms
-    of their weights and biases come out of the same pass (fastnorm::layer_norm_bwd_pe). An
-    example is the leading batch index of the layer's input. Returns a handle (a context
-    manager; `close()` / leaving the block stops tracking):
+    """Measure the gradient noise scale of `model`'s fastnorm LayerNorm / RMSNorm / GroupNorm
+    layers (those with trainable parameters) from their backward kernels: per-example squared
+    gradient norms of their weights and biases come out of the same pass
+    (fastnorm::layer_norm_bwd_pe / group_norm_bwd_pe). An example is the leading batch index of
+    the layer's input. Returns a handle (a context manager; `close()` / leaving the block
+    stops tracking):
 
         with fastnorm.gns.track(model) as gns:
             loss = loss_fn(model(x), target)        # loss_reduction="mean": mean over examples
@@ -147,8 +148,9 @@ def track(model: Any, loss_reduction: str = "mean", process_group: Any = None) -
     batch's examples (or tokens), "sum" if it is their sum; any other scaling of the loss (e.g.
     1/accumulation steps) must be undone by the caller. Works under torch.compile (the sums are
     the gradient of a small per-layer tensor, in the graph). Triton: rows up to 8192 features
-    (4096 for fp64); the backward of longer rows raises NotImplementedError. GroupNorm is not
-    tracked. The layers run fastnorm's kernels whatever backend is selected ("torch" included).
+    (4096 for fp64); the backward of longer rows raises NotImplementedError. BatchNorm is not
+    tracked (its per-example gradients are coupled through the batch statistics). The layers
+    run fastnorm's kernels whatever backend is selected ("torch" included).
     """
     from ._norm_gns import NormLayerGNS
 

@@ -157,6 +157,10 @@ class GroupNorm(nn.GroupNorm):
                 if activation == "silu":
                     y = F.silu(y)
             return y
+        sink = getattr(self, "_fastnorm_gns_sink", None)  # set by fastnorm.gns.track
+        if sink is not None and torch.is_grad_enabled():
+            return F_fast._group_norm_with_gns(input, self.num_groups, self.weight, self.bias,
+                                               self.eps, self.activation, sink)
         return F_fast.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                                  activation=self.activation)
 

@@ -254,6 +254,30 @@ def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
     return dx, param_grad(dw, weight, x), param_grad(db, bias, x)
 
 
+def group_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor, num_groups: int, activation: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The plain backward plus each example's (index n's) squared dW / dB norms, from the
+    per-example sums of dz * x_hat and dz in the statistics dtype."""
+    dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation)
+    x = canonical(x)
+    n = x.shape[0]
+    dw_sq, db_sq = x.new_empty(0, dtype=mean.dtype), x.new_empty(0, dtype=mean.dtype)
+    if x.numel() == 0:
+        zeros = x.new_zeros(n, dtype=mean.dtype)
+        return (dx, dw, db, zeros if weight is not None else dw_sq,
+                zeros.clone() if bias is not None else db_sq)
+    x_hat = _group_x_hat(x, mean, rstd, num_groups)
+    dz = dy.to(mean.dtype)
+    if activation == "silu":
+        dz = dz * _silu_grad(_affine(x_hat, weight, bias))
+    if weight is not None:
+        dw_sq = (dz * x_hat).sum(2).square().sum(1)
+    if bias is not None:
+        db_sq = dz.sum(2).square().sum(1)
+    return dx, dw, db, dw_sq, db_sq
+
+
 # --- BatchNorm on (N, C, S) --------------------------------------------------------------------
 
 def _bcast(t: Tensor) -> Tensor:

@@ -102,3 +102,90 @@ def test_long_rows_and_bad_rows_per_example_raise(triton_backend):
     s = torch.ones(6, device=DEVICE)
     with pytest.raises(RuntimeError, match="rows_per_example"):
         torch.ops.fastnorm.layer_norm_bwd_pe(y, y, None, None, s, s, False, 4)
+
+
+# --- GroupNorm (fastnorm::group_norm_bwd_pe) ---------------------------------------------------
+
+def _gn_per_sample_sq_norms(x, dy, w, bias, groups, activation):
+    """|d<y_n, dy_n>/dw|^2 and /db per example n (vmap(grad)) in the statistics dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa, dya = x.to(acc), dy.to(acc)
+    # An absent weight / bias as ones / zeros, not differentiated (vmap of torch's
+    # group_norm without a weight fails in its backward).
+    wa = torch.ones(x.shape[1], dtype=acc, device=x.device) if w is None else w.to(acc)
+    ba = torch.zeros(x.shape[1], dtype=acc, device=x.device) if bias is None else bias.to(acc)
+
+    def loss(w_, b_, x_n, dy_n):
+        y = F.group_norm(x_n[None], groups, w_, b_, 1e-5)
+        return ((F.silu(y) if activation == "silu" else y) * dy_n[None]).sum()
+
+    argnums = tuple(i for i, p in ((0, w), (1, bias)) if p is not None)
+    grads = vmap(grad(loss, argnums=argnums), in_dims=(None, None, 0, 0))(wa, ba, xa, dya)
+    return iter(g.square().sum(1) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation,affine", [("none", (True, True)), ("silu", (True, True)),
+                                               ("silu", (True, False)), ("none", (False, True))])
+def test_group_norm_per_example_sq_norms(backend, dtype, channels_last, activation, affine):
+    """Against vmap(grad), NCHW and channels-last (Triton: the fused path for NCHW);
+    dx/dweight/dbias bitwise those of group_norm_bwd."""
+    _check_group_norm_pe(dtype, channels_last, activation, affine, (3, 6, 10, 3), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation,affine", [("silu", (True, True)), ("none", (False, True))])
+def test_group_norm_per_example_split_path(triton_backend, dtype, channels_last, activation,
+                                           affine):
+    """The Triton split path with several splits per sample (spatial extent past one tile:
+    NCHW 2 splits of 4096, channels-last 5 of 1024)."""
+    from fastnorm.triton import group_norm as _gn
+
+    plan = _gn.GroupNormPlan.make(2, 4, 4100, dtype, channels_last, DEVICE, 1)
+    assert plan.num_splits > 1
+    _check_group_norm_pe(dtype, channels_last, activation, affine, (2, 4, 4100, 2), 1)
+
+
+def _check_group_norm_pe(dtype, channels_last, activation, affine, shape, split_size):
+    from fastnorm.triton import group_norm as _gn
+
+    n, c, s, groups = shape
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(n, c, s, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(n, c, s, generator=gen).to(DEVICE, dtype)
+    w = (1 + 0.5 * torch.randn(c, generator=gen)).to(DEVICE, dtype) if affine[0] else None
+    b = torch.randn(c, generator=gen).to(DEVICE, dtype) if affine[1] else None
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    _y, mean, rstd = ref.group_norm_fwd(x, w, b, groups, 1e-5, activation)
+    if split_size is None:
+        got = torch.ops.fastnorm.group_norm_bwd_pe(dy, x, w, b, mean, rstd, groups, activation)
+        plain = torch.ops.fastnorm.group_norm_bwd(dy, x, w, b, mean, rstd, groups, activation)
+    else:
+        got = _gn.group_norm_bwd(dy, x, w, b, mean, rstd, groups, activation, split_size,
+                                 per_example=True)
+        plain = _gn.group_norm_bwd(dy, x, w, b, mean, rstd, groups, activation, split_size)
+    want = _gn_per_sample_sq_norms(x, dy, w, b, groups, activation)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    for present, sq in ((w is not None, got[3]), (b is not None, got[4])):
+        assert sq.dtype == stats
+        if present:
+            torch.testing.assert_close(sq, next(want), **TOL[dtype])
+        else:
+            assert sq.numel() == 0
+    for a, p in zip(got[:3], plain):
+        assert (a is None and (p is None or p.numel() == 0)) or torch.equal(a, p)
+
+
+def test_group_norm_per_example_empty_and_errors(backend):
+    x = torch.randn(0, 4, 3, device=DEVICE)
+    stats = torch.empty(0, 2, device=DEVICE)
+    w = torch.ones(4, device=DEVICE)
+    out = torch.ops.fastnorm.group_norm_bwd_pe(x, x, w, None, stats, stats, 2, "none")
+    assert out[3].shape == (0,) and out[4].numel() == 0
+    y = torch.randn(2, 4, 3, device=DEVICE)
+    s = torch.ones(2, 2, device=DEVICE)
+    with pytest.raises(RuntimeError, match="divisible"):
+        torch.ops.fastnorm.group_norm_bwd_pe(y, y, None, None, s, s, 3, "none")

@@ -176,3 +176,72 @@ def test_track_reduces_over_two_ranks(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_gns_worker, args=(2, port), nprocs=2, join=True)
+
+
+class ConvNet(nn.Module):
+    """GroupNorm (with SiLU, and without bias) and LayerNorm in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm_gn = fastnorm.nn.GroupNorm(3, 6, activation="silu")
+        self.norm_gn2 = fastnorm.nn.GroupNorm(2, 6, bias=False)
+        self.norm_ln = fastnorm.nn.LayerNorm(5)
+
+    def forward(self, x):
+        return self.norm_ln(self.norm_gn2(self.norm_gn(self.conv(x))))
+
+
+@pytest.mark.parametrize("compiled,channels_last", [(False, False), (False, True), (True, False)])
+def test_track_group_norm_matches_per_sample_grads(backend, compiled, channels_last):
+    torch.manual_seed(0)
+    model = ConvNet().to(DEVICE)
+    x = torch.randn(4, 3, 4, 5, device=DEVICE)
+    target = torch.randn(4, 6, 4, 5, device=DEVICE)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    want_small, want_big = _want(model, x, target)
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    with track(model) as gns:
+        assert len(gns.layers) == 3
+        model.zero_grad()
+        _loss(run(x), target).backward()
+        m = gns.measure()
+    assert (m.small_batch, m.big_batch, m.examples) == (1, 4, 4)
+    assert m.small_sq_norm == pytest.approx(want_small, rel=1e-4)
+    assert m.big_sq_norm == pytest.approx(want_big, rel=1e-4)
+
+
+def test_track_group_norm_bitwise_unchanged_and_not_batch_norm(triton_backend):
+    torch.manual_seed(1)
+    model = nn.Sequential(ConvNet(), fastnorm.nn.BatchNorm2d(6)).to(DEVICE)
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    results = []
+    for on in (False, True):
+        model.zero_grad()
+        if on:
+            gns = track(model)
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in gns.layers)
+        out = model(x)
+        out.square().sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+        if on:
+            gns.close()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_group_norm_fwd_gns_and_bad_sink(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g).to(DEVICE, torch.float64)
+    w = torch.randn(4, generator=g).to(DEVICE, torch.float64).requires_grad_()
+    b = torch.randn(4, generator=g).to(DEVICE, torch.float64).requires_grad_()
+    sink = torch.zeros(4, device=DEVICE, requires_grad=True)
+    for xs in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+        for act in ("none", "silu"):
+            torch.library.opcheck(torch.ops.fastnorm.group_norm_fwd_gns.default,
+                                  (xs.clone().requires_grad_(), w, b, sink, 2, 1e-5, act))
+    with pytest.raises(RuntimeError, match="sink"):
+        torch.ops.fastnorm.group_norm_fwd_gns(x, w, b, torch.zeros(3, device=DEVICE), 2, 1e-5,
+                                              "none")

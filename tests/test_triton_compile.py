@@ -165,6 +165,10 @@ def _gn_specs():
         for has_weight in (True, False):
             specs.append(("group_norm", "_group_norm_bwd_combine_kernel", bwd_combine_sig,
                           {"HAS_WEIGHT": has_weight, "ACC": acc, "BLOCK_K": 64}, 4))
+        if dt in ("fp32", "fp64"):  # per_example_sq (fastnorm::group_norm_bwd_pe)
+            specs.append(("group_norm", "_group_norm_pe_sq_kernel",
+                          {"P": f"*{stat}", "Out": f"*{stat}", "C": "i32", "num_splits": "i32"},
+                          {"ACC": acc, "BLOCK_C": 1024}, 4))
         if dt in ("fp32", "bf16"):
             # At run time Triton turns int arguments equal to 1 into constants (G=C, HW=1, one
             # split): every kernel must still build with them.

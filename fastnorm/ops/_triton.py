@@ -77,6 +77,12 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation):
     return dx, empty_if_none(dw, x), empty_if_none(db, x)
 
 
+def group_norm_bwd_pe(dy, x, weight, bias, mean, rstd, num_groups, activation):
+    dx, dw, db, dw_sq, db_sq = _gn.group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups,
+                                                  activation, per_example=True)
+    return dx, empty_if_none(dw, x), empty_if_none(db, x), dw_sq, db_sq
+
+
 # --- BatchNorm ---------------------------------------------------------------------------------
 
 def batch_norm_stats(x):

@@ -3,11 +3,19 @@
 fastnorm::group_norm_fwd(x, weight?, bias?, num_groups, eps, activation) -> (y, mean, rstd)
 fastnorm::group_norm_bwd(dy, x, weight?, bias?, mean, rstd, num_groups, activation)
     -> (dx, dweight, dbias)
+fastnorm::group_norm_bwd_pe(dy, x, weight?, bias?, mean, rstd, num_groups, activation)
+    -> (dx, dweight, dbias, dweight_sq, dbias_sq)
+fastnorm::group_norm_fwd_gns(x, weight?, bias?, sink, num_groups, eps, activation)
+    -> (y, mean, rstd)
 
 x is NCHW-contiguous or channels-last ((N, HW, C) in memory); y and dx keep that layout, any
-other strides give contiguous results. activation is "none" or "silu". A gradient output whose
-parameter is absent comes back as an empty tensor (a custom op cannot return None). mean/rstd are
-(N, G) in fp32 (fp64 for fp64 x).
+other strides give contiguous results. group_norm_bwd_pe is group_norm_bwd (dx, dweight, dbias
+bitwise the same) that also returns each example's (index n's) squared dweight / dbias norm:
+[N] in the statistics dtype, empty where there is no weight / bias. group_norm_fwd_gns is
+group_norm_fwd whose backward runs group_norm_bwd_pe and returns the noise-scale sums as the
+gradient of `sink`, as fastnorm::layer_norm_fwd_gns does. activation is "none" or "silu". A
+gradient output whose parameter is absent comes back as an empty tensor (a custom op cannot
+return None). mean/rstd are (N, G) in fp32 (fp64 for fp64 x).
 """
 from __future__ import annotations
 
@@ -108,3 +116,92 @@ def _group_norm_backward(ctx, dy, _dmean, _drstd):
 
 group_norm_fwd.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
 register_fp32_autocast(group_norm_fwd)
+
+
+# --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
+
+def _check_pe(dy, x, weight, bias, mean, rstd, num_groups, activation) -> None:
+    op = "group_norm_bwd_pe"
+    _check(op, x, weight, bias, num_groups, activation)
+    _checks.like(op, "dy", dy, x)
+    _checks.stats(op, "mean", mean, (x.shape[0], num_groups), x)
+    _checks.stats(op, "rstd", rstd, (x.shape[0], num_groups), x)
+
+
+@torch.library.custom_op("fastnorm::group_norm_bwd_pe", mutates_args=())
+def group_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor, num_groups: int, activation: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_pe(dy, x, weight, bias, mean, rstd, num_groups, activation)
+    x = canonical(x)
+    return kernel("group_norm_bwd_pe", x)(dy, x, weight, bias, mean, rstd, num_groups,
+                                          activation)
+
+
+@group_norm_bwd_pe.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups, activation):
+    _check_pe(dy, x, weight, bias, mean, rstd, num_groups, activation)
+    stats = stats_dtype(x.dtype)
+    n = x.shape[0]
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
+    return (_output_like(x), dw, db, x.new_empty(0 if weight is None else n, dtype=stats),
+            x.new_empty(0 if bias is None else n, dtype=stats))
+
+
+def _check_gns_fwd(x, weight, bias, sink, num_groups, activation) -> None:
+    op = "group_norm_fwd_gns"
+    _check(op, x, weight, bias, num_groups, activation)
+    _checks.check(sink.shape == (4,) and sink.dtype == torch.float32, op,
+                  f"expected sink of shape (4,) and dtype float32, got {tuple(sink.shape)} "
+                  f"{sink.dtype}")
+
+
+@torch.library.custom_op("fastnorm::group_norm_fwd_gns", mutates_args=())
+def group_norm_fwd_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], sink: Tensor,
+                       num_groups: int, eps: float, activation: str
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_gns_fwd(x, weight, bias, sink, num_groups, activation)
+    x = canonical(x)
+    return kernel("group_norm_fwd", x)(x, weight, bias, num_groups, eps, activation)
+
+
+@group_norm_fwd_gns.register_fake
+def _(x, weight, bias, sink, num_groups, eps, activation):
+    _check_gns_fwd(x, weight, bias, sink, num_groups, activation)
+    stats = stats_dtype(x.dtype)
+    n = x.shape[0]
+    return (_output_like(x), x.new_empty((n, num_groups), dtype=stats),
+            x.new_empty((n, num_groups), dtype=stats))
+
+
+def _gns_setup_context(ctx, inputs, output):
+    x, weight, bias, _sink, num_groups, eps, activation = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
+
+
+def _gns_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, no sums
+        def forward(x, w, b):
+            y = F.group_norm(x, ctx.num_groups, w, b, ctx.eps)
+            return F.silu(y) if ctx.activation == "silu" else y
+        return (*torch_grads(forward, (x, weight, bias), need[:3], dy), None, None, None, None)
+    dx, dw, db, dw_sq, db_sq = group_norm_bwd_pe(dy, x, weight, bias, mean, rstd,
+                                                 ctx.num_groups, ctx.activation)
+    f32 = torch.float32
+    per_example = dw_sq.to(f32).sum() + db_sq.to(f32).sum()
+    batch = dw.to(f32).square().sum() + db.to(f32).square().sum()
+    counts = torch.tensor([x.shape[0], 1], dtype=f32, device=x.device)
+    dsink = torch.cat([torch.stack([per_example, batch]), counts])
+    return (dx if need[0] else None,
+            dw if weight is not None and need[1] else None,
+            db if bias is not None and need[2] else None,
+            dsink if need[3] else None, None, None, None)
+
+
+group_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)
+register_fp32_autocast(group_norm_fwd_gns)

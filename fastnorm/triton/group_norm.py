@@ -425,6 +425,33 @@ def _group_norm_bwd_fused_kernel(X, DY, DX, W, B, Mean, Rstd, P1, P2, C, HW, G, 
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_norm_pe_sq_kernel(P, Out, C, num_splits, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out[n] = sum_c (sum_split P[n, split, c])^2: example n's squared dweight (P = P1) or
+    dbias (P = P2) norm, from the backward's partials, in a fixed order (no atomics)."""
+    n = tl.program_id(0)
+    row0 = n.to(tl.int64) * num_splits
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = cols < C
+        g = tl.zeros([BLOCK_C], dtype=ACC)
+        for sp in range(0, num_splits):
+            g += tl.load(P + (row0 + sp) * C + cols, mask=mask, other=0.0)
+        total += g * g
+    tl.store(Out + n, tl.sum(total, axis=0))
+
+
+def per_example_sq(partial: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] squared norms of the per-example sums of `partial` ([n * splits, C], example-major)."""
+    out = torch.empty(n, dtype=partial.dtype, device=partial.device)
+    c = partial.shape[1]
+    _group_norm_pe_sq_kernel[(n,)](partial, out, c, partial.shape[0] // n,
+                                   ACC=tl_acc_dtype(partial.dtype),
+                                   BLOCK_C=min(1024, triton.next_power_of_2(c)), num_warps=4)
+    return out
+
+
 # --- launch planning ---------------------------------------------------------------------------
 
 def samples_per_chunk(n: int, sample_bytes: int, device: torch.device) -> int:
@@ -670,11 +697,14 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                    bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-                   num_groups: int, activation: str = "none", split_size: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                   num_groups: int, activation: str = "none", split_size: int | None = None,
+                   per_example: bool = False) -> tuple[torch.Tensor | None, ...]:
     """dx (in x's layout), dweight, dbias (None where there is no weight / bias) for x and dy of
     shape (N, C, HW). bias is read for the SiLU backward; dbias comes back in bias's dtype.
-    `split_size` forces the split path, as in group_norm_fwd."""
+    `split_size` forces the split path, as in group_norm_fwd. per_example=True also returns
+    dweight_sq, dbias_sq: [N] squared norms of each sample's dweight / dbias, in the stats
+    dtype (empty where there is no weight / bias), reduced from the same partials (dx,
+    dweight, dbias unchanged, bitwise)."""
     _check_activation(activation)
     x = canonical(x)
     n, c, hw = x.shape
@@ -688,6 +718,9 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     if n == 0 or c == 0 or hw == 0:
         dweight = torch.zeros_like(weight) if has_weight else None
         dbias = torch.zeros_like(bias) if has_bias else None
+        if per_example:
+            sq = [x.new_zeros(n if p else 0, dtype=partial_dtype) for p in (has_weight, has_bias)]
+            return dx, dweight, dbias, *sq
         return dx, dweight, dbias
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=activation,
                  ACC=tl_acc_dtype(x.dtype))
@@ -733,4 +766,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
                 BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
     dweight = column_sum(p1, weight.dtype) if has_weight else None
     dbias = column_sum(p2, bias.dtype) if has_bias else None
+    if per_example:
+        return (dx, dweight, dbias, per_example_sq(p1, n) if has_weight else p1.new_empty(0),
+                per_example_sq(p2, n) if has_bias else p2.new_empty(0))
     return dx, dweight, dbias
