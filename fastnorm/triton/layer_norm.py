@@ -27,7 +27,9 @@ bitwise repeatable, no atomics. Paths, by N:
   the traffic. (A 16384-wide tile spilled on sm_90 at 16 and at 32 warps, even with dW/dB kept in
   memory, so this path stops at 8192.)
 - rows (longer rows, when the cost model prefers it): one launch, persistent, one program per SM
-  (down to 3/4 of the SMs if that makes the window fit). Per row, a first walk over the chunks
+  (down to 3/4 of the SMs if that makes the window fit), program p taking the consecutive rows
+  [p * ceil(M/P), (p + 1) * ceil(M/P)) (consecutive, not strided, so that an example's rows in
+  one program are adjacent: see per-example below). Per row, a first walk over the chunks
   sums c1/c2, a second walk backwards writes dx and adds the row's dW/dB terms into the
   program's own partial row (read, add, store). The window that must stay in L2 is P rows of x
   and dy plus P partial rows (RMSNorm bf16 N = 16384 on an H100: 132 x 96 KB = 12.7 MB of 25 MB
@@ -47,6 +49,22 @@ bitwise repeatable, no atomics. Paths, by N:
   run; keeping whole rows per program instead needs N-wide dW/dB partials per program that do not
   fit in L2 next to the rows. The cost model (`plan_layer_norm` compares the modeled bytes of
   the rows and chunked plans) picks the cheaper.
+
+Per-example dW/dB norms (PER_EXAMPLE, layer_norm_bwd_per_example: examples of rows_per_example
+consecutive rows), on every backward path, in the same pass: |dW_e|^2 = sum_j (sum_{r in e}
+dy_rj x_hat_rj)^2 needs an example's terms summed per column before squaring, so every program
+also adds its rows' terms into per-(program, example) slot rows, PE[p * slots + e - e_first]
+(slots = ceil(rows per program / rows_per_example) + 1 rows of N per program; read, add,
+store, no atomics), which the launcher sums over the programs an example spans in program
+order, squares and sums over the columns. Whole-row: from the tile in registers, a masked sum
+per example in the tile. Persistent rows: the second walk adds each chunk's dW/dB terms into
+the slot row of the row's example next to the partial-row update (the slot row is one more row
+in flight per program, in L2 like the partial row). Column-chunked: a program adds its column
+block's share of each example's terms into its slot row's columns (the squares are separable
+over columns, so column blocks never combine before squaring). The slot rows are
+(E + programs) * N accumulation-dtype values per parameter, written once to HBM at the end
+(not counted in plan_layer_norm's bytes); dx and the dW/dB partials are computed exactly as
+without the flag, so they are bitwise those of the plain backward.
 
 Feature flags (constexpr, one code path): HAS_RESIDUAL / STORE_RESIDUAL normalize h = x + r and
 write h (the fused residual add), HAS_DRESIDUAL adds h's incoming gradient into dx, ROUND_XHAT
@@ -413,11 +431,11 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     ROUND_DX_TERMS (RMSNorm): dx = round(wdy * rstd) + round(-x_hat * c1 * rstd), each term
     rounded to dx's dtype, as torch's autograd does for T5LayerNorm, whose input enters its two
     uses (the variance in fp32, `x * rsqrt(...)` promoted) separately.
-    PER_EXAMPLE (whole rows only: one column block): rows are grouped into examples of
-    rows_per_example consecutive rows; the program also adds, from the tile already in
-    registers, each example's dW (dB) terms into its own slot row PE_DW[group, e - e_first]
-    (slots_per_program rows of N per program, zeroed by the launcher; read, add, store, no
-    atomics). The launcher sums the slots of an example over the programs it spans. The dW/dB
+    PER_EXAMPLE: rows are grouped into examples of rows_per_example consecutive rows; the
+    program also adds, from the tile already in registers, each example's dW (dB) terms of its
+    column block into its own slot row PE_DW[group, e - e_first] (slots_per_program rows of N
+    per row group, zeroed by the launcher; column blocks write disjoint columns; read, add,
+    store, no atomics). The launcher sums the slots of an example over the programs it spans. The dW/dB
     partials and dx are computed exactly as without the flag.
     """
     col_block = tl.program_id(0)
@@ -863,12 +881,6 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     if per_example:
         pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, groups, x.device))
     return dx, dweight, dbias, pe
-
-
-def per_example_supported(n: int, dtype: torch.dtype) -> bool:
-    """Whether `layer_norm_bwd_per_example` can run rows of `n` features of `dtype`: always
-    (every backward path has a per-example mode); kept for callers that ask."""
-    return True
 
 
 def layer_norm_bwd_per_example(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
