@@ -147,10 +147,11 @@ def track(model: Any, loss_reduction: str = "mean", process_group: Any = None) -
     initialized (`process_group`). `loss_reduction`: "mean" if the loss is the mean over the
     batch's examples (or tokens), "sum" if it is their sum; any other scaling of the loss (e.g.
     1/accumulation steps) must be undone by the caller. Works under torch.compile (the sums are
-    the gradient of a small per-layer tensor, in the graph). Triton: rows up to 8192 features
-    (4096 for fp64); the backward of longer rows raises NotImplementedError. BatchNorm is not
-    tracked (its per-example gradients are coupled through the batch statistics). The layers
-    run fastnorm's kernels whatever backend is selected ("torch" included).
+    the gradient of a small per-layer tensor, in the graph). Triton: rows of any length (every
+    LayerNorm/RMSNorm backward path has the per-example mode) and GroupNorm in both layouts.
+    BatchNorm is not tracked (its per-example gradients are coupled through the batch
+    statistics). The layers run fastnorm's kernels whatever backend is selected ("torch"
+    included).
     """
     from ._norm_gns import NormLayerGNS
 

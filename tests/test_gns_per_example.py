@@ -1,5 +1,5 @@
 """Per-example squared norms of the norm layers' dweight/dbias (fastnorm::layer_norm_bwd_pe):
-against torch.func per-sample gradients, bitwise-unchanged outputs, and the long-row error."""
+against torch.func per-sample gradients, bitwise-unchanged outputs, on every backward path."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,11 +93,55 @@ def test_examples_spanning_tiles_and_programs(triton_backend, is_rms, b, t):
         torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-6)
 
 
-def test_long_rows_and_bad_rows_per_example_raise(triton_backend):
-    x = torch.randn(2, 8192 + 1, device=DEVICE)
-    rstd = torch.ones(2, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="whole rows"):
-        torch.ops.fastnorm.layer_norm_bwd_pe(x, x, None, None, rstd, rstd, False, 1)
+@pytest.mark.parametrize("path", ["rows", "chunked"])
+@pytest.mark.parametrize("dtype,is_rms,has_bias", [
+    (torch.float32, False, True), (torch.bfloat16, False, False), (torch.float32, True, False),
+    (torch.bfloat16, True, False), (torch.float64, False, True)])
+def test_long_rows_per_example(triton_backend, path, dtype, is_rms, has_bias):
+    """Rows longer than the whole-row tile, on the persistent-rows and the column-chunked path:
+    norms as vmap(grad), dx/dW/dB bitwise the plain backward's. 2 examples of 3 rows over
+    programs of 2 rows each (3 on chunked, 3 or 4 on rows), so examples span programs and a
+    program holds rows of 2 examples; fp64 at N > 4096."""
+    b, t = 2, 3
+    n = 5000 if dtype == torch.float64 else 8200
+    x, dy, w, bias, mean, rstd = _inputs(b, t, n, dtype, is_rms, has_bias, seed=2)
+    rows, drows = x.reshape(b * t, n), dy.reshape(b * t, n)
+    with _ln.force_backward_path(path):
+        plan = _ln.plan_layer_norm(b * t, n, dtype, "bwd", rows.device, is_rms=is_rms,
+                                   has_bias=bias is not None)
+        assert plan.path == path and plan.rows_per_program < t  # examples span programs
+        got = _ln.layer_norm_bwd_per_example(drows, rows, w, bias, mean, rstd, is_rms, t)
+        plain = _ln.layer_norm_bwd(drows, rows, w, bias, mean, rstd, is_rms)
+    want = _per_sample_sq_norms(x, dy, w, bias, is_rms)
+    torch.testing.assert_close(got[3], want[0], **TOL[dtype])
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    if bias is not None:
+        torch.testing.assert_close(got[4], want[1], **TOL[dtype])
+        assert torch.equal(got[2], plain[2])
+    else:
+        assert got[4].numel() == 0
+
+
+@pytest.mark.parametrize("path", ["rows", "chunked"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_long_rows_examples_in_one_program(triton_backend, path, t):
+    """One row an example, and an example of 3 rows: slot rows per (program, example) with
+    several rows of a program in one example (rows) and a column-chunked grid of 3 column blocks
+    (chunked, N = 8200 > 2 * 4096), against the torch reference."""
+    n = 8200
+    x, dy, w, bias, mean, rstd = _inputs(2, t, n, torch.float32, False, True, seed=3)
+    rows, drows = x.reshape(2 * t, n), dy.reshape(2 * t, n)
+    with _ln.force_backward_path(path):
+        got = _ln.layer_norm_bwd_per_example(drows, rows, w, bias, mean, rstd, False, t)
+        again = _ln.layer_norm_bwd_per_example(drows, rows, w, bias, mean, rstd, False, t)
+    want = ref.layer_norm_bwd_pe(drows, rows, w, bias, mean, rstd, False, t)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-6)
+    for a, c in zip(got, again):  # deterministic
+        assert torch.equal(a, c)
+
+
+def test_bad_rows_per_example_raises(triton_backend):
     y = torch.randn(6, 4, device=DEVICE)
     s = torch.ones(6, device=DEVICE)
     with pytest.raises(RuntimeError, match="rows_per_example"):

@@ -66,14 +66,14 @@ def _ln_specs():
                        "M": "i32", "N": "i32", "stride_x": "i32", "stride_dy": "i32",
                        "stride_dx": "i32", "stride_dres": "i32", "rows_per_program": "i32",
                        "rows_per_example": "i32", "slots_per_program": "i32"}
-            rows_sig = {k: v for k, v in bwd_sig.items()
-                        if k not in ("C1", "C2", "rows_per_program", "PE_DW", "PE_DB",
-                                     "rows_per_example", "slots_per_program")}
-            specs.append(("layer_norm", "_layer_norm_bwd_rows_kernel", rows_sig,
-                          {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
-                           "ROUND_DX_TERMS": round_xhat,
-                           "BLOCK_N": 4096 if dt != "fp64" else 2048},
-                          16 if dt != "fp64" else 8))
+            rows_sig = {k: v for k, v in bwd_sig.items() if k not in ("C1", "C2")}
+            # PER_EXAMPLE on: layer_norm_bwd_per_example's launch (no residual, no rounding).
+            for per_example in ((False, True) if not residual and not round_xhat else (False,)):
+                specs.append(("layer_norm", "_layer_norm_bwd_rows_kernel", rows_sig,
+                              {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
+                               "ROUND_DX_TERMS": round_xhat, "PER_EXAMPLE": per_example,
+                               "BLOCK_N": 4096 if dt != "fp64" else 2048},
+                              16 if dt != "fp64" else 8))
             for in_tile, block_m, block_n, warps in ((True, 2, 1024, 4), (True, 1, 8192, 16),
                                                      (False, 1, 4096, 8)):
                 if dt == "fp64" and block_n == 8192:
@@ -88,6 +88,12 @@ def _ln_specs():
                               {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
                                "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": True,
                                "PER_EXAMPLE": True, "BLOCK_M": 2, "BLOCK_N": 1024}, 4))
+                # ... on the column-chunked path (row statistics from the first kernel)
+                specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
+                              {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
+                               "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": False,
+                               "PER_EXAMPLE": True, "BLOCK_M": 1,
+                               "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
     for dt in ("fp32", "fp64"):
         specs.append(("_common", "_column_sum_kernel",
                       {"P": f"*{dt}", "Out": f"*{dt}", "num_rows": "i32", "N": "i32",

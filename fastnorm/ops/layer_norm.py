@@ -13,8 +13,8 @@ layer_norm_bwd_pe is the backward of layer_norm_fwd (is_rms=False) or rms_norm_f
 of x; M must be a multiple of it), the squared norm of that example's dweight and dbias
 contributions: dweight_sq, dbias_sq of shape [M // rows_per_example] in the statistics dtype
 (empty where there is no weight / bias). dx, dweight and dbias are bitwise those of
-layer_norm_bwd / rms_norm_bwd. Triton: whole-row backward only (see
-fastnorm.triton.layer_norm.per_example_supported); longer rows raise NotImplementedError.
+layer_norm_bwd / rms_norm_bwd. Triton: every backward path (whole-row, persistent rows,
+column-chunked), any N.
 
 A gradient output whose parameter is absent comes back as an empty tensor (a custom op cannot
 return None). mean/rstd are fp32 (fp64 for fp64 x).

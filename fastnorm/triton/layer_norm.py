@@ -27,7 +27,9 @@ bitwise repeatable, no atomics. Paths, by N:
   the traffic. (A 16384-wide tile spilled on sm_90 at 16 and at 32 warps, even with dW/dB kept in
   memory, so this path stops at 8192.)
 - rows (longer rows, when the cost model prefers it): one launch, persistent, one program per SM
-  (down to 3/4 of the SMs if that makes the window fit). Per row, a first walk over the chunks
+  (down to 3/4 of the SMs if that makes the window fit), program p taking the consecutive rows
+  [p * ceil(M/P), (p + 1) * ceil(M/P)) (consecutive, not strided, so that an example's rows in
+  one program are adjacent: see per-example below). Per row, a first walk over the chunks
   sums c1/c2, a second walk backwards writes dx and adds the row's dW/dB terms into the
   program's own partial row (read, add, store). The window that must stay in L2 is P rows of x
   and dy plus P partial rows (RMSNorm bf16 N = 16384 on an H100: 132 x 96 KB = 12.7 MB of 25 MB
@@ -47,6 +49,22 @@ bitwise repeatable, no atomics. Paths, by N:
   run; keeping whole rows per program instead needs N-wide dW/dB partials per program that do not
   fit in L2 next to the rows. The cost model (`plan_layer_norm` compares the modeled bytes of
   the rows and chunked plans) picks the cheaper.
+
+Per-example dW/dB norms (PER_EXAMPLE, layer_norm_bwd_per_example: examples of rows_per_example
+consecutive rows), on every backward path, in the same pass: |dW_e|^2 = sum_j (sum_{r in e}
+dy_rj x_hat_rj)^2 needs an example's terms summed per column before squaring, so every program
+also adds its rows' terms into per-(program, example) slot rows, PE[p * slots + e - e_first]
+(slots = ceil(rows per program / rows_per_example) + 1 rows of N per program; read, add,
+store, no atomics), which the launcher sums over the programs an example spans in program
+order, squares and sums over the columns. Whole-row: from the tile in registers, a masked sum
+per example in the tile. Persistent rows: the second walk adds each chunk's dW/dB terms into
+the slot row of the row's example next to the partial-row update (the slot row is one more row
+in flight per program, in L2 like the partial row). Column-chunked: a program adds its column
+block's share of each example's terms into its slot row's columns (the squares are separable
+over columns, so column blocks never combine before squaring). The slot rows are
+(E + programs) * N accumulation-dtype values per parameter, written once to HBM at the end
+(not counted in plan_layer_norm's bytes); dx and the dW/dB partials are computed exactly as
+without the flag, so they are bitwise those of the plain backward.
 
 Feature flags (constexpr, one code path): HAS_RESIDUAL / STORE_RESIDUAL normalize h = x + r and
 write h (the fused residual add), HAS_DRESIDUAL adds h's incoming gradient into dx, ROUND_XHAT
@@ -330,24 +348,34 @@ def _row_dots(X, W, DY, x_row, dy_row, N, mean, rstd, IS_RMS: tl.constexpr,
 
 
 @triton.jit
-def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial, DRES, M, N,
-                                stride_x, stride_dy, stride_dx, stride_dres,
+def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial, DRES,
+                                PE_DW, PE_DB, M, N, stride_x, stride_dy, stride_dx, stride_dres,
+                                rows_per_program, rows_per_example, slots_per_program,
                                 IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, HAS_DRESIDUAL: tl.constexpr,
                                 ROUND_XHAT: tl.constexpr, ROUND_DX_TERMS: tl.constexpr,
+                                PER_EXAMPLE: tl.constexpr,
                                 ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Long rows in one launch, persistent: program p takes rows p, p + P, ... (P programs).
+    """Long rows in one launch, persistent: program p takes the consecutive rows
+    [p * rows_per_program, (p + 1) * rows_per_program) (P programs, P * rows_per_program >= M).
     Per row, a first walk over the chunks sums c1 = mean(x_hat * w*dy), c2 = mean(w*dy); a
     second walk, over the chunks backwards (the last read first), writes dx and adds the row's
     dW/dB terms into the program's own partial row (DW_partial[p], DB_partial[p], zeroed by the
     launcher: read, add, store). Only P rows and P partial rows are live at a time, so the plan
     sizes P for the second walk's reads and the partial rows to stay in L2. Flags as in
-    _layer_norm_bwd_kernel."""
+    _layer_norm_bwd_kernel.
+    PER_EXAMPLE: the second walk also adds the same dW (dB) terms into the slot row of the
+    row's example, PE_DW[p * slots_per_program + e - e_first] (e = row // rows_per_example,
+    e_first the example of the program's first row; zeroed by the launcher): consecutive rows
+    make an example's rows in one program one slot row, summed over the programs the example
+    spans by the launcher before squaring. dx and the partial rows are computed as without it."""
     pid = tl.program_id(0)
     dw_row = DW_partial + pid.to(tl.int64) * N
     db_row = DB_partial + pid.to(tl.int64) * N
     num_chunks = tl.cdiv(N, BLOCK_N)
-    for row_i in range(pid, M, tl.num_programs(0)):
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row_i in range(row_start, row_end):
         row = tl.cast(row_i, tl.int64)
         x_row = X + row * stride_x
         dy_row = DY + row * stride_dy
@@ -357,6 +385,8 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
             mean = tl.load(Mean + row).to(ACC)
         c1, c2 = _row_dots(X, W, DY, x_row, dy_row, N, mean, rstd, IS_RMS, HAS_WEIGHT,
                            ROUND_XHAT, ACC, BLOCK_N)
+        slot = (pid * slots_per_program + row_i // rows_per_example
+                - row_start // rows_per_example).to(tl.int64) * N
         for i in range(0, num_chunks):
             cols = (num_chunks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = cols < N
@@ -367,11 +397,18 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
                 dx += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(ACC)
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if HAS_WEIGHT:
+                term = _dw_term(dy, x_hat, DY, ROUND_XHAT, ACC)
                 dw = tl.load(dw_row + cols, mask=mask, other=0.0)
-                tl.store(dw_row + cols, dw + _dw_term(dy, x_hat, DY, ROUND_XHAT, ACC), mask=mask)
+                tl.store(dw_row + cols, dw + term, mask=mask)
+                if PER_EXAMPLE:
+                    prev = tl.load(PE_DW + slot + cols, mask=mask, other=0.0)
+                    tl.store(PE_DW + slot + cols, prev + term, mask=mask)
             if HAS_BIAS:
                 db = tl.load(db_row + cols, mask=mask, other=0.0)
                 tl.store(db_row + cols, db + dy, mask=mask)
+                if PER_EXAMPLE:
+                    prev = tl.load(PE_DB + slot + cols, mask=mask, other=0.0)
+                    tl.store(PE_DB + slot + cols, prev + dy, mask=mask)
 
 
 @triton.jit
@@ -394,11 +431,11 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     ROUND_DX_TERMS (RMSNorm): dx = round(wdy * rstd) + round(-x_hat * c1 * rstd), each term
     rounded to dx's dtype, as torch's autograd does for T5LayerNorm, whose input enters its two
     uses (the variance in fp32, `x * rsqrt(...)` promoted) separately.
-    PER_EXAMPLE (whole rows only: one column block): rows are grouped into examples of
-    rows_per_example consecutive rows; the program also adds, from the tile already in
-    registers, each example's dW (dB) terms into its own slot row PE_DW[group, e - e_first]
-    (slots_per_program rows of N per program, zeroed by the launcher; read, add, store, no
-    atomics). The launcher sums the slots of an example over the programs it spans. The dW/dB
+    PER_EXAMPLE: rows are grouped into examples of rows_per_example consecutive rows; the
+    program also adds, from the tile already in registers, each example's dW (dB) terms of its
+    column block into its own slot row PE_DW[group, e - e_first] (slots_per_program rows of N
+    per row group, zeroed by the launcher; column blocks write disjoint columns; read, add,
+    store, no atomics). The launcher sums the slots of an example over the programs it spans. The dW/dB
     partials and dx are computed exactly as without the flag.
     """
     col_block = tl.program_id(0)
@@ -764,6 +801,19 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     fused residual form); `dresidual`, the gradient of h from its other uses, is added into dx.
     dx has `dx_dtype` (default x's dtype); `round_xhat` as in the forward; `round_dx_terms`
     (RMSNorm) rounds dx's two terms separately (T5LayerNorm's autograd)."""
+    dx, dweight, dbias, _pe = _layer_norm_bwd(dy, x, weight, bias, mean, rstd, is_rms, dresidual,
+                                              round_xhat, dx_dtype, round_dx_terms, 0)
+    return dx, dweight, dbias
+
+
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                    is_rms: bool, dresidual: Optional[torch.Tensor], round_xhat: bool,
+                    dx_dtype: Optional[torch.dtype], round_dx_terms: bool, rows_per_example: int
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                               Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """The backward on every path; rows_per_example > 0 also fills per-(program, example) slot
+    rows and returns (pe_dw, pe_db, index) for _slot_sq_norms (None otherwise)."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=dx_dtype or x.dtype, device=x.device)
     has_dresidual = dresidual is not None
@@ -775,20 +825,33 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         has_bias=has_bias, weight_dtype=weight.dtype if has_weight else None,
         has_dresidual=has_dresidual, dy_dtype=dy.dtype, dx_dtype=dx.dtype)
     whole_row = plan.path == "fused"
-    groups = plan.partial_rows
+    groups, rpp = plan.partial_rows, plan.rows_per_program
     dw_partial = torch.zeros((groups, N) if has_weight else (0,), dtype=partial_dtype,
                              device=x.device)
     db_partial = torch.zeros((groups, N) if has_bias else (0,), dtype=partial_dtype,
                              device=x.device)
+    per_example = rows_per_example > 0
+    rpe = max(rows_per_example, 1)
+    slots = triton.cdiv(rpp, rpe) + 1 if per_example else 0  # examples rpp rows can touch
+    pe_dw = pe_db = rstd  # placeholders, written only with PER_EXAMPLE
+    if per_example:
+        pe_dw = torch.zeros((groups * slots + 1, N) if has_weight else (0,),
+                            dtype=partial_dtype, device=x.device)
+        pe_db = torch.zeros((groups * slots + 1, N) if has_bias else (0,),
+                            dtype=partial_dtype, device=x.device)
+    pe_dw_arg = pe_dw if per_example and has_weight else rstd
+    pe_db_arg = pe_db if per_example and has_bias else rstd
     if M > 0 and N > 0 and plan.path == "rows":
         _layer_norm_bwd_rows_kernel[plan.grid](
             x, weight if has_weight else rstd, dy, dx, rstd if is_rms else mean, rstd,
             dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-            dresidual if has_dresidual else rstd, M, N, x.stride(0), dy.stride(0),
-            dx.stride(0), dresidual.stride(0) if has_dresidual else 0,
+            dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg, M, N, x.stride(0),
+            dy.stride(0), dx.stride(0), dresidual.stride(0) if has_dresidual else 0,
+            rpp, rpe, slots,
             IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
             HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
-            ACC=tl_acc_dtype(x.dtype), BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+            PER_EXAMPLE=per_example, ACC=tl_acc_dtype(x.dtype), BLOCK_N=plan.block_n,
+            num_warps=plan.num_warps)
     elif M > 0 and N > 0:
         flags = dict(IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
                      ACC=tl_acc_dtype(x.dtype))
@@ -806,22 +869,18 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         _layer_norm_bwd_kernel[plan.grid](
             x, w, dy, dx, mean_arg, rstd, c1, c2,
             dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-            dresidual if has_dresidual else rstd, rstd, rstd,
+            dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg,
             M, N, x.stride(0), dy.stride(0), dx.stride(0),
-            dresidual.stride(0) if has_dresidual else 0, plan.rows_per_program, 1, 0, **flags,
+            dresidual.stride(0) if has_dresidual else 0, rpp, rpe, slots, **flags,
             HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
-            ROW_STATS_IN_TILE=whole_row, PER_EXAMPLE=False,
+            ROW_STATS_IN_TILE=whole_row, PER_EXAMPLE=per_example,
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
     dbias = column_sum(db_partial, bias.dtype) if has_bias else None
-    return dx, dweight, dbias
-
-
-def per_example_supported(n: int, dtype: torch.dtype) -> bool:
-    """Whether `layer_norm_bwd_per_example` can run rows of `n` features of `dtype`: only the
-    whole-row backward (padded N <= MAX_FUSED_N_BWD, half that for fp64) has an example's rows
-    in registers whole; the long-row paths split a row over column chunks or walk it twice."""
-    return triton.next_power_of_2(max(n, 1)) <= _fused_limit(MAX_FUSED_N_BWD, dtype)
+    pe = None
+    if per_example:
+        pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, groups, x.device))
+    return dx, dweight, dbias, pe
 
 
 def layer_norm_bwd_per_example(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -834,51 +893,21 @@ def layer_norm_bwd_per_example(dy: torch.Tensor, x: torch.Tensor, weight: Option
     dB: (dx, dweight, dbias, dw_sq [E], db_sq [E]) in the accumulation dtype, dw_sq / db_sq empty
     where there is no weight / bias. dx, dweight and dbias are bitwise those of layer_norm_bwd.
 
-    Same pass as the plain backward: the whole-row kernel adds each example's terms, from the
-    tile in registers, into per-(program, example) slot rows: (E + programs) * N values of the
-    accumulation dtype per parameter, summed here over the programs an example spans (a fixed
-    order, no atomics) and squared. Only the whole-row path (see per_example_supported); longer
-    rows raise."""
+    Same pass as the plain backward, on every path (whole-row, persistent rows, column-chunked):
+    each program adds its rows' terms, per example, into per-(program, example) slot rows:
+    (E + programs) * N values of the accumulation dtype per parameter, summed here over the
+    programs an example spans (a fixed order, no atomics) and squared."""
     M, N = x.shape
     rpe = int(rows_per_example)
     if rpe < 1 or M % rpe != 0:
         raise ValueError(f"layer_norm_bwd_per_example: expected rows_per_example >= 1 dividing "
                          f"the {M} rows, got {rows_per_example}")
-    if not per_example_supported(N, x.dtype):
-        raise NotImplementedError(
-            f"layer_norm_bwd_per_example: per-example gradient norms need whole rows in one "
-            f"tile (at most {_fused_limit(MAX_FUSED_N_BWD, x.dtype)} features for {x.dtype}), "
-            f"got {N}; the long-row backward paths do not support them")
-    has_weight = weight is not None
     has_bias = bias is not None and not is_rms
     acc = acc_dtype(x.dtype)
-    examples = M // rpe
-    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    plan = plan_layer_norm(M, N, x.dtype, "bwd", x.device, is_rms=is_rms, has_weight=has_weight,
-                           has_bias=has_bias, weight_dtype=weight.dtype if has_weight else None,
-                           dy_dtype=dy.dtype, dx_dtype=dx.dtype)
-    groups, rpp = plan.partial_rows, plan.rows_per_program
-    slots = triton.cdiv(rpp, rpe) + 1  # examples a run of rpp rows can touch
-    dw_partial = torch.zeros((groups, N) if has_weight else (0,), dtype=acc, device=x.device)
-    db_partial = torch.zeros((groups, N) if has_bias else (0,), dtype=acc, device=x.device)
-    pe_dw = torch.zeros((groups * slots + 1, N) if has_weight else (0,), dtype=acc,
-                        device=x.device)
-    pe_db = torch.zeros((groups * slots + 1, N) if has_bias else (0,), dtype=acc,
-                        device=x.device)
-    if M > 0 and N > 0:
-        _layer_norm_bwd_kernel[plan.grid](
-            x, weight if has_weight else rstd, dy, dx, rstd if is_rms else mean, rstd, rstd,
-            rstd, dw_partial if has_weight else rstd, db_partial if has_bias else rstd, rstd,
-            pe_dw if has_weight else rstd, pe_db if has_bias else rstd,
-            M, N, x.stride(0), dy.stride(0), dx.stride(0), 0, rpp, rpe, slots,
-            IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_DRESIDUAL=False,
-            ROUND_XHAT=False, ROUND_DX_TERMS=False, ROW_STATS_IN_TILE=True, PER_EXAMPLE=True,
-            ACC=tl_acc_dtype(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-            num_warps=plan.num_warps)
-    dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
-    dbias = column_sum(db_partial, bias.dtype) if has_bias else None
-    index = _example_slots(examples, rpe, rpp, slots, groups, x.device)
-    dw_sq = _slot_sq_norms(pe_dw, index) if has_weight else x.new_empty(0, dtype=acc)
+    dx, dweight, dbias, pe = _layer_norm_bwd(dy, x, weight, bias if has_bias else None, mean,
+                                             rstd, is_rms, None, False, None, False, rpe)
+    pe_dw, pe_db, index = pe
+    dw_sq = _slot_sq_norms(pe_dw, index) if weight is not None else x.new_empty(0, dtype=acc)
     db_sq = _slot_sq_norms(pe_db, index) if has_bias else x.new_empty(0, dtype=acc)
     return dx, dweight, dbias, dw_sq, db_sq
 
