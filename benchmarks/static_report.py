@@ -87,6 +87,32 @@ DESIGN_EXCEPTIONS = {
     ("rms_norm", "fwd", "chunked"): "as layer_norm",
 }
 
+# The per-example backward (bwd_pe) may add, over the plain backward's modeled bytes, at most this
+# fraction of one pass over x (the slot rows and the small reductions: no extra pass over x or
+# dy), except where the slot rows are not small (with the reason).
+PE_EXTRA_LIMIT = 0.10
+PE_EXCEPTIONS: dict[tuple[str, str], str] = {
+    ("layer_norm", "fused"): "the slot rows scale with E + programs, not with M: per parameter "
+                             "about 5 x (E + programs) rows of N fp32 (the zero fill of "
+                             "(2 x programs + 1) rows, the E + programs written, the gather of "
+                             "_slot_sq_norms' torch ops); for 16-bit x more than 10 % of x "
+                             "below M ~ 50 x (E + programs) (264 programs: 32768x1024 17 %, "
+                             "8192x8192 37 %); not a pass over x or dy",
+    ("rms_norm", "fused"): "as layer_norm (one parameter: half the bytes)",
+    ("layer_norm", "chunked"): "a handful of rows per program (1024x65536: 17 row groups of 61 "
+                               "rows, 7x65537: 7 rows of one example each): the slot rows, like "
+                               "the plain dW/dB partials, are not small next to x",
+    ("rms_norm", "chunked"): "as layer_norm",
+    ("layer_norm", "rows"): "as fused, with few rows per program (4096x8193: 31); and OPEN "
+                            "(plan, not design) where the persistent rows kernel's L2 window, "
+                            "sized without the slot row each program keeps in flight next to "
+                            "its partial row, then overflows the usable L2 (4096x16384: 25 + "
+                            "17 MB): the modeled partial and slot row updates miss it (1.6-8.3 "
+                            "x of x). Fix: count the slot rows in _rows_plan's per-program "
+                            "bytes for the per-example backward",
+    ("rms_norm", "rows"): "as layer_norm",
+}
+
 
 # --- cases -------------------------------------------------------------------------------------
 
@@ -232,9 +258,10 @@ def recording() -> Iterator[list]:
         JITFunction.__getitem__ = original
 
 
-def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
+def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str, int | None]:
     """Run the launcher of `case` in `mode` on meta tensors; returns (recorded launches, plan
-    launches (LaunchCost), path)."""
+    launches (LaunchCost), path, per-example slot bytes (bwd_pe: the per-example partial rows
+    the backward writes, all parameters; else None))."""
     import torch
 
     from fastnorm.triton import _common
@@ -243,6 +270,7 @@ def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
     from fastnorm.triton import layer_norm as ln
 
     meta = torch.device("meta")
+    slot_bytes = None
     dtype = getattr(torch, case["dtype"])
     shape = case["shape"]
     with _common.assume_sm_count(target.sms), _common.assume_l2_bytes(target.l2_bytes), \
@@ -259,9 +287,13 @@ def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
                 gn.group_norm_fwd(x, w, w, g, 1e-5, case["activation"])
             else:
                 stats = torch.empty((n, g), dtype=_common.acc_dtype(dtype), device=meta)
-                gn.group_norm_bwd(x.clone(), x, w, w, stats, stats, g, case["activation"])
-            path, plan = gn.plan_group_norm(n, c, hw, g, dtype, case["layout"] == "NHWC", mode,
-                                            meta)
+                gn.group_norm_bwd(x.clone(), x, w, w, stats, stats, g, case["activation"],
+                                  per_example=mode == "bwd_pe")
+            path, plan = gn.plan_group_norm(n, c, hw, g, dtype, case["layout"] == "NHWC",
+                                            "fwd" if mode == "fwd" else "bwd", meta,
+                                            per_example=mode == "bwd_pe")
+            if mode == "bwd_pe":
+                slot_bytes = sum(p.reads for p in plan if p.kernel == "_group_norm_pe_sq_kernel")
         elif case["op"] == "batch_norm":
             n, c = shape[:2]
             s = math.prod(shape[2:])
@@ -293,6 +325,16 @@ def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
                 plan = ln.plan_layer_norm(m, nf, dtype, mode, meta, is_rms=is_rms,
                                           has_bias=b is not None, residual_dtype=res_dtype,
                                           store_residual=res_dtype is not None)
+            elif mode == "bwd_pe":
+                st = torch.empty(m, dtype=_common.acc_dtype(dtype), device=meta)
+                rpe = m // pe_examples(case)
+                ln.layer_norm_bwd_per_example(x.clone(), x, w, b, st, st, is_rms, rpe)
+                plan = ln.plan_layer_norm_per_example(m, nf, dtype, meta, rows_per_example=rpe,
+                                                      is_rms=is_rms, has_bias=b is not None,
+                                                      weight_dtype=dtype)
+                acc = torch.empty((), dtype=_common.acc_dtype(dtype)).element_size()
+                slot_bytes = ((m // rpe + plan.partial_rows) * nf * acc
+                              * (1 if b is None else 2))
             else:
                 # With a residual: the norm's input is h (residual's dtype), dh is added into
                 # dx, and dx comes back in h's dtype.
@@ -305,7 +347,7 @@ def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str]:
                                           has_bias=b is not None, weight_dtype=dtype,
                                           has_dresidual=dres is not None, dy_dtype=dtype)
             path, plan = plan.path, plan.launches
-    return rec, plan, path
+    return rec, plan, path, slot_bytes
 
 
 def _ideal_bytes(case: dict, mode: str) -> int:
@@ -320,11 +362,31 @@ def _ideal_bytes(case: dict, mode: str) -> int:
     if case.get("residual"):
         res = size(case["residual"])
         return 2 * data + 2 * res if mode == "fwd" else data + 3 * res
-    return {"fwd": 2, "eval": 2, "bwd": 3}[mode] * data
+    return {"fwd": 2, "eval": 2, "bwd": 3, "bwd_pe": 3}[mode] * data
 
 
-def _modes(op: str) -> tuple[str, ...]:
-    return ("fwd", "bwd", "eval") if op == "batch_norm" else ("fwd", "bwd")
+def _modes(case: dict) -> tuple[str, ...]:
+    """BatchNorm: fwd, bwd, eval. GroupNorm, LayerNorm/RMSNorm: fwd, bwd and the per-example
+    gradient-norm backward (bwd_pe; not with the fused residual, which it does not take)."""
+    if case["op"] == "batch_norm":
+        return ("fwd", "bwd", "eval")
+    return ("fwd", "bwd") if case.get("residual") else ("fwd", "bwd", "bwd_pe")
+
+
+def pe_examples(case: dict) -> int:
+    """Examples of the bwd_pe case: GroupNorm, the samples; LayerNorm/RMSNorm, the rows viewed
+    as (batch, seq, hidden) with 16 sequences (32 or 8 where 16 does not divide the rows; one
+    row per example where none does, e.g. 7x65537)."""
+    if case["op"] == "group_norm":
+        return case["shape"][0]
+    m = case["shape"][0]
+    return next((e for e in (16, 32, 8) if m % e == 0), m)
+
+
+def _triton_launches(plan) -> list:
+    """The plan's Triton launches (entries with a "." in the name, torch ops and a launch's
+    separately modeled traffic, are bytes only)."""
+    return [p for p in plan if "." not in p.kernel]
 
 
 # --- occupancy ---------------------------------------------------------------------------------
@@ -353,24 +415,24 @@ def build(ops: list[str], targets: list[str], quick: bool = False,
         target = TARGETS[tname]
         for op in ops:
             for case in CASES[op](quick):
-                for mode in _modes(case["op"]):
-                    rec, plan, path = _run_case(case, mode, target)
+                for mode in _modes(case):
+                    rec, plan, path, slot_bytes = _run_case(case, mode, target)
                     names = [s[1] for s, _ in rec]
-                    plan_names = [p.kernel for p in plan]
+                    plan_names = [p.kernel for p in _triton_launches(plan)]
                     if names != plan_names:
                         raise AssertionError(f"{case['op']} {case['case']} {mode}: launcher made "
                                              f"{names}, plan says {plan_names}")
-                    for (spec, grid), cost in zip(rec, plan):
+                    for (spec, grid), cost in zip(rec, _triton_launches(plan)):
                         if tuple(grid) != tuple(cost.grid) or spec[4] != cost.num_warps:
                             raise AssertionError(f"{case['op']} {case['case']} {mode} "
                                                  f"{spec[1]}: launcher grid {grid} warps "
                                                  f"{spec[4]}, plan {cost.grid} {cost.num_warps}")
-                    traced.append((target, case, mode, path, rec, plan))
+                    traced.append((target, case, mode, path, rec, plan, slot_bytes))
     stats: dict[tuple, dict] = {}
     for tname in targets:
         target = TARGETS[tname]
         unique: dict[str, list] = {}
-        for t, _c, _m, _p, rec, _plan in traced:
+        for t, _c, _m, _p, rec, _plan, _s in traced:
             if t is target:
                 for spec, _grid in rec:
                     unique.setdefault(json.dumps(spec, sort_keys=True), spec)
@@ -384,9 +446,9 @@ def build(ops: list[str], targets: list[str], quick: bool = False,
         for k, r in zip(keys, results):
             stats[(target.name, k)] = r
     launch_rows, case_rows = [], []
-    for target, case, mode, path, rec, plan in traced:
+    for target, case, mode, path, rec, plan, slot_bytes in traced:
         worst_blocks, spills, max_regs = None, 0, 0
-        for (spec, grid), cost in zip(rec, plan):
+        for (spec, grid), cost in zip(rec, _triton_launches(plan)):
             st = stats[(target.name, json.dumps(spec, sort_keys=True))]
             if st["error"]:
                 raise RuntimeError(st["error"])
@@ -419,17 +481,53 @@ def build(ops: list[str], targets: list[str], quick: bool = False,
             ideal_bytes=ideal, modeled_bytes=modeled,
             traffic_vs_ideal=round(modeled / ideal, 4),
             predicted_ceiling_pct=round(100 * ideal / modeled, 1),
-            exception=exception_for(case["op"], mode, path, modeled / ideal)))
+            exception=exception_for(case["op"], mode, path, modeled / ideal),
+            examples=pe_examples(case) if mode == "bwd_pe" else None,
+            x_bytes=ideal // 3 if mode == "bwd_pe" else None, pe_slot_bytes=slot_bytes,
+            pe_extra_bytes=None, pe_extra_vs_x=None, pe_exception=None))
+    _per_example_extra(case_rows)
     return {"meta": {"l2_reuse_fraction": L2_REUSE_FRACTION,
                      "targets": {t: vars(TARGETS[t]) for t in targets}},
             "launches": launch_rows, "cases": case_rows}
 
 
+def _per_example_extra(case_rows: list[dict]) -> None:
+    """bwd_pe rows: modeled bytes beyond the plain backward's at the same case, and that as a
+    fraction of one pass over x (the per-example norms must add no pass over x or dy)."""
+    bwd = {(r["gpu"], r["op"], r["case"], r["dtype"], r["layout"]): r for r in case_rows
+           if r["mode"] == "bwd"}
+    for r in case_rows:
+        if r["mode"] == "bwd_pe":
+            plain = bwd[(r["gpu"], r["op"], r["case"], r["dtype"], r["layout"])]
+            extra = r["modeled_bytes"] - plain["modeled_bytes"]
+            r["pe_extra_bytes"] = extra
+            r["pe_extra_vs_x"] = round(extra / r["x_bytes"], 4)
+            r["pe_exception"] = pe_exception_for(r["op"], r["path"], extra / r["x_bytes"])
+            # Over 10 % of ideal: the plain backward's reason and / or the per-example one.
+            if r["traffic_vs_ideal"] > 1.10:
+                why = [plain["exception"]] if plain["exception"] else []
+                why.append(r["pe_exception"] or f"per-example slot rows: {extra / r['x_bytes']:.0%}"
+                           f" of x (within the {PE_EXTRA_LIMIT:.0%} limit)")
+                r["exception"] = "; ".join(why)
+            else:
+                r["exception"] = ""
+
+
+def pe_exception_for(op: str, path: str, extra_vs_x: float) -> str:
+    """Why a bwd_pe case may add more than PE_EXTRA_LIMIT of one pass over x ("" if it does not)."""
+    if extra_vs_x <= PE_EXTRA_LIMIT:
+        return ""
+    return PE_EXCEPTIONS.get((op, path), "UNEXPLAINED")
+
+
 def exception_for(op: str, mode: str, path: str | None, ratio: float) -> str:
-    """Why a case may exceed ideal traffic by more than 10 % ("" when it does not)."""
+    """Why a case may exceed ideal traffic by more than 10 % ("" when it does not). bwd_pe:
+    the plain backward's reason (its extra over bwd is checked separately, pe_exception_for)."""
     if ratio <= 1.10:
         return ""
     base = "batch_norm" if op == "batch_norm" else op
+    if mode == "bwd_pe":
+        mode = "bwd"
     for key in ((base, mode, path), (base, mode)):
         if key in DESIGN_EXCEPTIONS:
             return DESIGN_EXCEPTIONS[key]
@@ -471,6 +569,23 @@ def markdown(report: dict) -> str:
                      f"{r['spill_bytes']} | {r['min_blocks_per_sm']} | "
                      f"{r['traffic_vs_ideal']:.3f} | {r['predicted_ceiling_pct']} | "
                      f"{r['exception']} |")
+    pe = [r for r in report["cases"] if r["mode"] == "bwd_pe"]
+    if pe:
+        lines += ["", "## Per-example gradient norms (bwd_pe) vs the plain backward", "",
+                  "extra = modeled bwd_pe bytes - modeled bwd bytes (slot rows, their zero fill "
+                  "and reduction, the per-example reduce kernels); x = one pass over x.", "",
+                  "| gpu | op | case | dtype | layout | path | examples | launches | "
+                  "bwd/ideal | bwd_pe/ideal | extra MB | extra / x | exception |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        bwd = {(r["gpu"], r["op"], r["case"], r["dtype"], r["layout"]): r
+               for r in report["cases"] if r["mode"] == "bwd"}
+        for r in pe:
+            b = bwd[(r["gpu"], r["op"], r["case"], r["dtype"], r["layout"])]
+            lines.append(f"| {r['gpu']} | {r['op']} | {r['case']} | {r['dtype']} | "
+                         f"{r['layout']} | {r['path']} | {r['examples']} | "
+                         f"{b['launches']} -> {r['launches']} | {b['traffic_vs_ideal']:.3f} | "
+                         f"{r['traffic_vs_ideal']:.3f} | {r['pe_extra_bytes'] / 1e6:.2f} | "
+                         f"{r['pe_extra_vs_x']:.3f} | {r['pe_exception']} |")
     spilling = [r for r in report["launches"] if r["spill_bytes"]]
     lines += ["", f"## Launches that spill: {len(spilling)}", ""]
     for r in spilling:

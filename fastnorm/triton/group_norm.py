@@ -551,12 +551,15 @@ def _elem_size(dtype: torch.dtype) -> int:
 def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
                     channels_last: bool, mode: str, device: torch.device,
                     has_weight: bool = True, has_bias: bool = True,
-                    split_size: int | None = None) -> tuple[str, tuple[LaunchCost, ...]]:
+                    split_size: int | None = None, per_example: bool = False
+                    ) -> tuple[str, tuple[LaunchCost, ...]]:
     """(path, launches) of one group_norm_fwd (mode "fwd") or group_norm_bwd ("bwd") call, in
     launch order, with the HBM bytes each reads and writes: the same choices the launchers
     make. Path "fused" (one program per group) or "split" (reduce, combine, elementwise per
     chunk of samples, GroupNormPlan.chunks; the elementwise pass re-reads the chunk's x (and dy)
-    in the reverse order, `l2_reread`)."""
+    in the reverse order, `l2_reread`). `per_example` (backward): group_norm_bwd(per_example=True)
+    also reduces each sample's partial rows to its squared dweight / dbias norms
+    (_group_norm_pe_sq_kernel, one program per sample, after the column sums)."""
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"unknown group_norm plan mode {mode!r}")
     backward = mode == "bwd"
@@ -604,6 +607,14 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
             if present:
                 launches.append(LaunchCost("_column_sum_kernel", (triton.cdiv(c, 128),), 4,
                                            reads=rows * c * acc, writes=c * _elem_size(dtype)))
+        if per_example:
+            # Re-reads the partial rows the column sums just read: from L2 while both
+            # parameters' partials fit.
+            part = rows * c * acc
+            both = part * (int(has_weight) + int(has_bias))
+            launches += [LaunchCost("_group_norm_pe_sq_kernel", (n,), 4, reads=part,
+                                    writes=n * acc, l2_reread=part, l2_window=both)
+                         for present in (has_weight, has_bias) if present]
     return path, tuple(launches)
 
 

@@ -721,6 +721,67 @@ def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_wei
                          triton.cdiv(m, programs), programs, launches)
 
 
+
+def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
+                                rows_per_example: int, is_rms: bool, has_weight: bool = True,
+                                has_bias: bool = True,
+                                weight_dtype: Optional[torch.dtype] = None) -> LayerNormPlan:
+    """The plan of one layer_norm_bwd_per_example call: plan_layer_norm's backward plan (same
+    path, grid, partial rows and launches), plus the per-example work. Entries with a "." in
+    their name are bytes only, not Triton launches: "torch.zeros" (the slot rows' zero fill),
+    "<main kernel>.slots" (the main kernel's read-add-store of its slot rows) and
+    "torch.slot_sq_norms" (_slot_sq_norms: gather, sum over programs, square, sum over columns).
+    Per parameter (accumulation dtype, rows of N): (groups * slots + 1) rows zeroed; the kernel
+    updates a slot row once per row (persistent rows path) or per tile and example (tile paths),
+    in L2 while the window (zeroed rows; on the rows path the kernel's rows in flight, partial
+    rows and one slot row per program) fits, so only the at most E + groups rows it touches are
+    written to HBM; the gather reads E * K of them, its intermediates are re-read from L2.
+    The rows path's window grows by the slot rows: the plain plan's program count does not
+    allow for them (the partial-row updates then miss the L2 too: counted here)."""
+    plan = plan_layer_norm(m, n, dtype, "bwd", device, is_rms=is_rms, has_weight=has_weight,
+                           has_bias=has_bias, weight_dtype=weight_dtype)
+    rpe = int(rows_per_example)
+    if rpe < 1 or m % rpe != 0:
+        raise ValueError(f"plan_layer_norm_per_example: rows_per_example {rows_per_example} "
+                         f"does not divide {m} rows")
+    params = int(has_weight) + int(has_bias and not is_rms)
+    acc = _elem_size(acc_dtype(dtype))
+    row = n * acc
+    examples = m // rpe
+    groups, rpp = plan.partial_rows, plan.rows_per_program
+    slots = triton.cdiv(rpp, rpe) + 1
+    allocated = (groups * slots + 1) * row * params
+    touched = min(groups * slots, examples + groups) * row * params
+    gathered = examples * (triton.cdiv(rpe, rpp) + 1) * row
+    rows_path = plan.path == "rows"
+    launches = [LaunchCost("torch.zeros", (), 0, reads=0, writes=allocated)]
+    for launch in plan.launches:
+        if launch.kernel in ("_layer_norm_bwd_rows_kernel", "_layer_norm_bwd_kernel"):
+            if rows_path:
+                # One more row per program and parameter in flight: the kernel's own re-reads
+                # see the larger window as well.
+                window = launch.l2_window + groups * row * params
+                launch = LaunchCost(launch.kernel, launch.grid, launch.num_warps, launch.reads,
+                                    launch.writes, launch.l2_reread, window)
+                updates = m * row * params
+            else:
+                window = allocated
+                updates = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
+                           * plan.block_n * acc * params + touched)
+            launches.append(launch)
+            launches.append(LaunchCost(launch.kernel + ".slots", (), 0, reads=updates,
+                                       writes=updates, l2_reread=2 * updates - touched,
+                                       l2_window=window))
+        else:
+            launches.append(launch)
+    launches += [LaunchCost("torch.slot_sq_norms", (), 0,
+                            reads=2 * gathered + 2 * examples * row,
+                            writes=gathered + 2 * examples * row + examples * acc,
+                            l2_reread=gathered + 2 * examples * row,
+                            l2_window=gathered + examples * row)] * params
+    return LayerNormPlan("bwd", plan.path, plan.block_m, plan.block_n, plan.num_warps,
+                         plan.grid, rpp, groups, tuple(launches))
+
 # --- launchers ---------------------------------------------------------------------------------
 
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
