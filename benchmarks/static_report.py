@@ -11,8 +11,11 @@ sees exactly the launchers' choices. Each distinct launch is compiled for the ta
 and per case: the HBM bytes the launch plans model (GroupNorm: `plan_group_norm`, BatchNorm:
 `plan_batch_norm`, LayerNorm/RMSNorm: `plan_layer_norm`, all in fastnorm/triton) against the op's ideal bytes, and so the predicted ceiling
 = ideal / modeled bytes as % of copy bandwidth (a memory-bound op at copy speed moving the
-modeled bytes). Nothing here is measured; `--compare DIR` puts measured benchmark results
-(benchmarks/bench_*.py JSON, e.g. from benchmarks/gpu_check.sh) next to the predictions.
+modeled bytes). Mode bwd_pe (GroupNorm, LayerNorm/RMSNorm) is the per-example gradient-norm
+backward: its modeled bytes minus the plain backward's, against one pass over x (PE_EXTRA_LIMIT,
+else a reason from PE_EXCEPTIONS). Nothing here is measured; `--compare DIR` puts measured
+benchmark results (benchmarks/bench_*.py JSON, e.g. from benchmarks/gpu_check.sh) next to the
+predictions.
 
     python benchmarks/static_report.py [--out DIR] [--ops group_norm,batch_norm,layer_norm]
         [--targets sm_80,sm_90] [--quick] [--compare RESULTS_DIR]

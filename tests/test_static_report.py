@@ -4,7 +4,7 @@ fp16, bf16, sm_90),
 every launch the launchers make is the launch their plan states (the report checks kernel,
 grid and warps as it traces), and the modeled HBM traffic is within 10 % of the op's ideal
 bytes except where the design needs more (the report's DESIGN_EXCEPTIONS table, each with its
-reason).
+reason); the per-example backward (mode bwd_pe) adds no pass over x or dy.
 
 CI runs the report's --quick subset (compiling is ~1 s per kernel variant on a 2-core machine,
 the full report ~600 variants per target): the first benchmark shape of each op plus one edge

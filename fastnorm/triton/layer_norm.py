@@ -63,8 +63,9 @@ in flight per program, in L2 like the partial row). Column-chunked: a program ad
 block's share of each example's terms into its slot row's columns (the squares are separable
 over columns, so column blocks never combine before squaring). The slot rows are
 (E + programs) * N accumulation-dtype values per parameter, written once to HBM at the end
-(not counted in plan_layer_norm's bytes); dx and the dW/dB partials are computed exactly as
-without the flag, so they are bitwise those of the plain backward.
+(plan_layer_norm_per_example models these bytes on top of the plain plan); dx and the dW/dB
+partials are computed exactly as without the flag, so they are bitwise those of the plain
+backward.
 
 Feature flags (constexpr, one code path): HAS_RESIDUAL / STORE_RESIDUAL normalize h = x + r and
 write h (the fused residual add), HAS_DRESIDUAL adds h's incoming gradient into dx, ROUND_XHAT
