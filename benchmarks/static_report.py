@@ -99,18 +99,18 @@ PE_EXCEPTIONS: dict[tuple[str, str], str] = {
                              "about 5 x (E + programs) rows of N fp32 (the zero fill of "
                              "(2 x programs + 1) rows, the E + programs written, the gather of "
                              "_slot_sq_norms' torch ops); for 16-bit x more than 10 % of x "
-                             "below M ~ 50 x (E + programs) (264 programs: 32768x1024 17 %, "
-                             "8192x8192 37 %); not a pass over x or dy",
+                             "below M ~ 50 x (E + programs) (264 programs, 32 examples: "
+                             "32768x1024 19 %, 8192x8192 43 %); not a pass over x or dy",
     ("rms_norm", "fused"): "as layer_norm (one parameter: half the bytes)",
     ("layer_norm", "chunked"): "a handful of rows per program (1024x65536: 17 row groups of 61 "
-                               "rows, 7x65537: 7 rows of one example each): the slot rows, like "
+                               "rows, 7x65537: one example of 7 rows): the slot rows, like "
                                "the plain dW/dB partials, are not small next to x",
     ("rms_norm", "chunked"): "as layer_norm",
     ("layer_norm", "rows"): "as fused, with few rows per program (4096x8193: 31); and OPEN "
                             "(plan, not design) where the persistent rows kernel's L2 window, "
                             "sized without the slot row each program keeps in flight next to "
                             "its partial row, then overflows the usable L2 (4096x16384: 25 + "
-                            "17 MB): the modeled partial and slot row updates miss it (1.6-8.3 "
+                            "17 MB): the modeled partial and slot row updates miss it (1.6-8.5 "
                             "x of x). Fix: count the slot rows in _rows_plan's per-program "
                             "bytes for the per-example backward",
     ("rms_norm", "rows"): "as layer_norm",
@@ -378,12 +378,11 @@ def _modes(case: dict) -> tuple[str, ...]:
 
 def pe_examples(case: dict) -> int:
     """Examples of the bwd_pe case: GroupNorm, the samples; LayerNorm/RMSNorm, the rows viewed
-    as (batch, seq, hidden) with 16 sequences (32 or 8 where 16 does not divide the rows; one
-    row per example where none does, e.g. 7x65537)."""
+    as (batch, seq, hidden) with gcd(M, 32) sequences, as the benchmark's fastnorm-triton-gns
+    provider (bench_layer_norm.GNS_EXAMPLES; 7x65537: one example of 7 rows)."""
     if case["op"] == "group_norm":
         return case["shape"][0]
-    m = case["shape"][0]
-    return next((e for e in (16, 32, 8) if m % e == 0), m)
+    return math.gcd(case["shape"][0], _bench_module("bench_layer_norm").GNS_EXAMPLES)
 
 
 def _triton_launches(plan) -> list:
@@ -551,7 +550,7 @@ def fwdbwd_rows(cases: list[dict]) -> list[dict]:
             modeled = modes["fwd"]["modeled_bytes"] + modes["bwd"]["modeled_bytes"]
             out.append(dict(zip(("gpu", "op", "case", "dtype", "layout"), key), mode="fwdbwd",
                             predicted_ceiling_pct=round(100 * ideal / modeled, 1)))
-        for mode in ("fwd", "bwd", "eval"):
+        for mode in ("fwd", "bwd", "eval", "bwd_pe"):
             if mode in modes:
                 out.append(dict(zip(("gpu", "op", "case", "dtype", "layout"), key), mode=mode,
                                 predicted_ceiling_pct=modes[mode]["predicted_ceiling_pct"]))
@@ -616,14 +615,17 @@ def compare(report: dict, results_dir: str) -> list[dict]:
         device = data["meta"].get("device", "")
         gpu = "A100" if "A100" in device else "H100"
         for r in data["results"]:
-            if r["provider"] != "fastnorm-triton" or r.get("pct_copy") is None:
+            if r["provider"] not in ("fastnorm-triton", "fastnorm-triton-gns") or \
+                    r.get("pct_copy") is None:
                 continue
+            # The -gns provider's bwd is the per-example backward.
+            mode = "bwd_pe" if r["provider"] == "fastnorm-triton-gns" else r["mode"]
             for p in preds:
                 if (p["gpu"], p["op"], p["case"], p["dtype"], p["mode"]) == (
-                        gpu, r["op"], r["case"], r["dtype"], r["mode"]) and (
+                        gpu, r["op"], r["case"], r["dtype"], mode) and (
                         p["layout"] == r["layout"] or p["layout"] in ("rows", "NC")):
                     rows.append(dict(device=device, op=r["op"], case=r["case"],
-                                     dtype=r["dtype"], layout=r["layout"], mode=r["mode"],
+                                     dtype=r["dtype"], layout=r["layout"], mode=mode,
                                      measured_pct_copy=round(r["pct_copy"], 1),
                                      predicted_ceiling_pct=p["predicted_ceiling_pct"],
                                      measured_over_predicted=round(

@@ -156,11 +156,11 @@ def test_per_example_backward_adds_no_pass_over_x_or_dy(tmp_path):
     bytes minus the plain backward's are
     - GroupNorm: under 1 % of one pass over x (the per-sample sums re-read the partial rows the
       column sums just read, from L2);
-    - LayerNorm/RMSNorm: at most 6.5 x the slot rows the kernel writes ((E + programs) x N fp32
+    - LayerNorm/RMSNorm (rows viewed as 32 examples): at most 8 x the slot rows the kernel writes ((E + programs) x N fp32
       per parameter: zero fill, write, gather), independent of M: no pass over x or dy; under
-      10 % of x where the slot rows are small (32768x1024 fp32 LayerNorm: 8.7 %); every case
+      10 % of x where the slot rows are small (32768x1024 fp32 LayerNorm: 9.3 %); every case
       over 10 % names its reason (PE_EXCEPTIONS). (The full report's rows-path cases whose L2
-      window overflows, 4096x16384, exceed the 6.5 x: an open plan issue, PE_EXCEPTIONS.)"""
+      window overflows, 4096x16384, exceed the 8 x: an open plan issue, PE_EXCEPTIONS.)"""
     pe, plain = _pe_rows(tmp_path, "group_norm,layer_norm")
     assert {r["op"] for r in pe} == {"group_norm", "layer_norm", "rms_norm"}
     assert {r["path"] for r in pe if r["op"] != "group_norm"} >= {"fused", "rows", "chunked"}
@@ -173,8 +173,8 @@ def test_per_example_backward_adds_no_pass_over_x_or_dy(tmp_path):
             assert r["pe_extra_vs_x"] < 0.01, r
         else:
             assert r["launches"] == b["launches"], r
-            assert r["examples"] == 16, r
-            assert r["pe_extra_bytes"] <= 6.5 * r["pe_slot_bytes"], r
+            assert r["examples"] == 32, r
+            assert r["pe_extra_bytes"] <= 8 * r["pe_slot_bytes"], r
         assert r["pe_exception"] != "UNEXPLAINED" and "UNEXPLAINED" not in r["exception"], r
         assert (r["pe_exception"] == "") == (r["pe_extra_vs_x"] <= 0.10), r
     (fp32,) = [r for r in pe if r["op"] == "layer_norm" and r["case"] == "32768x1024"
