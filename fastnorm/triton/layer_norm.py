@@ -40,15 +40,31 @@ bitwise repeatable, no atomics. Paths, by N:
 - chunked (rows whose window does not fit: 1024 x 65536 bf16, 132 x 512 KB = 67 MB): a
   row-statistics kernel computes (c1, c2) per row, then a column-chunked kernel (grid: column
   blocks x row groups, dW/dB of its column block in registers, row groups last-first so the tail
-  the first kernel read is still in L2) writes dx: x and dy are read twice, 5 passes.
-  Why not 3 passes here: a row of 64K bf16 x and dy is 256 KB, more than one SM's registers and
-  shared memory, so it has to be split over programs that exchange c1/c2 partials before any of
-  them can write dx. That needs a barrier between co-resident programs (thread-block clusters
-  with distributed shared memory, or a grid barrier on a global flag) which Triton does not
-  expose portably and which Triton's interpreter, running programs one after another, cannot
-  run; keeping whole rows per program instead needs N-wide dW/dB partials per program that do not
-  fit in L2 next to the rows. The cost model (`plan_layer_norm` compares the modeled bytes of
-  the rows and chunked plans) picks the cheaper.
+  the first kernel read is still in L2) writes dx. Row chunks (`_row_chunks`): when x and dy
+  exceed the model's L2 window (L2_REUSE_FRACTION of the L2) the pair runs once per chunk of
+  rows, each chunk whole row groups (rows_per_program rows each, the unchunked layout of row
+  groups, so slot rows and program boundaries do not move), sized so the chunk's x and dy fit
+  the window next to the dW/dB partial rows, at most MAX_ROW_CHUNKS chunks of equal size. The
+  chunks share the partial rows: chunk i > 0 adds into them (ACCUMULATE: read, add, store; the
+  chunks run in order, so a partial row is a fixed-order sum, deterministic, no atomics; the
+  dW/dB sums are not bitwise the one-chunk result, whose rows group differently; dx is). The
+  dx kernel's re-read of x and dy, and the partial rows the previous chunk stored, are L2 hits
+  by the model: 3 passes plus the final partial rows (1024 x 65536 bf16 on an H100: 16 chunks
+  of 64 rows, 16 MB of x and dy + 8 MB of partial rows, ~1.05x the ideal bytes; the previous
+  single pair read x and dy twice, 5 passes). Two launches per chunk: a chunk holds at least
+  half the window (>= ~4 us of HBM traffic at 3 TB/s on an H100) for two launches of a few us
+  of host time, so the host may fall behind at the smallest chunks (unmeasured; CUDA graphs
+  hide it; MAX_ROW_CHUNKS = 1 turns row chunks off). fp32 at N = 64K needs more chunks than
+  the cap: part of its re-read comes from HBM.
+  Why not one 3-pass launch here: a row of 64K bf16 x and dy is 256 KB, more than one SM's
+  registers and shared memory, so it has to be split over programs that exchange c1/c2
+  partials before any of them can write dx. That needs a barrier between co-resident programs
+  (thread-block clusters with distributed shared memory, or a grid barrier on a global flag)
+  which Triton does not expose portably and which Triton's interpreter, running programs one
+  after another, cannot run; keeping whole rows per program instead needs N-wide dW/dB
+  partials per program that do not fit in L2 next to the rows. The persistent rows kernel is
+  taken where its window fits the usable L2; otherwise the cost model (`plan_layer_norm`
+  compares the modeled bytes of the rows and chunked plans) picks the cheaper.
 
 Per-example dW/dB norms (PER_EXAMPLE, layer_norm_bwd_per_example: examples of rows_per_example
 consecutive rows), on every backward path, in the same pass: |dW_e|^2 = sum_j (sum_{r in e}
@@ -710,12 +726,16 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
     launches += _column_sums(n, groups, acc, w_es, has_weight, has_bias)
     chunked = LayerNormPlan("bwd", "chunked", block_m, block_n, warps, (col_blocks, groups),
                             rows_per_program, groups, tuple(launches), chunk_rows)
-    # The persistent kernel where its window fits the usable L2 (3 passes by the model, one
-    # launch instead of two per row chunk); otherwise the cost model picks the cheaper.
+    # The persistent kernel where its grid fills the device (not with a handful of rows, one
+    # program each, where the column-chunked grid has column blocks x row groups) and its
+    # window fits the usable L2 (3 passes by the model, one launch instead of two per row
+    # chunk) or the cost model finds it no dearer.
     budget_l2 = l2_cache_bytes(device)
+    fills = rows.grid[0] >= triton.cdiv(3 * num_parallel_programs(device), 4)
     rows_fit = rows.launches[0].l2_window <= int(L2_REUSE_FRACTION * budget_l2)
-    if _forced_bwd_path == "rows" or (_forced_bwd_path is None and (rows_fit or modeled_hbm_bytes(
-            rows.launches, budget_l2) <= modeled_hbm_bytes(chunked.launches, budget_l2))):
+    if _forced_bwd_path == "rows" or (_forced_bwd_path is None and fills and (
+            rows_fit or modeled_hbm_bytes(rows.launches, budget_l2)
+            <= modeled_hbm_bytes(chunked.launches, budget_l2))):
         return rows
     return chunked
 
