@@ -85,12 +85,14 @@ def _ln_specs():
                                "ROUND_DX_TERMS": round_xhat,  # T5: with the Llama rounding
                                "ROW_STATS_IN_TILE": in_tile, "PER_EXAMPLE": False,
                                # a later row chunk adds into the partial rows
-                               "ACCUMULATE": not in_tile, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps))
+                               "ACCUMULATE": not in_tile, "BLOCK_M": block_m,
+                               "BLOCK_N": block_n}, warps))
             if not residual and not round_xhat:  # layer_norm_bwd_per_example's launch
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
                                "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": True,
-                               "PER_EXAMPLE": True, "ACCUMULATE": False, "BLOCK_M": 2, "BLOCK_N": 1024}, 4))
+                               "PER_EXAMPLE": True, "ACCUMULATE": False, "BLOCK_M": 2,
+                               "BLOCK_N": 1024}, 4))
                 # ... on the column-chunked path (row statistics from the first kernel)
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
