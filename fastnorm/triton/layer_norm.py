@@ -63,8 +63,9 @@ bitwise repeatable, no atomics. Paths, by N:
   which Triton does not expose portably and which Triton's interpreter, running programs one
   after another, cannot run; keeping whole rows per program instead needs N-wide dW/dB
   partials per program that do not fit in L2 next to the rows. The persistent rows kernel is
-  taken where its window fits the usable L2; otherwise the cost model (`plan_layer_norm`
-  compares the modeled bytes of the rows and chunked plans) picks the cheaper.
+  taken where its window fits the usable L2 and its grid fills the device; otherwise the cost
+  model (`plan_layer_norm` compares the modeled bytes of the rows and chunked plans) picks the
+  cheaper (never rows with fewer rows than 3/4 of the SMs: one program a row).
 
 Per-example dW/dB norms (PER_EXAMPLE, layer_norm_bwd_per_example: examples of rows_per_example
 consecutive rows), on every backward path, in the same pass: |dW_e|^2 = sum_j (sum_{r in e}
