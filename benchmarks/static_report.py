@@ -73,11 +73,14 @@ DESIGN_EXCEPTIONS = {
                                     "the L2 window (8x320x128^2 fp32: 42 MB > 25 MB) is re-read "
                                     "partly from HBM; channels-last dweight/dbias partials of "
                                     "many splits (8x1280x32^2: ~12 % of x, dy and dx)",
-    ("layer_norm", "bwd", "chunked"): "rows too long for the persistent backward's L2 window "
-                                      "(1024x65536 bf16: 132 rows of x, dy + 132 fp32 partial "
-                                      "rows = 67 MB > 25 MB): the two-kernel path reads x and "
-                                      "dy twice; with a handful of rows the dW/dB partials and "
-                                      "the weights are not small next to x",
+    ("layer_norm", "bwd", "chunked"): "row chunks (x and dy of a chunk within the L2 window "
+                                      "next to the dW/dB partial rows) reach ~3 passes where "
+                                      "MAX_ROW_CHUNKS = 16 chunks suffice; fp32 rows of 64K "
+                                      "(1024x65536: 512 MB of x and dy) and 16-bit LayerNorm "
+                                      "on sm_80's 20 MB window need more, so part of the "
+                                      "dx kernel's re-read comes from HBM; with a handful "
+                                      "of rows (7x65537) the dW/dB partials and the weights "
+                                      "are not small next to x",
     ("rms_norm", "bwd", "chunked"): "as layer_norm",
     ("layer_norm", "bwd", "rows"): "few rows per program (2048x16385: 16): each program's N "
                                    "fp32 dW and dB partial rows, written and summed once, are "

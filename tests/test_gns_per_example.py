@@ -141,6 +141,34 @@ def test_long_rows_examples_in_one_program(triton_backend, path, t):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype,is_rms,has_bias", [
+    (torch.float32, False, True), (torch.bfloat16, True, False)])
+def test_long_rows_per_example_row_chunks(triton_backend, dtype, is_rms, has_bias):
+    """The column-chunked backward in 3 row chunks (a tiny assumed L2): examples of 3 rows span
+    row groups of 2 rows and row chunks of 4 (example 1: rows 3-5, chunks 0 and 1); norms as
+    vmap(grad), dx/dW/dB bitwise the plain backward's under the same plan."""
+    from fastnorm.triton import _common
+
+    b, t, n = 4, 3, 8200
+    x, dy, w, bias, mean, rstd = _inputs(b, t, n, dtype, is_rms, has_bias, seed=4)
+    rows, drows = x.reshape(b * t, n), dy.reshape(b * t, n)
+    # A window of 3 partial rows and 4.5 rows of x and dy (as tests/test_layer_norm.py).
+    l2 = 2 * (3 * n * 4 * (1 + int(bias is not None)) + int(4.5 * n * 2 * x.element_size()))
+    with _common.assume_sm_count(4), _common.assume_l2_bytes(l2), \
+            _ln.force_backward_path("chunked"):
+        plan = _ln.plan_layer_norm(b * t, n, dtype, "bwd", rows.device, is_rms=is_rms,
+                                   has_bias=bias is not None)
+        assert (plan.chunk_rows, plan.rows_per_program) == (4, 2)
+        got = _ln.layer_norm_bwd_per_example(drows, rows, w, bias, mean, rstd, is_rms, t)
+        plain = _ln.layer_norm_bwd(drows, rows, w, bias, mean, rstd, is_rms)
+    want = _per_sample_sq_norms(x, dy, w, bias, is_rms)
+    torch.testing.assert_close(got[3], want[0], **TOL[dtype])
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    if bias is not None:
+        torch.testing.assert_close(got[4], want[1], **TOL[dtype])
+        assert torch.equal(got[2], plain[2])
+
+
 def test_bad_rows_per_example_raises(triton_backend):
     y = torch.randn(6, 4, device=DEVICE)
     s = torch.ones(6, device=DEVICE)

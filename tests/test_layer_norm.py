@@ -409,6 +409,42 @@ def test_long_row_paths_agree(device):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
 
 
+def row_chunk_l2(n, elem_size, n_partials):
+    """An assumed L2 whose cost-model window (half of it) holds 3 dW/dB partial rows of n fp32
+    and 4.5 rows of x and dy: at 12 rows of n > 8192 and 4 SMs the column-chunked backward runs
+    3 row chunks of 4 rows (2 row groups of 2 rows each)."""
+    return 2 * (3 * n * 4 * n_partials + int(4.5 * n * 2 * elem_size))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_row_chunks(kind, dtype, device):
+    """x and dy over the L2 window: the column-chunked backward runs once per row chunk (3 here,
+    by a tiny assumed L2), adding into the same dW/dB partial rows in chunk order; against the
+    float64 reference, dx bitwise the one-chunk result, deterministic."""
+    from fastnorm.triton import _common
+    from fastnorm.triton.layer_norm import LayerNormPlan, force_backward_path, plan_layer_norm
+
+    M, N = 12, 8200
+    l2 = row_chunk_l2(N, torch.empty((), dtype=dtype).element_size(), 2 if kind == "layer" else 1)
+    with _common.assume_sm_count(4), _common.assume_l2_bytes(l2), force_backward_path("chunked"):
+        plan = plan_layer_norm(M, N, dtype, "bwd", torch.device(device), is_rms=kind == "rms")
+        assert LayerNormPlan.row_chunks(M, plan.chunk_rows) == [(0, 4), (4, 8), (8, 12)]
+        assert (plan.rows_per_program, plan.partial_rows) == (2, 2)
+        # Launch pairs per chunk, then the column sums.
+        assert [l.kernel for l in plan.launches[:6]] == [
+            "_layer_norm_bwd_row_stats_kernel", "_layer_norm_bwd_kernel"] * 3
+        got = _check(kind, (M, N), (N,), dtype, device)
+        again = _check(kind, (M, N), (N,), dtype, device)
+    with _common.assume_sm_count(4), force_backward_path("chunked"):
+        assert plan_layer_norm(M, N, dtype, "bwd", torch.device(device),
+                               is_rms=kind == "rms").chunk_rows == 0
+        one = _check(kind, (M, N), (N,), dtype, device)
+    assert torch.equal(got[1], one[1])  # dx: per-row statistics, not the chunking
+    for a, b in zip(got, again):
+        assert a is None or torch.equal(a, b)
+
+
 def test_force_backward_path_rejects_unknown():
     from fastnorm.triton.layer_norm import force_backward_path
 

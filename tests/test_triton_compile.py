@@ -65,8 +65,10 @@ def _ln_specs():
                        "PE_DW": f"*{stat}", "PE_DB": f"*{stat}",
                        "M": "i32", "N": "i32", "stride_x": "i32", "stride_dy": "i32",
                        "stride_dx": "i32", "stride_dres": "i32", "rows_per_program": "i32",
-                       "rows_per_example": "i32", "slots_per_program": "i32"}
-            rows_sig = {k: v for k, v in bwd_sig.items() if k not in ("C1", "C2")}
+                       "rows_per_example": "i32", "slots_per_program": "i32",
+                       "first_group": "i32"}
+            rows_sig = {k: v for k, v in bwd_sig.items()
+                        if k not in ("C1", "C2", "first_group")}
             # PER_EXAMPLE on: layer_norm_bwd_per_example's launch (no residual, no rounding).
             for per_example in ((False, True) if not residual and not round_xhat else (False,)):
                 specs.append(("layer_norm", "_layer_norm_bwd_rows_kernel", rows_sig,
@@ -82,17 +84,20 @@ def _ln_specs():
                               {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
                                "ROUND_DX_TERMS": round_xhat,  # T5: with the Llama rounding
                                "ROW_STATS_IN_TILE": in_tile, "PER_EXAMPLE": False,
-                               "BLOCK_M": block_m, "BLOCK_N": block_n}, warps))
+                               # a later row chunk adds into the partial rows
+                               "ACCUMULATE": not in_tile, "BLOCK_M": block_m,
+                               "BLOCK_N": block_n}, warps))
             if not residual and not round_xhat:  # layer_norm_bwd_per_example's launch
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
                                "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": True,
-                               "PER_EXAMPLE": True, "BLOCK_M": 2, "BLOCK_N": 1024}, 4))
+                               "PER_EXAMPLE": True, "ACCUMULATE": False, "BLOCK_M": 2,
+                               "BLOCK_N": 1024}, 4))
                 # ... on the column-chunked path (row statistics from the first kernel)
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
                                "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": False,
-                               "PER_EXAMPLE": True, "BLOCK_M": 1,
+                               "PER_EXAMPLE": True, "ACCUMULATE": True, "BLOCK_M": 1,
                                "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
     for dt in ("fp32", "fp64"):
         specs.append(("_common", "_column_sum_kernel",

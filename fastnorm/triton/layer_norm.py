@@ -40,15 +40,32 @@ bitwise repeatable, no atomics. Paths, by N:
 - chunked (rows whose window does not fit: 1024 x 65536 bf16, 132 x 512 KB = 67 MB): a
   row-statistics kernel computes (c1, c2) per row, then a column-chunked kernel (grid: column
   blocks x row groups, dW/dB of its column block in registers, row groups last-first so the tail
-  the first kernel read is still in L2) writes dx: x and dy are read twice, 5 passes.
-  Why not 3 passes here: a row of 64K bf16 x and dy is 256 KB, more than one SM's registers and
-  shared memory, so it has to be split over programs that exchange c1/c2 partials before any of
-  them can write dx. That needs a barrier between co-resident programs (thread-block clusters
-  with distributed shared memory, or a grid barrier on a global flag) which Triton does not
-  expose portably and which Triton's interpreter, running programs one after another, cannot
-  run; keeping whole rows per program instead needs N-wide dW/dB partials per program that do not
-  fit in L2 next to the rows. The cost model (`plan_layer_norm` compares the modeled bytes of
-  the rows and chunked plans) picks the cheaper.
+  the first kernel read is still in L2) writes dx. Row chunks (`_row_chunks`): when x and dy
+  exceed the model's L2 window (L2_REUSE_FRACTION of the L2) the pair runs once per chunk of
+  rows, each chunk whole row groups (rows_per_program rows each, the unchunked layout of row
+  groups, so slot rows and program boundaries do not move), sized so the chunk's x and dy fit
+  the window next to the dW/dB partial rows, at most MAX_ROW_CHUNKS chunks of equal size. The
+  chunks share the partial rows: chunk i > 0 adds into them (ACCUMULATE: read, add, store; the
+  chunks run in order, so a partial row is a fixed-order sum, deterministic, no atomics; the
+  dW/dB sums are not bitwise the one-chunk result, whose rows group differently; dx is). The
+  dx kernel's re-read of x and dy, and the partial rows the previous chunk stored, are L2 hits
+  by the model: 3 passes plus the final partial rows (1024 x 65536 bf16 on an H100: 16 chunks
+  of 64 rows, 16 MB of x and dy + 8 MB of partial rows, ~1.05x the ideal bytes; the previous
+  single pair read x and dy twice, 5 passes). Two launches per chunk: a chunk holds at least
+  half the window (>= ~4 us of HBM traffic at 3 TB/s on an H100) for two launches of a few us
+  of host time, so the host may fall behind at the smallest chunks (unmeasured; CUDA graphs
+  hide it; MAX_ROW_CHUNKS = 1 turns row chunks off). fp32 at N = 64K needs more chunks than
+  the cap: part of its re-read comes from HBM.
+  Why not one 3-pass launch here: a row of 64K bf16 x and dy is 256 KB, more than one SM's
+  registers and shared memory, so it has to be split over programs that exchange c1/c2
+  partials before any of them can write dx. That needs a barrier between co-resident programs
+  (thread-block clusters with distributed shared memory, or a grid barrier on a global flag)
+  which Triton does not expose portably and which Triton's interpreter, running programs one
+  after another, cannot run; keeping whole rows per program instead needs N-wide dW/dB
+  partials per program that do not fit in L2 next to the rows. The persistent rows kernel is
+  taken where its window fits the usable L2 and its grid fills the device; otherwise the cost
+  model (`plan_layer_norm` compares the modeled bytes of the rows and chunked plans) picks the
+  cheaper (never rows with fewer rows than 3/4 of the SMs: one program a row).
 
 Per-example dW/dB norms (PER_EXAMPLE, layer_norm_bwd_per_example: examples of rows_per_example
 consecutive rows), on every backward path, in the same pass: |dW_e|^2 = sum_j (sum_{r in e}
@@ -103,6 +120,11 @@ ELEMS_PER_WARP_LN = 512
 # Fewest rows per backward program before adding programs (each adds a row of dW/dB partials:
 # N fp32 written and read again, next to ~3 * rows * N * elem_size of x, dy and dx).
 MIN_ROWS_PER_PARTIAL = 64
+# Most row chunks the column-chunked backward cuts a call into (two launches each): enough that
+# x and dy of 1024 x 65536 bf16 (256 MB) go through a 25 MB L2 window in chunks that fit next to
+# the partial rows; beyond it chunks grow past the window (fp32 at N = 64K) and part of the
+# re-read comes from HBM. 1 turns row chunks off.
+MAX_ROW_CHUNKS = 16
 
 
 @triton.jit
@@ -415,14 +437,16 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
 @triton.jit
 def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_partial, DRES,
                            PE_DW, PE_DB, M, N, stride_x, stride_dy, stride_dx, stride_dres,
-                           rows_per_program, rows_per_example, slots_per_program,
+                           rows_per_program, rows_per_example, slots_per_program, first_group,
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_DRESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
                            ROUND_DX_TERMS: tl.constexpr, ROW_STATS_IN_TILE: tl.constexpr,
-                           PER_EXAMPLE: tl.constexpr,
+                           PER_EXAMPLE: tl.constexpr, ACCUMULATE: tl.constexpr,
                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (column blocks, row groups). Each program owns rows [g*rows_per_program, ...) of one
-    column block: writes dx there and one row of the dW/dB partial sums.
+    """Grid (column blocks, row groups). Program (c, j) is row group g = first_group + j: it
+    owns rows [g*rows_per_program, ...) of column block c, writes dx there and row j of the
+    dW/dB partial sums (ACCUMULATE: adds into it, a row chunk after the first; the launcher
+    runs the chunks in order, so each partial row is a fixed-order sum).
 
     ROW_STATS_IN_TILE: the column block is the whole row, so c1/c2 come from the tile itself;
     otherwise they were computed by _layer_norm_bwd_row_stats_kernel.
@@ -442,7 +466,8 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     col_block = tl.program_id(0)
     # Row groups from the last: after the row-statistics kernel the last rows are in L2, and
     # the programs launched first take them.
-    group = tl.num_programs(1) - 1 - tl.program_id(1)
+    local = tl.num_programs(1) - 1 - tl.program_id(1)
+    group = first_group + local
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_WEIGHT:
@@ -512,9 +537,15 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
                     prev = tl.load(PE_DB + slot, mask=col_mask, other=0.0)
                     tl.store(PE_DB + slot, prev + part, mask=col_mask)
     if HAS_WEIGHT:
-        tl.store(DW_partial + group * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        dw = tl.sum(dw_acc, axis=0)
+        if ACCUMULATE:
+            dw += tl.load(DW_partial + local * N + cols, mask=col_mask, other=0.0)
+        tl.store(DW_partial + local * N + cols, dw, mask=col_mask)
     if HAS_BIAS:
-        tl.store(DB_partial + group * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+        db = tl.sum(db_acc, axis=0)
+        if ACCUMULATE:
+            db += tl.load(DB_partial + local * N + cols, mask=col_mask, other=0.0)
+        tl.store(DB_partial + local * N + cols, db, mask=col_mask)
 
 
 # --- launch plans ------------------------------------------------------------------------------
@@ -560,6 +591,15 @@ class LayerNormPlan:
     rows_per_program: int
     partial_rows: int
     launches: tuple[LaunchCost, ...]
+    # Column-chunked backward: rows per row chunk (whole programs), each chunk one launch pair
+    # (see _row_chunks); 0: one pair over all rows.
+    chunk_rows: int = 0
+
+    @staticmethod
+    def row_chunks(m: int, chunk_rows: int) -> list[tuple[int, int]]:
+        """[start, stop) row ranges, one launch pair each (all rows when chunk_rows is 0)."""
+        step = chunk_rows or max(m, 1)
+        return [(r0, min(m, r0 + step)) for r0 in range(0, m, step)] or [(0, 0)]
 
 
 def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch.device, *,
@@ -638,56 +678,95 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
     groups = max(1, groups)
     rows_per_program = triton.cdiv(max(m, 1), groups)
     warps = num_warps_for(block_m * block_n, elems_per_warp=ELEMS_PER_WARP_LN)
-    partial_bytes = groups * n * acc * n_partials
+    w_bytes = n * w_es * int(has_weight)
+    if whole_row:
+        partial_bytes = groups * n * acc * n_partials
+        grid = (col_blocks, groups)
+        launches = [LaunchCost("_layer_norm_bwd_kernel", grid, warps,
+                               reads=inputs + dres + stats + w_bytes,
+                               writes=m * n * dx_es + partial_bytes)]
+        launches += _column_sums(n, groups, acc, w_es, has_weight, has_bias)
+        return LayerNormPlan("bwd", "fused", block_m, block_n, warps, grid, rows_per_program,
+                             groups, tuple(launches))
+    rows = _rows_plan(m, n, dtype, device, has_weight, has_bias, w_es, es, dy_es, dx_es,
+                      dres, stats, acc, n_partials)
+    rows_per_program, groups, chunk_rows = _row_chunks(m, n * (es + dy_es),
+                                                       n * acc * n_partials, groups, device)
+    c_bytes = acc * (1 if is_rms else 2)  # c1 (and c2) per row
     launches = []
-    if not whole_row:
-        rows = _rows_plan(m, n, dtype, device, has_weight, has_bias, w_es, es, dy_es, dx_es,
-                          dres, stats, acc, n_partials)
-        chunked_cost = _two_kernel_cost(m, n, inputs, dres, stats, has_weight, w_es, acc,
-                                        is_rms, dx_es, partial_bytes)
-        budget_l2 = l2_cache_bytes(device)
-        # The cost model picks: the persistent kernel where its window fits (3 passes), the
-        # two-kernel path where re-reading x and dy from HBM costs less than partial-row
-        # updates that miss the L2.
-        if _forced_bwd_path == "rows" or (_forced_bwd_path is None and modeled_hbm_bytes(
-                rows.launches, budget_l2) <= modeled_hbm_bytes(chunked_cost, budget_l2)):
-            return rows
-        launches.append(LaunchCost("_layer_norm_bwd_row_stats_kernel", (m,),
+    chunks = LayerNormPlan.row_chunks(m, chunk_rows)
+    for i, (r0, r1) in enumerate(chunks):
+        rows_c = r1 - r0
+        inputs_c = rows_c * n * (es + dy_es)
+        stats_c = stats // max(m, 1) * rows_c
+        groups_c = triton.cdiv(rows_c, rows_per_program)
+        partial_c = groups_c * n * acc * n_partials
+        launches.append(LaunchCost("_layer_norm_bwd_row_stats_kernel", (rows_c,),
                                    num_warps_for(block_n, elems_per_warp=ELEMS_PER_WARP_LN),
-                                   reads=inputs + stats + n * w_es * int(has_weight),
-                                   writes=m * acc * (1 if is_rms else 2)))
-    grid = (col_blocks, groups)
-    launches.append(LaunchCost(
-        "_layer_norm_bwd_kernel", grid, warps,
-        reads=inputs + dres + stats + n * w_es * int(has_weight)
-        + (0 if whole_row else m * acc * (1 if is_rms else 2)),
-        writes=m * n * dx_es + partial_bytes,
-        # The column-chunked kernel reads x and dy after the row-statistics kernel read all of
-        # them: from L2 only the tail (its row groups run last-first for that).
-        l2_reread=0 if whole_row else inputs))
+                                   reads=inputs_c + stats_c + w_bytes, writes=rows_c * c_bytes))
+        if len(chunks) == 1:
+            # The dx kernel re-reads x and dy after the row-statistics kernel read all of them:
+            # from L2 only the tail (its row groups run last-first for that).
+            launches.append(LaunchCost(
+                "_layer_norm_bwd_kernel", (col_blocks, groups), warps,
+                reads=inputs + dres + stats + w_bytes + m * c_bytes,
+                writes=m * n * dx_es + partial_c, l2_reread=inputs))
+            continue
+        # Row chunks: the chunk's x and dy were just read by its row-statistics kernel, and
+        # the partial rows (read, added to, stored again by every chunk after the first) were
+        # stored by the previous chunk with only this chunk's x and dy read since: a window of
+        # inputs_c + the partial rows, sized by _row_chunks to fit the usable L2. Only the last
+        # chunk's partial rows reach HBM (as in the persistent rows kernel's updates).
+        earlier = partial_c if i > 0 else 0
+        later = partial_c if i < len(chunks) - 1 else 0
+        launches.append(LaunchCost(
+            "_layer_norm_bwd_kernel", (col_blocks, groups_c), warps,
+            reads=inputs_c + rows_c * n * es * int(has_dresidual) + stats_c + w_bytes
+            + rows_c * c_bytes + earlier,
+            writes=rows_c * n * dx_es + partial_c, l2_reread=inputs_c + earlier + later,
+            l2_window=inputs_c + partial_c))
     launches += _column_sums(n, groups, acc, w_es, has_weight, has_bias)
-    return LayerNormPlan("bwd", "fused" if whole_row else "chunked", block_m, block_n, warps,
-                         grid, rows_per_program, groups, tuple(launches))
+    chunked = LayerNormPlan("bwd", "chunked", block_m, block_n, warps, (col_blocks, groups),
+                            rows_per_program, groups, tuple(launches), chunk_rows)
+    # The persistent kernel where its grid fills the device (not with a handful of rows, one
+    # program each, where the column-chunked grid has column blocks x row groups) and its
+    # window fits the usable L2 (3 passes by the model, one launch instead of two per row
+    # chunk) or the cost model finds it no dearer.
+    budget_l2 = l2_cache_bytes(device)
+    fills = rows.grid[0] >= triton.cdiv(3 * num_parallel_programs(device), 4)
+    rows_fit = rows.launches[0].l2_window <= int(L2_REUSE_FRACTION * budget_l2)
+    if _forced_bwd_path == "rows" or (_forced_bwd_path is None and fills and (
+            rows_fit or modeled_hbm_bytes(rows.launches, budget_l2)
+            <= modeled_hbm_bytes(chunked.launches, budget_l2))):
+        return rows
+    return chunked
+
+
+def _row_chunks(m: int, row_bytes: int, partial_row_bytes: int, groups: int,
+                device: torch.device) -> tuple[int, int, int]:
+    """(rows per program, dW/dB partial rows, rows per row chunk; 0: one chunk) of the
+    column-chunked backward. Its dx kernel re-reads the x and dy (`row_bytes` a row) that the
+    row-statistics kernel just read: when all of them fit the cost model's L2 window
+    (L2_REUSE_FRACTION of the L2), one launch pair over all rows with `groups` programs per
+    column block. Otherwise the pair runs once per row chunk, chunk_rows = groups * rows per
+    program (whole programs, so example slot rows and program boundaries are the unchunked
+    layout's): the most rows whose x and dy fit the window next to the `groups` partial rows
+    (`partial_row_bytes` each) the chunks accumulate into, at least one, at most
+    MAX_ROW_CHUNKS chunks of about equal size."""
+    window = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
+    if m * row_bytes <= window or MAX_ROW_CHUNKS <= 1:
+        return triton.cdiv(max(m, 1), groups), groups, 0
+    fit = max(1, (window - groups * partial_row_bytes) // row_bytes)
+    chunk_rows = triton.cdiv(m, min(MAX_ROW_CHUNKS, triton.cdiv(m, fit)))
+    rows_per_program = triton.cdiv(chunk_rows, groups)
+    groups = triton.cdiv(chunk_rows, rows_per_program)  # fewer when rows do not divide evenly
+    return rows_per_program, groups, groups * rows_per_program
 
 
 def _column_sums(n: int, rows: int, acc: int, w_es: int, has_weight: bool,
                  has_bias: bool) -> list[LaunchCost]:
     return [LaunchCost("_column_sum_kernel", (triton.cdiv(n, 128),), 4, reads=rows * n * acc,
                        writes=n * w_es) for present in (has_weight, has_bias) if present]
-
-
-def _two_kernel_cost(m: int, n: int, inputs: int, dres: int, stats: int, has_weight: bool,
-                     w_es: int, acc: int, is_rms: bool, dx_es: int,
-                     partial_bytes: int) -> tuple[LaunchCost, ...]:
-    """The bytes of the column-chunked backward (row statistics, then dx and dW/dB partials),
-    for comparing it with the persistent rows kernel; grids do not matter here."""
-    c = m * acc * (1 if is_rms else 2)
-    w = n * w_es * int(has_weight)
-    return (LaunchCost("_layer_norm_bwd_row_stats_kernel", (m,), 0,
-                       reads=inputs + stats + w, writes=c),
-            LaunchCost("_layer_norm_bwd_kernel", (0,), 0,
-                       reads=inputs + dres + stats + w + c, writes=m * n * dx_es + partial_bytes,
-                       l2_reread=inputs))
 
 
 def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_weight: bool,
@@ -895,11 +974,14 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     per_example = rows_per_example > 0
     rpe = max(rows_per_example, 1)
     slots = triton.cdiv(rpp, rpe) + 1 if per_example else 0  # examples rpp rows can touch
+    # Slot rows per row group of the whole call (row chunks accumulate into `groups` dW/dB
+    # partial rows, but every row group has its own slots).
+    slot_groups = max(groups, triton.cdiv(M, rpp))
     pe_dw = pe_db = rstd  # placeholders, written only with PER_EXAMPLE
     if per_example:
-        pe_dw = torch.zeros((groups * slots + 1, N) if has_weight else (0,),
+        pe_dw = torch.zeros((slot_groups * slots + 1, N) if has_weight else (0,),
                             dtype=partial_dtype, device=x.device)
-        pe_db = torch.zeros((groups * slots + 1, N) if has_bias else (0,),
+        pe_db = torch.zeros((slot_groups * slots + 1, N) if has_bias else (0,),
                             dtype=partial_dtype, device=x.device)
     pe_dw_arg = pe_dw if per_example and has_weight else rstd
     pe_db_arg = pe_db if per_example and has_bias else rstd
@@ -923,25 +1005,36 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
         if not whole_row:
             c1 = torch.empty(M, dtype=partial_dtype, device=x.device)
             c2 = c1 if is_rms else torch.empty(M, dtype=partial_dtype, device=x.device)
-            stats_launch = plan.launches[0]
-            _layer_norm_bwd_row_stats_kernel[stats_launch.grid](
-                x, w, dy, mean_arg, rstd, c1, c2, N, x.stride(0), dy.stride(0),
-                IS_RMS=is_rms, HAS_WEIGHT=has_weight, ROUND_XHAT=round_xhat, ACC=flags["ACC"],
-                BLOCK_N=plan.block_n, num_warps=stats_launch.num_warps)
-        _layer_norm_bwd_kernel[plan.grid](
-            x, w, dy, dx, mean_arg, rstd, c1, c2,
-            dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-            dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg,
-            M, N, x.stride(0), dy.stride(0), dx.stride(0),
-            dresidual.stride(0) if has_dresidual else 0, rpp, rpe, slots, **flags,
-            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
-            ROW_STATS_IN_TILE=whole_row, PER_EXAMPLE=per_example,
-            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+        # One launch pair per row chunk (plan.launches lists them in this order), the chunks'
+        # dx kernels adding into the same partial rows in chunk order; whole rows: one launch.
+        chunks = [(0, M)] if whole_row else LayerNormPlan.row_chunks(M, plan.chunk_rows)
+        for i, (r0, r1) in enumerate(chunks):
+            if not whole_row:
+                stats_launch = plan.launches[2 * i]
+                # Views of the chunk's rows: the kernel indexes by row only.
+                _layer_norm_bwd_row_stats_kernel[stats_launch.grid](
+                    x[r0:r1], w, dy[r0:r1], mean_arg if is_rms else mean_arg[r0:r1],
+                    rstd[r0:r1], c1[r0:r1], c2[r0:r1], N, x.stride(0), dy.stride(0),
+                    IS_RMS=is_rms, HAS_WEIGHT=has_weight, ROUND_XHAT=round_xhat,
+                    ACC=flags["ACC"], BLOCK_N=plan.block_n, num_warps=stats_launch.num_warps)
+            grid = plan.grid if len(chunks) == 1 else (plan.grid[0], triton.cdiv(r1 - r0, rpp))
+            # Full tensors and the chunk's first row group: row groups, slot rows and program
+            # boundaries are those of the whole call.
+            _layer_norm_bwd_kernel[grid](
+                x, w, dy, dx, mean_arg, rstd, c1, c2,
+                dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
+                dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg,
+                M, N, x.stride(0), dy.stride(0), dx.stride(0),
+                dresidual.stride(0) if has_dresidual else 0, rpp, rpe, slots, r0 // rpp,
+                **flags, HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat,
+                ROUND_DX_TERMS=round_dx_terms, ROW_STATS_IN_TILE=whole_row,
+                PER_EXAMPLE=per_example, ACCUMULATE=i > 0,
+                BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
     dbias = column_sum(db_partial, bias.dtype) if has_bias else None
     pe = None
     if per_example:
-        pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, groups, x.device))
+        pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, slot_groups, x.device))
     return dx, dweight, dbias, pe
 
 
