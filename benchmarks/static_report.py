@@ -105,9 +105,13 @@ PE_EXCEPTIONS: dict[tuple[str, str], str] = {
                              "below M ~ 50 x (E + programs) (264 programs, 32 examples: "
                              "32768x1024 19 %, 8192x8192 43 %); not a pass over x or dy",
     ("rms_norm", "fused"): "as layer_norm (one parameter: half the bytes)",
-    ("layer_norm", "chunked"): "a handful of rows per program (1024x65536: 17 row groups of 61 "
-                               "rows, 7x65537: one example of 7 rows): the slot rows, like "
-                               "the plain dW/dB partials, are not small next to x",
+    ("layer_norm", "chunked"): "OPEN: with row chunks the chunked backward's programs take a "
+                               "few rows each (1024x65536: 4), so an example of 32 rows spans "
+                               "8 programs and the torch gather of _slot_sq_norms moves ~9 "
+                               "slot rows per example, written and re-read (fp32: ~0.9 x of "
+                               "x). Not a pass over x or dy, but as costly; fix: a Triton slot-"
+                               "sum kernel, or row groups sized to examples. 7x65537: one "
+                               "example of 7 rows, the slot rows are not small next to x",
     ("rms_norm", "chunked"): "as layer_norm",
     ("layer_norm", "rows"): "as fused, with few rows per program (4096x8193: 31); and OPEN "
                             "(plan, not design) where the persistent rows kernel's L2 window, "

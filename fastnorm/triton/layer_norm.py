@@ -834,6 +834,9 @@ def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torc
     touched = min(groups * slots, examples + groups) * row * params
     gathered = examples * (triton.cdiv(rpe, rpp) + 1) * row
     rows_path = plan.path == "rows"
+    # The chunked path runs its dx kernel once per row chunk: the slot updates split over them.
+    mains = sum(launch.kernel in ("_layer_norm_bwd_rows_kernel", "_layer_norm_bwd_kernel")
+                for launch in plan.launches)
     launches = [LaunchCost("torch.zeros", (), 0, reads=0, writes=allocated)]
     for launch in plan.launches:
         if launch.kernel in ("_layer_norm_bwd_rows_kernel", "_layer_norm_bwd_kernel"):
@@ -844,13 +847,15 @@ def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torc
                 launch = LaunchCost(launch.kernel, launch.grid, launch.num_warps, launch.reads,
                                     launch.writes, launch.l2_reread, window)
                 updates = m * row * params
+                touched_here = touched
             else:
                 window = allocated
                 updates = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
-                           * plan.block_n * acc * params + touched)
+                           * plan.block_n * acc * params + touched) // mains
+                touched_here = touched // mains
             launches.append(launch)
             launches.append(LaunchCost(launch.kernel + ".slots", (), 0, reads=updates,
-                                       writes=updates, l2_reread=2 * updates - touched,
+                                       writes=updates, l2_reread=2 * updates - touched_here,
                                        l2_window=window))
         else:
             launches.append(launch)
