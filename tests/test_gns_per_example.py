@@ -46,6 +46,18 @@ def _per_sample_sq_norms(x, dy, w, bias, is_rms):
     return [g.square().sum(1) for g in grads]
 
 
+def _assert_long_rows_pe(got, plain, x, dy, w, bias, is_rms, dtype):
+    """Per-example norms as vmap(grad); dx/dW/dB bitwise the plain backward's."""
+    want = _per_sample_sq_norms(x, dy, w, bias, is_rms)
+    torch.testing.assert_close(got[3], want[0], **TOL[dtype])
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    if bias is not None:
+        torch.testing.assert_close(got[4], want[1], **TOL[dtype])
+        assert torch.equal(got[2], plain[2])
+    else:
+        assert got[4].numel() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("is_rms,has_bias", [(False, True), (False, False), (True, False)])
 def test_per_example_sq_norms_match_vmap_grad(backend, dtype, is_rms, has_bias):
@@ -112,14 +124,7 @@ def test_long_rows_per_example(triton_backend, path, dtype, is_rms, has_bias):
         assert plan.path == path and plan.rows_per_program < t  # examples span programs
         got = _ln.layer_norm_bwd_per_example(drows, rows, w, bias, mean, rstd, is_rms, t)
         plain = _ln.layer_norm_bwd(drows, rows, w, bias, mean, rstd, is_rms)
-    want = _per_sample_sq_norms(x, dy, w, bias, is_rms)
-    torch.testing.assert_close(got[3], want[0], **TOL[dtype])
-    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
-    if bias is not None:
-        torch.testing.assert_close(got[4], want[1], **TOL[dtype])
-        assert torch.equal(got[2], plain[2])
-    else:
-        assert got[4].numel() == 0
+    _assert_long_rows_pe(got, plain, x, dy, w, bias, is_rms, dtype)
 
 
 @pytest.mark.parametrize("path", ["rows", "chunked"])
@@ -161,12 +166,7 @@ def test_long_rows_per_example_row_chunks(triton_backend, dtype, is_rms, has_bia
         assert (plan.chunk_rows, plan.rows_per_program) == (4, 2)
         got = _ln.layer_norm_bwd_per_example(drows, rows, w, bias, mean, rstd, is_rms, t)
         plain = _ln.layer_norm_bwd(drows, rows, w, bias, mean, rstd, is_rms)
-    want = _per_sample_sq_norms(x, dy, w, bias, is_rms)
-    torch.testing.assert_close(got[3], want[0], **TOL[dtype])
-    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
-    if bias is not None:
-        torch.testing.assert_close(got[4], want[1], **TOL[dtype])
-        assert torch.equal(got[2], plain[2])
+    _assert_long_rows_pe(got, plain, x, dy, w, bias, is_rms, dtype)
 
 
 def test_bad_rows_per_example_raises(triton_backend):

@@ -49,8 +49,8 @@ def _check(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     _checks.param(op, "bias", bias, c, x)
 
 
-def _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation) -> None:
-    op = "group_norm_bwd"
+def _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation,
+               op: str = "group_norm_bwd") -> None:
     _check(op, x, weight, bias, num_groups, activation)
     _checks.like(op, "dy", dy, x)
     _checks.stats(op, "mean", mean, (x.shape[0], num_groups), x)
@@ -121,11 +121,7 @@ register_fp32_autocast(group_norm_fwd)
 # --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
 
 def _check_pe(dy, x, weight, bias, mean, rstd, num_groups, activation) -> None:
-    op = "group_norm_bwd_pe"
-    _check(op, x, weight, bias, num_groups, activation)
-    _checks.like(op, "dy", dy, x)
-    _checks.stats(op, "mean", mean, (x.shape[0], num_groups), x)
-    _checks.stats(op, "rstd", rstd, (x.shape[0], num_groups), x)
+    _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation, op="group_norm_bwd_pe")
 
 
 @torch.library.custom_op("fastnorm::group_norm_bwd_pe", mutates_args=())
