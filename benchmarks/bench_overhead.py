@@ -1,92 +1,259 @@
-"""Per-call host overhead: fastnorm's functional ops vs torch's own call, on small inputs where
-the call itself (Python dispatch, checks) is most of the time.
+"""Host cost per call: what one fastnorm call costs the CPU thread that issues it, next to
+torch's own call, for forward and forward + backward, per backend.
 
-CPU tensors under "auto" go straight to torch's op, so the goal is "within 10 % of torch". On a
-GPU the same loop times the host side of launching the Triton kernels (no synchronization inside
-the loop, so it measures launch throughput), next to torch's own launch.
+    python benchmarks/bench_overhead.py                 # CPU tensors
+    python benchmarks/bench_overhead.py --device cuda   # CUDA tensors (Triton / C++ kernels)
 
-    python benchmarks/bench_overhead.py                 # CPU tensors, backend "auto"
-    python benchmarks/bench_overhead.py --device cuda   # CUDA tensors (Triton kernels)
+What is timed: `calls` back-to-back calls with time.perf_counter and no synchronization inside
+the loop (the device is idle at the start: synchronized before), so on CUDA the number is the
+host's issue time, not kernel time, as long as the device keeps up (small inputs; a full launch
+queue would block the host and show up as a larger number). Every figure is the minimum over
+`repeats` timing runs, providers interleaved, which filters out other load on a shared machine.
+"fwd+bwd" is `y = f(x); y.backward(dy)` with x, weight and bias requiring grad.
 
-The machine may be shared: every number is the minimum over `--repeats` timing runs of
-`--calls` back-to-back calls, alternating fastnorm and torch, which filters out other load.
+On CPU, "fastnorm-reference" runs fastnorm's op layer (functional checks, the eager route or
+the registered op, autograd, the router) with the torch reference kernels; subtracting the
+reference kernels called directly ("reference-math") leaves the op layer's own cost, the
+number the host path is judged by there. "fastnorm-auto" on CPU is torch's op behind one
+Python frame. On CUDA, "fastnorm-triton" / "fastnorm-cuda" are the kernel backends.
+
+Next to each time: kernel launches per call issued through fastnorm's Triton launcher (a
+deterministic count; the C++ kernels and torch's own ops are not counted).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastnorm  # noqa: E402
+from fastnorm import reference as R  # noqa: E402
+from fastnorm.triton import _launch  # noqa: E402
+
+MODES = ("fwd", "fwd+bwd")
 
 
-def _cases(device: str) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
-    x = torch.randn(1, 4096, device=device)
-    w, b = torch.randn(4096, device=device), torch.randn(4096, device=device)
-    x4 = torch.randn(2, 32, 4, 4, device=device)
-    c_w, c_b = torch.randn(32, device=device), torch.randn(32, device=device)
-    rm, rv = torch.zeros(32, device=device), torch.ones(32, device=device)
-    return {
-        "layer_norm 1x4096": (lambda: fastnorm.layer_norm(x, (4096,), w, b),
-                              lambda: F.layer_norm(x, (4096,), w, b)),
-        "rms_norm 1x4096": (lambda: fastnorm.rms_norm(x, (4096,), w),
-                            lambda: F.rms_norm(x, (4096,), w)),
-        "group_norm 2x32x4x4": (lambda: fastnorm.group_norm(x4, 8, c_w, c_b),
-                                lambda: F.group_norm(x4, 8, c_w, c_b)),
-        "batch_norm eval 2x32x4x4": (
-            lambda: fastnorm.batch_norm(x4, rm, rv, c_w, c_b, False),
-            lambda: F.batch_norm(x4, rm, rv, c_w, c_b, False)),
-    }
+class Case:
+    """One op at one shape: torch's call, fastnorm's call and the reference math (forward and
+    backward kernels of fastnorm/reference.py called directly, CPU only)."""
+
+    def __init__(self, name: str, inputs: dict, torch_fn: Callable, fastnorm_fn: Callable,
+                 ref_fwd: Optional[Callable] = None, ref_bwd: Optional[Callable] = None):
+        self.name, self.inputs = name, inputs
+        self.torch_fn, self.fastnorm_fn = torch_fn, fastnorm_fn
+        self.ref_fwd, self.ref_bwd = ref_fwd, ref_bwd
 
 
-def _time_per_call(fn: Callable[[], torch.Tensor], calls: int, sync: Callable[[], None]) -> float:
+def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(grad)
+
+
+def cases(device: str) -> list[Case]:
+    """The shapes: tiny on CPU (the call is all there is), and on CUDA the shapes of the H200
+    measurement (`../shared/perf/h200-2026-12-04.md`), small enough for the device to keep up."""
+    cuda = device == "cuda"
+    dt = torch.bfloat16 if cuda else torch.float32
+    m, n = (4096, 1024) if cuda else (4, 64)
+    gshape, groups = ((8, 256, 32, 32), 32) if cuda else ((2, 32, 4, 4), 8)
+    bshape = (32, 256, 14, 14) if cuda else (2, 32, 4, 4)
+    mk = dict(device=device, dtype=dt)
+    out = []
+
+    x = torch.randn(m, n, **mk)
+    w, b = torch.randn(n, **mk), torch.randn(n, **mk)
+    y, mean, rstd = R.layer_norm_fwd(x, w, b, 1e-5)
+    out.append(Case(f"layer_norm {m}x{n}", dict(x=x, w=w, b=b),
+                    lambda x, w, b: F.layer_norm(x, (n,), w, b),
+                    lambda x, w, b: fastnorm.layer_norm(x, (n,), w, b),
+                    lambda: R.layer_norm_fwd(x, w, b, 1e-5),
+                    lambda: R.layer_norm_bwd(y, x, w, b, mean, rstd)))
+    y, rstd2 = R.rms_norm_fwd(x, w, 1e-5)
+    out.append(Case(f"rms_norm {m}x{n}", dict(x=x, w=w),
+                    lambda x, w: F.rms_norm(x, (n,), w, 1e-5),
+                    lambda x, w: fastnorm.rms_norm(x, (n,), w, 1e-5),
+                    lambda: R.rms_norm_fwd(x, w, 1e-5),
+                    lambda: R.rms_norm_bwd(y, x, w, rstd2)))
+
+    xg = torch.randn(gshape, **mk)
+    c = gshape[1]
+    gw, gb = torch.randn(c, **mk), torch.randn(c, **mk)
+    x3 = xg.reshape(gshape[0], c, -1)
+    yg, gmean, grstd = R.group_norm_fwd(x3, gw, gb, groups, 1e-5, "none")
+    out.append(Case(f"group_norm {'x'.join(map(str, gshape))} G={groups}",
+                    dict(x=xg, w=gw, b=gb),
+                    lambda x, w, b: F.group_norm(x, groups, w, b),
+                    lambda x, w, b: fastnorm.group_norm(x, groups, w, b),
+                    lambda: R.group_norm_fwd(x3, gw, gb, groups, 1e-5, "none"),
+                    lambda: R.group_norm_bwd(yg, x3, gw, gb, gmean, grstd, groups, "none")))
+
+    xb = torch.randn(bshape, **mk)
+    if cuda:
+        xb = xb.to(memory_format=torch.channels_last)
+    cb = bshape[1]
+    bw, bb = torch.randn(cb, **mk), torch.randn(cb, **mk)
+    rm, rv = torch.zeros(cb, device=device), torch.ones(cb, device=device)
+    rm2, rv2 = rm.clone(), rv.clone()  # updated by the reference math's calls
+    if dt != torch.float32:  # running stats and affine in fp32, as a bf16 model keeps them
+        bw, bb = bw.float(), bb.float()
+    xb3 = xb.reshape(bshape[0], cb, -1)
+    layout = " NHWC" if cuda else ""
+    ybt, bmean, bvar = R.batch_norm_fwd(xb3, bw, bb, 1e-5, False)
+    out.append(Case(f"batch_norm train {'x'.join(map(str, bshape))}{layout}",
+                    dict(x=xb, w=bw, b=bb),
+                    lambda x, w, b: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                    lambda x, w, b: fastnorm.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                    lambda: R.batch_norm_train_apply(
+                        xb3, *R.batch_norm_stats_update(xb3, rm2, rv2, 0.1, None), bw, bb, 1e-5,
+                        False),
+                    lambda: R.batch_norm_bwd(ybt, xb3, bw, bb, bmean, bvar, 1e-5, False,
+                                             True)))
+    out.append(Case(f"batch_norm eval {'x'.join(map(str, bshape))}{layout}",
+                    dict(x=xb, w=bw, b=bb),
+                    lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5),
+                    lambda x, w, b: fastnorm.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5),
+                    lambda: R.batch_norm_apply(xb3, rm, rv, bw, bb, 1e-5, False),
+                    lambda: R.batch_norm_bwd(ybt, xb3, bw, bb, rm, rv, 1e-5, False, False)))
+    return out
+
+
+def _timer(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+    """Microseconds per call of issuing `calls` calls (device synchronized before, not inside)."""
     sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    elapsed = time.perf_counter() - start
     sync()
-    return (time.perf_counter() - start) / calls
+    return elapsed / calls * 1e6
 
 
-def measure(device: str, calls: int, repeats: int) -> list[dict]:
+def _step(fn: Callable, inputs: dict, mode: str) -> Callable[[], object]:
+    """One call of fn in `mode` on fresh leaves (grads left to accumulate: equal for all)."""
+    leaves = {k: _leaf(v, mode == "fwd+bwd") for k, v in inputs.items()}
+    if mode == "fwd":
+        return lambda: fn(**leaves)
+    y0 = fn(**leaves)
+    dy = torch.randn_like(y0)
+
+    def run():
+        fn(**leaves).backward(dy)
+    return run
+
+
+def _launches(fn: Callable[[], object]) -> int:
+    before = _launch.launches
+    fn()
+    return _launch.launches - before
+
+
+def measure(device: str, calls: int, repeats: int,
+            backends: Optional[list[str]] = None) -> list[dict]:
+    """Rows of {case, mode, provider, us, launches}, plus on CPU the op-layer cost."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if backends is None:
+        backends = ["triton", "auto"] + (["cuda"] if "cuda" in fastnorm.available_backends()
+                                         else []) if device == "cuda" else ["reference", "auto"]
     rows = []
-    for name, (ours, ref) in _cases(device).items():
-        for _ in range(3):  # warm-up: first calls compile kernels / fill caches
-            ours(), ref()
-        best_ours = best_ref = float("inf")
-        for _ in range(repeats):
-            best_ours = min(best_ours, _time_per_call(ours, calls, sync))
-            best_ref = min(best_ref, _time_per_call(ref, calls, sync))
-        rows.append({"case": name, "device": device, "backend": fastnorm.get_backend(),
-                     "fastnorm_us": best_ours * 1e6, "torch_us": best_ref * 1e6,
-                     "ratio": best_ours / best_ref})
+    for case in cases(device):
+        for mode in MODES:
+            fns = {"torch": (None, _step(case.torch_fn, case.inputs, mode))}
+            for name in backends:
+                with fastnorm.use_backend(name):  # (selected again around each timing below)
+                    fns[f"fastnorm-{name}"] = (name, _step(case.fastnorm_fn, case.inputs, mode))
+            if device == "cpu" and case.ref_fwd is not None:
+                ref = case.ref_fwd if mode == "fwd" else \
+                    (lambda f=case.ref_fwd, b=case.ref_bwd: (f(), b()))
+                fns["reference-math"] = (None, ref)
+            best = {p: float("inf") for p in fns}
+            launches = {}
+            for provider, (backend, fn) in fns.items():
+                with fastnorm.use_backend(backend or fastnorm.get_backend()):
+                    for _ in range(3):  # warm-up: compile kernels, fill the plan caches
+                        fn()
+                    launches[provider] = _launches(fn) if backend else None
+            for _ in range(repeats):
+                for provider, (backend, fn) in fns.items():
+                    with fastnorm.use_backend(backend or fastnorm.get_backend()):
+                        best[provider] = min(best[provider], _timer(fn, calls, sync))
+            for provider, us in best.items():
+                rows.append({"case": case.name, "mode": mode, "provider": provider,
+                             "us": us, "launches": launches.get(provider)})
+            if "reference-math" in best and "fastnorm-reference" in best:
+                rows.append({"case": case.name, "mode": mode, "provider": "op-layer",
+                             "us": best["fastnorm-reference"] - best["reference-math"],
+                             "launches": None})
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (case, mode), a column per provider (us per call), and fastnorm's
+    ratio to torch for each fastnorm provider."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    keys = list(dict.fromkeys((r["case"], r["mode"]) for r in rows))
+    at = {(r["case"], r["mode"], r["provider"]): r for r in rows}
+    ours = [p for p in providers if p.startswith("fastnorm-")]
+    head = ["case", "mode", *[f"{p} us" for p in providers], *[f"{p} / torch" for p in ours]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, mode in keys:
+        cells = [case, mode]
+        for p in providers:
+            r = at.get((case, mode, p))
+            if r is None:
+                cells.append("")
+                continue
+            launches = f" ({r['launches']} launches)" if r["launches"] else ""
+            cells.append(f"{r['us']:.1f}{launches}")
+        torch_us = at[(case, mode, "torch")]["us"]
+        cells += [f"{at[(case, mode, p)]['us'] / torch_us:.2f}x" for p in ours
+                  if (case, mode, p) in at]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metadata(device: str, calls: int, repeats: int) -> dict:
+    import platform
+
+    import triton
+
+    name = (torch.cuda.get_device_name() if device == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return {"device": name, "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "triton": triton.__version__,
+            "threads": torch.get_num_threads(),
+            "timer": f"min over {repeats} runs of {calls} back-to-back calls, perf_counter, "
+                     "no sync inside the loop"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--backends", help="comma-separated fastnorm backends (default: the "
+                                           "kernel backends available on the device)")
+    parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the call overhead, not a thread pool's scheduling, is measured
-    rows = measure(args.device, args.calls, args.repeats)
-    print(f"{'case':28s} {'fastnorm us':>12s} {'torch us':>10s} {'ratio':>7s}")
-    for r in rows:
-        print(f"{r['case']:28s} {r['fastnorm_us']:12.2f} {r['torch_us']:10.2f} {r['ratio']:7.3f}")
-    if args.json:
-        meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    torch.set_num_threads(1)  # the call's cost, not a thread pool's scheduling, is measured
+    backends = args.backends.split(",") if args.backends else None
+    rows = measure(args.device, args.calls, args.repeats, backends)
+    meta = metadata(args.device, args.calls, args.repeats)
+    md = f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; " \
+         f"{meta['timer']}\n\n" + table(rows)
+    print(md)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                            indent=1))
+        args.out.with_suffix(".md").write_text(md + "\n")
 
 
 if __name__ == "__main__":

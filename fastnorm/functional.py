@@ -15,6 +15,9 @@ from torch import Tensor
 
 from . import _backend
 from . import ops as _ops  # noqa: F401  (registers the fastnorm:: ops; needs only torch)
+from .ops import batch_norm as _bn_ops
+from .ops import group_norm as _gn_ops
+from .ops import layer_norm as _ln_ops
 from ._dtypes import residual_stream_dtype, stats_dtype
 from ._layout import batch_norm_relu, channel_view, group_norm_activation
 from .reference import norm_reference
@@ -59,9 +62,12 @@ def _check_dtypes(name: str, input: Tensor, params: dict[str, Optional[Tensor]],
     running stats): all of one dtype, which is the input's, or float32 with a float16/bfloat16
     input. With `fp32_under_autocast` (LayerNorm, GroupNorm: on CUDA torch's autocast runs them
     in float32) the rule is applied to the dtypes autocast casts to."""
-    present = {what: p.dtype for what, p in params.items() if p is not None}
-    if not present:
+    for p in params.values():  # the common case: every parameter in the input's dtype
+        if p is not None and p.dtype != input.dtype:
+            break
+    else:
         return
+    present = {what: p.dtype for what, p in params.items() if p is not None}
     dtype = input.dtype
     if fp32_under_autocast and input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         present = {w: d if d == torch.float64 else torch.float32 for w, d in present.items()}
@@ -78,6 +84,11 @@ def _check_dtypes(name: str, input: Tensor, params: dict[str, Optional[Tensor]],
 
 def _normalized_rows(name: str, input: Tensor, normalized_shape: _shape_t) -> tuple[tuple[int, ...], int]:
     """Checks `normalized_shape` against the input's trailing dims; returns it and its numel."""
+    kind = type(normalized_shape)
+    if (kind is tuple or kind is torch.Size) and len(normalized_shape) == 1:
+        n = normalized_shape[0]  # the common case, a module's (N,): one comparison
+        if type(n) is int and input.dim() >= 1 and input.shape[-1] == n:
+            return normalized_shape, n
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     shape = tuple(int(s) for s in normalized_shape)
@@ -93,6 +104,8 @@ def _normalized_rows(name: str, input: Tensor, normalized_shape: _shape_t) -> tu
 
 def _rows_view(input: Tensor, shape: tuple[int, ...], n: int) -> Tensor:
     """The input as (M, n) rows with unit column stride (a view when possible, else a copy)."""
+    if input.dim() == 2 and len(shape) == 1 and input.stride(1) == 1:
+        return input
     x2d = input.reshape(math.prod(input.shape[:input.dim() - len(shape)]), n)
     if x2d.stride(-1) != 1 and x2d.numel() > 0:
         x2d = x2d.contiguous()
@@ -113,7 +126,14 @@ def _as_int(name: str, what: str, position: int, value: object) -> int:
 
 
 def _flat(param: Optional[Tensor]) -> Optional[Tensor]:
-    return None if param is None else param.reshape(-1).contiguous()
+    if param is None or (param.dim() == 1 and param.is_contiguous()):
+        return param
+    return param.reshape(-1).contiguous()
+
+
+def _shaped(y: Tensor, input: Tensor) -> Tensor:
+    """y (computed on a canonical view) with the input's shape; no view op when it has it."""
+    return y if y.shape == input.shape else y.view(input.shape)
 
 
 def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
@@ -143,9 +163,9 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
     _check_dtypes("layer_norm", input, {"weight": weight, "bias": bias}, True)
     if _backend.resolve(input, "layer_norm") == "torch":
         return F.layer_norm(input, shape, weight, bias, eps)
-    y, _mean, _rstd = torch.ops.fastnorm.layer_norm_fwd(
-        _rows_view(input, shape, n), _flat(weight), _flat(bias), float(eps))
-    return y.view(input.shape)
+    y, _mean, _rstd = _ln_ops.layer_norm(_rows_view(input, shape, n), _flat(weight),
+                                         _flat(bias), float(eps))
+    return _shaped(y, input)
 
 
 def _norm_with_gns(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor],
@@ -166,7 +186,7 @@ def _norm_with_gns(input: Tensor, normalized_shape: _shape_t, weight: Optional[T
         eps = _rms_eps(input.dtype)
     lead = input.dim() - len(shape)
     rows_per_example = max(1, math.prod(input.shape[1:lead])) if lead > 0 else 1
-    y, _mean, _rstd = torch.ops.fastnorm.layer_norm_fwd_gns(
+    y, _mean, _rstd = _ln_ops.layer_norm_gns(
         _rows_view(input, shape, n), _flat(weight), None if is_rms else _flat(bias), sink,
         float(eps), is_rms, rows_per_example)
     return y.view(input.shape)
@@ -195,8 +215,8 @@ def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor]
         eps = _rms_eps(input.dtype)
     if _backend.resolve(input, "rms_norm") == "torch":
         return F.rms_norm(input, shape, weight, eps)
-    y, _rstd = torch.ops.fastnorm.rms_norm_fwd(_rows_view(input, shape, n), _flat(weight), float(eps))
-    return y.view(input.shape)
+    y, _rstd = _ln_ops.rms_norm(_rows_view(input, shape, n), _flat(weight), float(eps))
+    return _shaped(y, input)
 
 
 # --- BatchNorm -----------------------------------------------------------------------------------
@@ -292,18 +312,17 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if running_mean is not None and count > 0:
             # The running statistics are updated by the launch that finalizes the batch ones.
             momentum_t = momentum.reshape(1) if isinstance(momentum, Tensor) else None
-            mean, var = torch.ops.fastnorm.batch_norm_stats_update(
-                x.detach(), _flat(running_mean), _flat(running_var),
-                0.0 if momentum_t is not None else float(momentum), momentum_t)
-            y = torch.ops.fastnorm.batch_norm_train_apply(x, mean, var, _flat(weight),
-                                                          _flat(bias), float(eps), relu)
+            y = _bn_ops.batch_norm_training_update(
+                x, _flat(running_mean), _flat(running_var),
+                0.0 if momentum_t is not None else float(momentum), momentum_t, _flat(weight),
+                _flat(bias), float(eps), relu)
         else:
-            y, mean, var = torch.ops.fastnorm.batch_norm_fwd(x, _flat(weight), _flat(bias),
-                                                             float(eps), relu)
+            y, _mean, _var = _bn_ops.batch_norm_training(x, _flat(weight), _flat(bias),
+                                                         float(eps), relu)
     else:
         # The op contract keeps statistics in the stats dtype; running stats may be x's dtype.
         stats = stats_dtype(input.dtype)
-        y = torch.ops.fastnorm.batch_norm_apply(
+        y = _bn_ops.batch_norm_eval(
             x, _flat(running_mean).to(stats), _flat(running_var).to(stats), _flat(weight),
             _flat(bias), float(eps), relu)
     return y.view(input.shape)
@@ -332,7 +351,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if activation == "silu" else y
     # (N, C, HW) is a view for NCHW and channels-last inputs alike; the op handles both layouts.
-    y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd(
+    y, _mean, _rstd = _gn_ops.group_norm(
         channel_view(input), _flat(weight), _flat(bias), int(num_groups), float(eps),
         group_norm_activation(activation))
     return y.view(input.shape)
@@ -345,7 +364,7 @@ def _group_norm_with_gns(input: Tensor, num_groups: int, weight: Optional[Tensor
     `sink.grad` (fastnorm::group_norm_fwd_gns; used by fastnorm.gns.track). An example is the
     batch index n."""
     num_groups = _check_group_norm(input, num_groups, weight, bias)
-    y, _mean, _rstd = torch.ops.fastnorm.group_norm_fwd_gns(
+    y, _mean, _rstd = _gn_ops.group_norm_gns(
         channel_view(input), _flat(weight), _flat(bias), sink, int(num_groups), float(eps),
         group_norm_activation(activation))
     return y.view(input.shape)
@@ -446,7 +465,7 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
     # h is written when it is returned or a backward needs it; else the kernel skips that write.
     store = prenorm or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, weight, bias)))
-    y, h2d, _mean, _rstd = torch.ops.fastnorm.add_layer_norm_fwd(
+    y, h2d, _mean, _rstd = _ln_ops.add_layer_norm(
         x2d, r2d, _flat(weight), _flat(bias), float(eps), is_rms, bool(residual_in_fp32),
         rounding, bool(store))
     y = y.view(input.shape)
@@ -484,4 +503,4 @@ def fused_add_rms_norm_(input: Tensor, residual: Tensor, weight: Optional[Tensor
     if x2d.stride(-1) != 1 or r2d.stride(-1) != 1:
         raise RuntimeError("fastnorm.fused_add_rms_norm_: input and residual need unit stride in "
                            "the last dim and rows viewable as (-1, N)")
-    torch.ops.fastnorm.add_layer_norm_inplace(x2d, r2d, _flat(weight), None, float(eps), True)
+    _ln_ops.add_layer_norm_inplace_(x2d, r2d, _flat(weight), None, float(eps), True)

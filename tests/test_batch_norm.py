@@ -422,11 +422,17 @@ def test_running_stats_need_two_values_per_channel(device):
 
 
 @pytest.mark.parametrize("layout", ["cl", "cf"])
-def test_partials_over_many_programs(device, monkeypatch, layout):
+def test_partials_over_many_programs(device, layout):
     """Small inputs fill one reduce program; forcing one tile per program exercises the
     multi-row partials and their fixed-order combine (same result up to rounding, repeatable)."""
-    monkeypatch.setattr(bn_kernels, "MIN_TILES_PER_PROGRAM", 1)
-    monkeypatch.setattr(bn_kernels, "TILE_ELEMS", 64)
+    from fastnorm.triton._common import planning_override
+
+    with planning_override(bn_kernels, "MIN_TILES_PER_PROGRAM", 1), \
+            planning_override(bn_kernels, "TILE_ELEMS", 64):
+        _check_partials_over_many_programs(device, layout)
+
+
+def _check_partials_over_many_programs(device, layout):
     fmt = "channels_last_1d" if layout == "cl" else None
     x = _make_input((16, 4, 40), fmt, torch.float32, device, mean=100.0)
     plan = bn_kernels.BatchNormReducePlan.make(16, 4, 40, x.dtype, layout == "cl", False, device)

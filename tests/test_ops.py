@@ -233,6 +233,8 @@ def router_with_cuda(monkeypatch):
     monkeypatch.setattr(_router, "cuda_ops", lambda: frozenset({"layer_norm_fwd"}))
     monkeypatch.setattr(_router, "_triton_ok", lambda: True)
     monkeypatch.setattr(_router, "auto_table", lambda: {"entries": entries})
+    monkeypatch.setattr(_router, "_auto_ops",
+                        lambda: frozenset(key.split(":", 1)[0] for key in entries))
     return entries
 
 

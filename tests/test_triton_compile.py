@@ -100,9 +100,12 @@ def _ln_specs():
                                "PER_EXAMPLE": True, "ACCUMULATE": True, "BLOCK_M": 1,
                                "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
     for dt in ("fp32", "fp64"):
-        specs.append(("_common", "_column_sum_kernel",
-                      {"P": f"*{dt}", "Out": f"*{dt}", "num_rows": "i32", "N": "i32",
-                       "stride_p": "i32"}, {"BLOCK_P": 32, "BLOCK_N": 128}, 4))
+        for two in (False, True):  # dW alone, or dW and dB in one launch
+            specs.append(("_common", "_column_sum_kernel",
+                          {"P": f"*{dt}", "Out": f"*{dt}", "P2": f"*{dt}", "Out2": f"*{dt}",
+                           "num_rows": "i32", "N": "i32", "stride_p": "i32",
+                           "stride_p2": "i32"}, {"TWO": two, "BLOCK_P": 32, "BLOCK_N": 128},
+                          4))
     return specs
 
 
@@ -241,17 +244,22 @@ def _bn_specs():
         for backward, training, affine, relu in ((False, False, True, True),
                                                  (True, True, True, True),
                                                  (True, False, False, False)):
-            flags = {"BACKWARD": backward, "TRAINING": training, "HAS_WEIGHT": affine,
-                     "HAS_BIAS": affine, "RELU": relu, "ACC": acc}
-            sig = {**ptr_sig, "Out": f"*{dt}", "SumDy": f"*{stat}", "SumDyXhat": f"*{stat}",
-                   "Count": f"*{stat}"}
-            specs.append(("batch_norm", "_batch_norm_elementwise_cl_kernel",
-                          {**sig, "M": "i32", "C": "i32", "eps": "fp64"},
-                          {**flags, "BLOCK_M": 16, "BLOCK_C": 256}, 8))
-            for block_r, block_s in ((16, 256), (32, 128)):
-                specs.append(("batch_norm", "_batch_norm_elementwise_cf_kernel",
-                              {**sig, "R": "i32", "C": "i32", "S": "i32", "eps": "fp64"},
-                              {**flags, "BLOCK_R": block_r, "BLOCK_S": block_s}, 8))
+            # The training backward's count: an integer (single device) or a 1-element tensor
+            # (SyncBatchNorm's global count).
+            for count_ptr in ((False, True) if training else (False,)):
+                flags = {"BACKWARD": backward, "TRAINING": training, "HAS_WEIGHT": affine,
+                         "HAS_BIAS": affine, "RELU": relu, "COUNT_PTR": count_ptr, "ACC": acc}
+                sig = {**ptr_sig, "Out": f"*{dt}", "SumDy": f"*{stat}",
+                       "SumDyXhat": f"*{stat}", "Count": f"*{stat}"}
+                specs.append(("batch_norm", "_batch_norm_elementwise_cl_kernel",
+                              {**sig, "M": "i32", "C": "i32", "eps": "fp64",
+                               "count_value": "i64"},
+                              {**flags, "BLOCK_M": 16, "BLOCK_C": 256}, 8))
+                for block_r, block_s in ((16, 256), (32, 128)):
+                    specs.append(("batch_norm", "_batch_norm_elementwise_cf_kernel",
+                                  {**sig, "R": "i32", "C": "i32", "S": "i32", "eps": "fp64",
+                                   "count_value": "i64"},
+                                  {**flags, "BLOCK_R": block_r, "BLOCK_S": block_s}, 8))
         combine_sig = {"Partial1": f"*{stat}", "Partial2": f"*{stat}", "X": f"*{dt}",
                        "Out1": f"*{stat}", "Out2": f"*{stat}", "RunningMean": "*fp32",
                        "RunningVar": "*fp32", "Momentum": f"*{stat}", "num_partials": "i32",

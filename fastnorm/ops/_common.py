@@ -30,3 +30,85 @@ def register_fp32_autocast(op) -> None:
     (The cast is a separate pass over x; reading low precision and writing fp32 inside the kernel
     would save it.)"""
     torch.library.register_autocast(op, "cuda", torch.float32)
+
+
+# --- the eager fast path -------------------------------------------------------------------------
+# A registered op costs tens of microseconds of host time per call (dispatcher, Python kernels
+# for autograd and autocast, then the implementation); torch's own norm ops cost ~10. So the
+# functional layer calls each op's implementation directly, inside a plain autograd.Function,
+# whenever nothing can observe the difference: not while torch.compile / export traces (they
+# need the registered op and its fake), not under a dispatch mode, a torch-function mode or
+# jit tracing, and only for plain tensors (a subclass such as a FakeTensor or a DTensor gets
+# the registered op, which dispatches on it). Autocast is applied by the entry itself, as the
+# op's registration would. Everything else goes through torch.ops.fastnorm.*, so compile,
+# opcheck, modes and subclasses see one op set.
+
+_has_torch_function = torch._C._has_torch_function
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_tracing_state = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_compiling
+_PLAIN = (Tensor, torch.nn.Parameter)
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def eager(tensors: tuple) -> bool:
+    """May a call with these tensor arguments (None allowed) skip the dispatcher?"""
+    # is_compiling first: Dynamo folds it to True and never traces the C queries after it.
+    if _is_compiling() or _dispatch_modes() or _tracing_state() is not None \
+            or _has_torch_function(tensors):
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+def needs_grad(tensors: tuple) -> bool:
+    """Will autograd record a call with these tensor arguments?"""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def cuda_autocast_fp32(x: Tensor) -> bool:
+    """Does CUDA autocast apply to an op registered with `register_fp32_autocast` on x?"""
+    return x.is_cuda and torch.is_autocast_enabled("cuda")
+
+
+def to_fp32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """What CUDA autocast's float32 policy makes of an argument: float16/bfloat16 -> float32
+    (recorded by autograd, so gradients flow back in the original dtype)."""
+    return t.float() if t is not None and t.dtype in _REDUCED else t
+
+
+def autograd_function(name: str, impl: Callable, setup_context: Callable,
+                      backward: Callable) -> Callable:
+    """The apply of an autograd.Function whose forward is `impl` (an op's implementation) and
+    whose setup_context/backward are the ones registered on the op: the eager route and the op
+    share one autograd formula. Gradients of unused outputs (statistics) arrive as None.
+
+    The returned callable is the C-level apply: the Python `Function.apply` wrapper binds
+    default arguments with inspect and unwraps functorch wrappers, which the eager route never
+    needs (torch.func transforms run torch's ops, see fastnorm._backend.transformed)."""
+
+    def forward(ctx, *args):
+        ctx.set_materialize_grads(False)
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    fn = type(name, (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    apply = vars(torch._C._FunctionBase).get("apply")  # the classmethod descriptor, unbound
+    return apply.__get__(None, fn) if apply is not None else fn.apply
+
+
+def bump_versions(*tensors: Tensor) -> None:
+    """What the dispatcher does for an op that mutates its arguments: bump their version
+    counters, so autograd notices a saved tensor changed in place."""
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)

@@ -74,6 +74,12 @@ def auto_table() -> dict:
         return json.load(f)
 
 
+@functools.lru_cache(maxsize=None)
+def _auto_ops() -> frozenset[str]:
+    """The ops the auto table has any entry for (others never compute a case key)."""
+    return frozenset(key.split(":", 1)[0] for key in auto_table()["entries"])
+
+
 def family(op: str) -> str:
     if op.startswith(("layer_norm", "rms_norm", "add_layer_norm")):
         return "layer_norm"
@@ -106,7 +112,7 @@ def choose(op: str, x: Tensor) -> str:
         cuda_ok = op in cuda_ops() and x.dtype in CUDA_DTYPES
         if cuda_ok and name == "cuda":
             return "cuda"
-        if cuda_ok and name != "triton" and \
+        if cuda_ok and name != "triton" and op in _auto_ops() and \
                 auto_table()["entries"].get(case_key(op, x)) == "cuda":
             return "cuda"
         if _triton_ok():

@@ -31,7 +31,7 @@ from torch import Tensor
 from .._dtypes import stats_dtype
 from .._layout import canonical
 from . import _checks
-from ._common import torch_grads
+from ._common import autograd_function, bump_versions, eager, needs_grad, torch_grads
 from ._router import kernel
 
 
@@ -75,13 +75,50 @@ def _param_grad_like(param: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(0) if param is None else torch.empty_like(param)
 
 
+# Implementations (x in a canonical layout, arguments checked): the registered ops and the
+# eager entries call them.
+
+def _batch_norm_stats(x):
+    return kernel("batch_norm_stats", x)(x)
+
+
+def _batch_norm_apply(x, mean, var, weight, bias, eps, relu):
+    return kernel("batch_norm_apply", x)(x, mean, var, weight, bias, eps, relu)
+
+
+def _batch_norm_backward_reduce(dy, x, mean, var, weight, bias, eps, relu):
+    return kernel("batch_norm_backward_reduce", x)(dy, x, mean, var, weight, bias, eps, relu)
+
+
+def _batch_norm_backward_elemt(dy, x, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps,
+                               relu):
+    return kernel("batch_norm_backward_elemt", x)(dy, x, mean, var, weight, bias, sum_dy,
+                                                  sum_dy_xhat, count, eps, relu)
+
+
+def _batch_norm_fwd(x, weight, bias, eps, relu):
+    return kernel("batch_norm_fwd", x)(x, weight, bias, eps, relu)
+
+
+def _batch_norm_bwd(dy, x, weight, bias, mean, var, eps, relu, training):
+    return kernel("batch_norm_bwd", x)(dy, x, weight, bias, mean, var, eps, relu, training)
+
+
+def _batch_norm_stats_update(x, running_mean, running_var, momentum, momentum_tensor):
+    return kernel("batch_norm_stats_update", x)(x, running_mean, running_var, momentum,
+                                                momentum_tensor)
+
+
+def _batch_norm_train_apply(x, mean, var, weight, bias, eps, relu):
+    return kernel("batch_norm_train_apply", x)(x, mean, var, weight, bias, eps, relu)
+
+
 # --- building blocks ---------------------------------------------------------------------------
 
 @torch.library.custom_op("fastnorm::batch_norm_stats", mutates_args=())
 def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     _check("batch_norm_stats", x)
-    x = canonical(x)
-    return kernel("batch_norm_stats", x)(x)
+    return _batch_norm_stats(canonical(x))
 
 
 @batch_norm_stats.register_fake
@@ -94,8 +131,7 @@ def _(x):
 def batch_norm_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                      bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
     _check("batch_norm_apply", x, weight, bias, mean, var)
-    x = canonical(x)
-    return kernel("batch_norm_apply", x)(x, mean, var, weight, bias, eps, relu)
+    return _batch_norm_apply(canonical(x), mean, var, weight, bias, eps, relu)
 
 
 @batch_norm_apply.register_fake
@@ -109,8 +145,7 @@ def batch_norm_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                                weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                                relu: bool) -> tuple[Tensor, Tensor]:
     _check("batch_norm_backward_reduce", x, weight, bias, mean, var, dy)
-    x = canonical(x)
-    return kernel("batch_norm_backward_reduce", x)(dy, x, mean, var, weight, bias, eps, relu)
+    return _batch_norm_backward_reduce(dy, canonical(x), mean, var, weight, bias, eps, relu)
 
 
 @batch_norm_backward_reduce.register_fake
@@ -126,9 +161,8 @@ def batch_norm_backward_elemt(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                               relu: bool) -> Tensor:
     _check("batch_norm_backward_elemt", x, weight, bias, mean, var, dy)
     _check_sums("batch_norm_backward_elemt", x, sum_dy, sum_dy_xhat, count)
-    x = canonical(x)
-    return kernel("batch_norm_backward_elemt", x)(dy, x, mean, var, weight, bias, sum_dy,
-                                                  sum_dy_xhat, count, eps, relu)
+    return _batch_norm_backward_elemt(dy, canonical(x), mean, var, weight, bias, sum_dy,
+                                      sum_dy_xhat, count, eps, relu)
 
 
 @batch_norm_backward_elemt.register_fake
@@ -144,8 +178,7 @@ def _(dy, x, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, relu):
 def batch_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                    relu: bool) -> tuple[Tensor, Tensor, Tensor]:
     _check("batch_norm_fwd", x, weight, bias)
-    x = canonical(x)
-    return kernel("batch_norm_fwd", x)(x, weight, bias, eps, relu)
+    return _batch_norm_fwd(canonical(x), weight, bias, eps, relu)
 
 
 @batch_norm_fwd.register_fake
@@ -159,8 +192,7 @@ def batch_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
                    mean: Tensor, var: Tensor, eps: float, relu: bool,
                    training: bool) -> tuple[Tensor, Tensor, Tensor]:
     _check("batch_norm_bwd", x, weight, bias, mean, var, dy)
-    x = canonical(x)
-    return kernel("batch_norm_bwd", x)(dy, x, weight, bias, mean, var, eps, relu, training)
+    return _batch_norm_bwd(dy, canonical(x), weight, bias, mean, var, eps, relu, training)
 
 
 @batch_norm_bwd.register_fake
@@ -181,7 +213,17 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.eps, ctx.relu = eps, relu
 
 
+def _bwd(dy: Tensor, x: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
+    """fastnorm::batch_norm_bwd from a backward: the implementation when the call may skip the
+    dispatcher, else the registered op."""
+    if eager((dy, x)):
+        return _batch_norm_bwd(dy, canonical(x), *args)
+    return batch_norm_bwd(dy, x, *args)
+
+
 def _fwd_backward(ctx, dy, _dmean, _dvar):
+    if dy is None:  # only the statistics were used: nothing flows back
+        return None, None, None, None, None
     x, weight, bias, mean, var = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
         def forward(x, w, b):
@@ -189,11 +231,24 @@ def _fwd_backward(ctx, dy, _dmean, _dvar):
             return F.relu(y) if ctx.relu else y
         return (*torch_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], dy),
                 None, None)
-    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
+    dx, dw, db = _bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
     return (dx if ctx.needs_input_grad[0] else None, *_param_grads(ctx, dw, db, 1), None, None)
 
 
 batch_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+_batch_norm_fwd_apply = autograd_function("BatchNormFunction", _batch_norm_fwd,
+                                          _fwd_setup_context, _fwd_backward)
+
+
+def batch_norm_training(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                        relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """fastnorm::batch_norm_fwd (training, no running statistics) with autograd, from the
+    functional layer (arguments checked, x canonical)."""
+    if not eager((x, weight, bias)):
+        return batch_norm_fwd(x, weight, bias, eps, relu)
+    if needs_grad((x, weight, bias)):
+        return _batch_norm_fwd_apply(x, weight, bias, eps, relu)
+    return _batch_norm_fwd(x, weight, bias, eps, relu)
 
 
 def _apply_setup_context(ctx, inputs, output):
@@ -204,6 +259,8 @@ def _apply_setup_context(ctx, inputs, output):
 
 def _apply_backward(ctx, dy):
     """Eval mode: mean and var are constants (running statistics, not differentiated)."""
+    if dy is None:  # an undefined output gradient: nothing flows back
+        return None, None, None, None, None, None, None
     x, mean, var, weight, bias = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
         def forward(x, w, b):
@@ -212,12 +269,25 @@ def _apply_backward(ctx, dy):
         dx, dw, db = torch_grads(forward, (x, weight, bias),
                                  (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]), dy)
         return dx, None, None, dw, db, None, None
-    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, False)
+    dx, dw, db = _bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, False)
     return (dx if ctx.needs_input_grad[0] else None, None, None, *_param_grads(ctx, dw, db, 3),
             None, None)
 
 
 batch_norm_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
+_batch_norm_eval_apply = autograd_function("BatchNormEvalFunction", _batch_norm_apply,
+                                           _apply_setup_context, _apply_backward)
+
+
+def batch_norm_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
+    """fastnorm::batch_norm_apply (running statistics) with autograd, from the functional layer
+    (arguments checked, x canonical)."""
+    if not eager((x, mean, var, weight, bias)):
+        return batch_norm_apply(x, mean, var, weight, bias, eps, relu)
+    if needs_grad((x, weight, bias)):
+        return _batch_norm_eval_apply(x, mean, var, weight, bias, eps, relu)
+    return _batch_norm_apply(x, mean, var, weight, bias, eps, relu)
 
 
 # --- training forward with the running-statistic update inside the statistics launch ----------
@@ -233,9 +303,8 @@ def batch_norm_stats_update(x: Tensor, running_mean: Tensor, running_var: Tensor
     """Batch (mean, biased var) of x; running_mean/running_var updated in place by the same
     launch (momentum_tensor, a 1-element device tensor, overrides momentum)."""
     _check_update(x, running_mean, running_var, momentum_tensor)
-    x = canonical(x)
-    return kernel("batch_norm_stats_update", x)(x, running_mean, running_var, momentum,
-                                                momentum_tensor)
+    return _batch_norm_stats_update(canonical(x), running_mean, running_var, momentum,
+                                    momentum_tensor)
 
 
 @batch_norm_stats_update.register_fake
@@ -249,8 +318,7 @@ def batch_norm_train_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optiona
                            bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
     """y from the batch statistics of x itself (from batch_norm_stats_update)."""
     _check("batch_norm_train_apply", x, weight, bias, mean, var)
-    x = canonical(x)
-    return kernel("batch_norm_train_apply", x)(x, mean, var, weight, bias, eps, relu)
+    return _batch_norm_train_apply(canonical(x), mean, var, weight, bias, eps, relu)
 
 
 @batch_norm_train_apply.register_fake
@@ -260,11 +328,62 @@ def _(x, mean, var, weight, bias, eps, relu):
 
 
 def _train_apply_backward(ctx, dy):
+    if dy is None:
+        return None, None, None, None, None, None, None
     x, mean, var, weight, bias = ctx.saved_tensors
-    dx, dw, db = batch_norm_bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
+    dx, dw, db = _bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
     return (dx if ctx.needs_input_grad[0] else None, None, None, *_param_grads(ctx, dw, db, 3),
             None, None)
 
 
 batch_norm_train_apply.register_autograd(_train_apply_backward,
                                          setup_context=_apply_setup_context)
+
+
+def _train_forward(x, running_mean, running_var, momentum, momentum_tensor, weight, bias, eps,
+                   relu):
+    mean, var = _batch_norm_stats_update(x, running_mean, running_var, momentum,
+                                         momentum_tensor)
+    bump_versions(running_mean, running_var)
+    return _batch_norm_train_apply(x, mean, var, weight, bias, eps, relu), mean, var
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, _rm, _rv, _momentum, _momentum_tensor, weight, bias, eps, relu = inputs
+    _y, mean, var = output
+    ctx.save_for_backward(x, mean, var, weight, bias)
+    ctx.eps, ctx.relu = eps, relu
+
+
+def _train_backward(ctx, dy, _dmean, _dvar):
+    if dy is None:
+        return (None,) * 9
+    x, mean, var, weight, bias = ctx.saved_tensors
+    dx, dw, db = _bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, None, None, None, None,
+            dw if need[5] else None, db if need[6] else None, None, None)
+
+
+# One autograd node for the statistics (with the running-statistic update) and the apply: the
+# eager form of batch_norm_stats_update + batch_norm_train_apply.
+_batch_norm_train_apply_fn = autograd_function("BatchNormTrainFunction", _train_forward,
+                                               _train_setup_context, _train_backward)
+
+
+def batch_norm_training_update(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                               momentum: float, momentum_tensor: Optional[Tensor],
+                               weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                               relu: bool) -> Tensor:
+    """Training forward that also updates the running statistics in place (in the launch that
+    finalizes the batch statistics), from the functional layer (arguments checked, x canonical,
+    x non-empty). Eager: one autograd node; otherwise the two registered ops."""
+    if not eager((x, running_mean, running_var, momentum_tensor, weight, bias)):
+        mean, var = batch_norm_stats_update(x.detach(), running_mean, running_var, momentum,
+                                            momentum_tensor)
+        return batch_norm_train_apply(x, mean, var, weight, bias, eps, relu)
+    if needs_grad((x, weight, bias)):
+        return _batch_norm_train_apply_fn(x, running_mean, running_var, momentum,
+                                          momentum_tensor, weight, bias, eps, relu)[0]
+    return _train_forward(x, running_mean, running_var, momentum, momentum_tensor, weight,
+                          bias, eps, relu)[0]

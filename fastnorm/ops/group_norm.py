@@ -28,7 +28,8 @@ from torch import Tensor
 from .._dtypes import stats_dtype
 from .._layout import GROUP_NORM_ACTIVATIONS, canonical
 from . import _checks
-from ._common import register_fp32_autocast, torch_grads
+from ._common import (autograd_function, cuda_autocast_fp32, eager, needs_grad,
+                      register_fp32_autocast, to_fp32, torch_grads)
 from ._router import kernel
 
 
@@ -61,7 +62,12 @@ def _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation,
 def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
                    eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor]:
     _check("group_norm_fwd", x, weight, bias, num_groups, activation)
-    x = canonical(x)
+    return _group_norm_fwd(canonical(x), weight, bias, num_groups, eps, activation)
+
+
+# Implementations (x already in a canonical layout, arguments checked): the registered ops and
+# the eager entries below call them.
+def _group_norm_fwd(x, weight, bias, num_groups, eps, activation):
     return kernel("group_norm_fwd", x)(x, weight, bias, num_groups, eps, activation)
 
 
@@ -79,7 +85,10 @@ def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
                    mean: Tensor, rstd: Tensor, num_groups: int,
                    activation: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation)
-    x = canonical(x)
+    return _group_norm_bwd(dy, canonical(x), weight, bias, mean, rstd, num_groups, activation)
+
+
+def _group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation):
     return kernel("group_norm_bwd", x)(dy, x, weight, bias, mean, rstd, num_groups, activation)
 
 
@@ -100,6 +109,8 @@ def _group_norm_setup_context(ctx, inputs, output):
 
 
 def _group_norm_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # only the statistics were used: nothing flows back
+        return None, None, None, None, None, None
     x, weight, bias, mean, rstd = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
         def forward(x, w, b):
@@ -107,7 +118,8 @@ def _group_norm_backward(ctx, dy, _dmean, _drstd):
             return F.silu(y) if ctx.activation == "silu" else y
         return (*torch_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], dy),
                 None, None, None)
-    dx, dw, db = group_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+    bwd = _group_norm_bwd if eager((dy, x)) else group_norm_bwd
+    dx, dw, db = bwd(dy, canonical(x), weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
             db if bias is not None and ctx.needs_input_grad[2] else None,
@@ -116,6 +128,21 @@ def _group_norm_backward(ctx, dy, _dmean, _drstd):
 
 group_norm_fwd.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
 register_fp32_autocast(group_norm_fwd)
+_group_norm_apply = autograd_function("GroupNormFunction", _group_norm_fwd,
+                                      _group_norm_setup_context, _group_norm_backward)
+
+
+def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+               eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """fastnorm::group_norm_fwd with autograd, from the functional layer (arguments checked,
+    x canonical)."""
+    if not eager((x, weight, bias)):
+        return group_norm_fwd(x, weight, bias, num_groups, eps, activation)
+    if cuda_autocast_fp32(x):
+        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
+    if needs_grad((x, weight, bias)):
+        return _group_norm_apply(x, weight, bias, num_groups, eps, activation)
+    return _group_norm_fwd(x, weight, bias, num_groups, eps, activation)
 
 
 # --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
@@ -129,7 +156,11 @@ def group_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
                       mean: Tensor, rstd: Tensor, num_groups: int, activation: str
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_pe(dy, x, weight, bias, mean, rstd, num_groups, activation)
-    x = canonical(x)
+    return _group_norm_bwd_pe(dy, canonical(x), weight, bias, mean, rstd, num_groups,
+                              activation)
+
+
+def _group_norm_bwd_pe(dy, x, weight, bias, mean, rstd, num_groups, activation):
     return kernel("group_norm_bwd_pe", x)(dy, x, weight, bias, mean, rstd, num_groups,
                                           activation)
 
@@ -158,7 +189,10 @@ def group_norm_fwd_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
                        num_groups: int, eps: float, activation: str
                        ) -> tuple[Tensor, Tensor, Tensor]:
     _check_gns_fwd(x, weight, bias, sink, num_groups, activation)
-    x = canonical(x)
+    return _group_norm_fwd_gns(canonical(x), weight, bias, sink, num_groups, eps, activation)
+
+
+def _group_norm_fwd_gns(x, weight, bias, sink, num_groups, eps, activation):
     return kernel("group_norm_fwd", x)(x, weight, bias, num_groups, eps, activation)
 
 
@@ -179,6 +213,8 @@ def _gns_setup_context(ctx, inputs, output):
 
 
 def _gns_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None, None, None, None
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, no sums
@@ -186,8 +222,9 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
             y = F.group_norm(x, ctx.num_groups, w, b, ctx.eps)
             return F.silu(y) if ctx.activation == "silu" else y
         return (*torch_grads(forward, (x, weight, bias), need[:3], dy), None, None, None, None)
-    dx, dw, db, dw_sq, db_sq = group_norm_bwd_pe(dy, x, weight, bias, mean, rstd,
-                                                 ctx.num_groups, ctx.activation)
+    bwd = _group_norm_bwd_pe if eager((dy, x)) else group_norm_bwd_pe
+    dx, dw, db, dw_sq, db_sq = bwd(dy, canonical(x), weight, bias, mean, rstd, ctx.num_groups,
+                                   ctx.activation)
     f32 = torch.float32
     per_example = dw_sq.to(f32).sum() + db_sq.to(f32).sum()
     batch = dw.to(f32).square().sum() + db.to(f32).square().sum()
@@ -201,3 +238,17 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
 
 group_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)
 register_fp32_autocast(group_norm_fwd_gns)
+_group_norm_gns_apply = autograd_function("GroupNormGNSFunction", _group_norm_fwd_gns,
+                                          _gns_setup_context, _gns_backward)
+
+
+def group_norm_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], sink: Tensor,
+                   num_groups: int, eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """fastnorm::group_norm_fwd_gns with autograd, from the functional layer."""
+    if not eager((x, weight, bias, sink)):
+        return group_norm_fwd_gns(x, weight, bias, sink, num_groups, eps, activation)
+    if cuda_autocast_fp32(x):
+        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
+    if needs_grad((x, weight, bias, sink)):
+        return _group_norm_gns_apply(x, weight, bias, sink, num_groups, eps, activation)
+    return _group_norm_fwd_gns(x, weight, bias, sink, num_groups, eps, activation)

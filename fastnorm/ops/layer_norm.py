@@ -30,7 +30,8 @@ from torch import Tensor
 from .._dtypes import residual_stream_dtype, stats_dtype
 from ..reference import norm_reference
 from . import _checks
-from ._common import register_fp32_autocast, torch_grads
+from ._common import (autograd_function, bump_versions, cuda_autocast_fp32, eager, needs_grad,
+                      register_fp32_autocast, to_fp32, torch_grads)
 from ._router import kernel
 
 
@@ -54,11 +55,20 @@ def _check_rows_bwd(op: str, dy: Tensor, x: Tensor, weight: Optional[Tensor],
 
 # --- LayerNorm ---------------------------------------------------------------------------------
 
+# Each op has an implementation (`_<op>`: the router's kernel, arguments already checked), the
+# registered op (checks, then the implementation) and, for the forwards the functional layer
+# calls, an eager entry (`<op>` without the suffix) that skips the dispatcher when it may (see
+# fastnorm/ops/_common.py, `eager`).
+
+def _layer_norm_fwd(x, weight, bias, eps):
+    return kernel("layer_norm_fwd", x)(x, weight, bias, eps)
+
+
 @torch.library.custom_op("fastnorm::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
     _check_rows("layer_norm_fwd", x, weight, bias)
-    return kernel("layer_norm_fwd", x)(x, weight, bias, eps)
+    return _layer_norm_fwd(x, weight, bias, eps)
 
 
 @layer_norm_fwd.register_fake
@@ -69,11 +79,15 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), x.new_empty(m, dtype=stats), x.new_empty(m, dtype=stats)
 
 
+def _layer_norm_bwd(dy, x, weight, bias, mean, rstd):
+    return kernel("layer_norm_bwd", x)(dy, x, weight, bias, mean, rstd)
+
+
 @torch.library.custom_op("fastnorm::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _check_rows_bwd("layer_norm_bwd", dy, x, weight, bias, mean, rstd)
-    return kernel("layer_norm_bwd", x)(dy, x, weight, bias, mean, rstd)
+    return _layer_norm_bwd(dy, x, weight, bias, mean, rstd)
 
 
 @layer_norm_bwd.register_fake
@@ -92,11 +106,15 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # only the statistics were used: nothing flows back
+        return None, None, None, None
     x, weight, bias, mean, rstd = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
         return (*torch_grads(lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b, ctx.eps),
                              (x, weight, bias), ctx.needs_input_grad[:3], dy), None)
-    dx, dw, db = layer_norm_bwd(dy.contiguous(), x, weight, bias, mean, rstd)
+    dy = dy.contiguous()
+    bwd = _layer_norm_bwd if eager((dy, x)) else layer_norm_bwd
+    dx, dw, db = bwd(dy, x, weight, bias, mean, rstd)
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
             db if bias is not None and ctx.needs_input_grad[2] else None,
@@ -105,6 +123,20 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 register_fp32_autocast(layer_norm_fwd)
+_layer_norm_apply = autograd_function("LayerNormFunction", _layer_norm_fwd,
+                                      _layer_norm_setup_context, _layer_norm_backward)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """fastnorm::layer_norm_fwd with autograd, from the functional layer (arguments checked)."""
+    if not eager((x, weight, bias)):
+        return layer_norm_fwd(x, weight, bias, eps)
+    if cuda_autocast_fp32(x):
+        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
+    if needs_grad((x, weight, bias)):
+        return _layer_norm_apply(x, weight, bias, eps)
+    return _layer_norm_fwd(x, weight, bias, eps)
 
 
 # --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
@@ -123,6 +155,10 @@ def layer_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
                       mean: Tensor, rstd: Tensor, is_rms: bool, rows_per_example: int
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example)
+    return _layer_norm_bwd_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example)
+
+
+def _layer_norm_bwd_pe(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example):
     return kernel("layer_norm_bwd_pe", x)(dy, x, weight, bias, mean, rstd, is_rms,
                                           rows_per_example)
 
@@ -166,6 +202,10 @@ def layer_norm_fwd_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
                        sink: Tensor, eps: float, is_rms: bool, rows_per_example: int
                        ) -> tuple[Tensor, Tensor, Tensor]:
     _check_gns_fwd(x, weight, bias, sink, is_rms, rows_per_example)
+    return _layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)
+
+
+def _layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example):
     if is_rms:
         y, rstd = kernel("rms_norm_fwd", x)(x, weight, eps)
         return y, rstd.new_empty(0), rstd
@@ -189,14 +229,18 @@ def _gns_setup_context(ctx, inputs, output):
 
 
 def _gns_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None, None, None, None
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, no sums
         fn = ((lambda x, w, b: F.rms_norm(x, x.shape[1:], w, ctx.eps)) if ctx.is_rms else
               (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b, ctx.eps)))
         return (*torch_grads(fn, (x, weight, bias), need[:3], dy), None, None, None, None)
-    dx, dw, db, dw_sq, db_sq = layer_norm_bwd_pe(dy.contiguous(), x, weight, bias, mean, rstd,
-                                                 ctx.is_rms, ctx.rows_per_example)
+    dy = dy.contiguous()
+    bwd = _layer_norm_bwd_pe if eager((dy, x)) else layer_norm_bwd_pe
+    dx, dw, db, dw_sq, db_sq = bwd(dy, x, weight, bias, mean, rstd, ctx.is_rms,
+                                   ctx.rows_per_example)
     f32 = torch.float32
     per_example = dw_sq.to(f32).sum() + db_sq.to(f32).sum()
     batch = dw.to(f32).square().sum() + db.to(f32).square().sum()
@@ -211,6 +255,21 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
 
 layer_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)
 register_fp32_autocast(layer_norm_fwd_gns)
+_layer_norm_gns_apply = autograd_function("LayerNormGNSFunction", _layer_norm_fwd_gns,
+                                          _gns_setup_context, _gns_backward)
+
+
+def layer_norm_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], sink: Tensor,
+                   eps: float, is_rms: bool, rows_per_example: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """fastnorm::layer_norm_fwd_gns with autograd, from the functional layer."""
+    if not eager((x, weight, bias, sink)):
+        return layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)
+    if cuda_autocast_fp32(x):
+        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
+    if needs_grad((x, weight, bias, sink)):
+        return _layer_norm_gns_apply(x, weight, bias, sink, eps, is_rms, rows_per_example)
+    return _layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
@@ -218,6 +277,10 @@ register_fp32_autocast(layer_norm_fwd_gns)
 @torch.library.custom_op("fastnorm::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     _check_rows("rms_norm_fwd", x, weight, None)
+    return _rms_norm_fwd(x, weight, eps)
+
+
+def _rms_norm_fwd(x, weight, eps):
     return kernel("rms_norm_fwd", x)(x, weight, eps)
 
 
@@ -231,6 +294,10 @@ def _(x, weight, eps):
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor],
                  rstd: Tensor) -> tuple[Tensor, Tensor]:
     _check_rows_bwd("rms_norm_bwd", dy, x, weight, None, None, rstd)
+    return _rms_norm_bwd(dy, x, weight, rstd)
+
+
+def _rms_norm_bwd(dy, x, weight, rstd):
     return kernel("rms_norm_bwd", x)(dy, x, weight, rstd)
 
 
@@ -249,11 +316,14 @@ def _rms_norm_setup_context(ctx, inputs, output):
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
+    if dy is None:
+        return None, None, None
     x, weight, rstd = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
         return (*torch_grads(lambda x, w: F.rms_norm(x, x.shape[1:], w, ctx.eps),
                              (x, weight), ctx.needs_input_grad[:2], dy), None)
-    dx, dw = rms_norm_bwd(dy.contiguous(), x, weight, rstd)
+    dy = dy.contiguous()
+    dx, dw = (_rms_norm_bwd if eager((dy, x)) else rms_norm_bwd)(dy, x, weight, rstd)
     return (dx if ctx.needs_input_grad[0] else None,
             dw if weight is not None and ctx.needs_input_grad[1] else None,
             None)
@@ -261,6 +331,19 @@ def _rms_norm_backward(ctx, dy, _drstd):
 
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
 register_fp32_autocast(rms_norm_fwd)
+_rms_norm_apply = autograd_function("RMSNormFunction", _rms_norm_fwd, _rms_norm_setup_context,
+                                    _rms_norm_backward)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """fastnorm::rms_norm_fwd with autograd, from the functional layer (arguments checked)."""
+    if not eager((x, weight)):
+        return rms_norm_fwd(x, weight, eps)
+    if cuda_autocast_fp32(x):
+        x, weight = to_fp32(x), to_fp32(weight)
+    if needs_grad((x, weight)):
+        return _rms_norm_apply(x, weight, eps)
+    return _rms_norm_fwd(x, weight, eps)
 
 
 # --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
@@ -312,6 +395,12 @@ def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[T
                        rounding: str, store_residual: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_add_fwd("add_layer_norm_fwd", x, residual, weight, bias, rounding)
+    return _add_layer_norm_fwd(x, residual, weight, bias, eps, is_rms, residual_in_fp32,
+                               rounding, store_residual)
+
+
+def _add_layer_norm_fwd(x, residual, weight, bias, eps, is_rms, residual_in_fp32, rounding,
+                        store_residual):
     return kernel("add_layer_norm_fwd", x)(x, residual, weight, bias, eps, is_rms,
                                            residual_in_fp32, rounding, store_residual)
 
@@ -333,6 +422,10 @@ def add_layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Opti
                        bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
                        rounding: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_add_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding)
+    return _add_layer_norm_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding)
+
+
+def _add_layer_norm_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding):
     return kernel("add_layer_norm_bwd", h)(dy, dh, h, weight, bias, mean, rstd, is_rms,
                                            rounding)
 
@@ -386,8 +479,9 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
                                            ctx.rounding, x_dtype),
             (h, weight, None if ctx.is_rms else bias), (need[0], need[2], need[3]), dy)
     else:
-        dh_total, dw, db = add_layer_norm_bwd(dy.contiguous(), dh, h, weight, bias, mean, rstd,
-                                              ctx.is_rms, ctx.rounding)
+        dy = dy.contiguous()
+        bwd = _add_layer_norm_bwd if eager((dy, dh, h)) else add_layer_norm_bwd
+        dh_total, dw, db = bwd(dy, dh, h, weight, bias, mean, rstd, ctx.is_rms, ctx.rounding)
     # d(x + r)/dx = d(x + r)/dr = 1: both get the gradient of h, each in its own dtype.
     return (dh_total.to(x_dtype) if need[0] else None,
             dh_total.to(r_dtype) if ctx.has_residual and need[1] else None,
@@ -398,13 +492,42 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
 
 add_layer_norm_fwd.register_autograd(_add_layer_norm_backward,
                                      setup_context=_add_layer_norm_setup_context)
+_add_layer_norm_apply = autograd_function("AddLayerNormFunction", _add_layer_norm_fwd,
+                                          _add_layer_norm_setup_context, _add_layer_norm_backward)
+
+
+def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, is_rms: bool, residual_in_fp32: bool,
+                   rounding: str, store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fastnorm::add_layer_norm_fwd with autograd, from the functional layer (checked there;
+    no autocast rule: the functional layer runs the unfused form under CUDA autocast)."""
+    args = (x, residual, weight, bias, eps, is_rms, residual_in_fp32, rounding, store_residual)
+    tensors = (x, residual, weight, bias)
+    if not eager(tensors):
+        return add_layer_norm_fwd(*args)
+    if needs_grad(tensors):
+        return _add_layer_norm_apply(*args)
+    return _add_layer_norm_fwd(*args)
 
 
 @torch.library.custom_op("fastnorm::add_layer_norm_inplace", mutates_args=("x", "residual"))
 def add_layer_norm_inplace(x: Tensor, residual: Tensor, weight: Optional[Tensor],
                            bias: Optional[Tensor], eps: float, is_rms: bool) -> None:
     _check_inplace(x, residual, weight, bias)
+    _add_layer_norm_inplace(x, residual, weight, bias, eps, is_rms)
+
+
+def _add_layer_norm_inplace(x, residual, weight, bias, eps, is_rms):
     kernel("add_layer_norm_inplace", x)(x, residual, weight, bias, eps, is_rms)
+
+
+def add_layer_norm_inplace_(x: Tensor, residual: Tensor, weight: Optional[Tensor],
+                            bias: Optional[Tensor], eps: float, is_rms: bool) -> None:
+    """fastnorm::add_layer_norm_inplace from the functional layer (arguments checked there)."""
+    if not eager((x, residual, weight, bias)):
+        return add_layer_norm_inplace(x, residual, weight, bias, eps, is_rms)
+    _add_layer_norm_inplace(x, residual, weight, bias, eps, is_rms)
+    bump_versions(x, residual)
 
 
 @add_layer_norm_inplace.register_fake

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -14,6 +15,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 from .._dtypes import stats_dtype
+from ._launch import launch
 
 
 acc_dtype = stats_dtype  # statistics / accumulation dtype of an input dtype
@@ -31,28 +33,55 @@ def _sm_count(device_index: int) -> int:
 _assumed_sm_count: int | None = None
 _assumed_l2_bytes: int | None = None
 
+# Launch plans are pure functions of their arguments and of the planning overrides below, so
+# each is computed once per argument tuple (`cached_plan`) and every override clears the caches:
+# a call then costs one dictionary lookup instead of the heuristics.
+_PLAN_CACHES: list = []
+_PLAN_CACHE_SIZE = 4096
+
+
+def cached_plan(fn):
+    """Memoize a plan function (LRU, _PLAN_CACHE_SIZE entries); `clear_plan_caches` resets it."""
+    cached = functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)(fn)
+    _PLAN_CACHES.append(cached)
+    return cached
+
+
+def clear_plan_caches() -> None:
+    """Forget every cached launch plan: call after changing a planning constant (tests that
+    monkeypatch tile sizes do; the assume_* / force_* context managers do it themselves)."""
+    for cache in _PLAN_CACHES:
+        cache.cache_clear()
+
 
 @contextlib.contextmanager
-def assume_sm_count(sm_count: int) -> Iterator[None]:
+def planning_override(module, name: str, value) -> Iterator[None]:
+    """Set `module.name` to `value` for the block, with the plan caches cleared on entry and on
+    exit (plans made under the override are not reused outside it)."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    clear_plan_caches()
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+        clear_plan_caches()
+
+
+def assume_sm_count(sm_count: int):
     """Plan launches as if the device had `sm_count` SMs (the static cost report plans for an
     A100's 108 or an H100's 132 on a machine without a GPU)."""
-    global _assumed_sm_count
-    previous, _assumed_sm_count = _assumed_sm_count, sm_count
-    try:
-        yield
-    finally:
-        _assumed_sm_count = previous
+    return planning_override(sys.modules[__name__], "_assumed_sm_count", sm_count)
 
 
-@contextlib.contextmanager
-def assume_l2_bytes(l2_bytes: int) -> Iterator[None]:
+def assume_l2_bytes(l2_bytes: int):
     """Plan launches as if the device had an L2 of `l2_bytes` (static cost report)."""
-    global _assumed_l2_bytes
-    previous, _assumed_l2_bytes = _assumed_l2_bytes, l2_bytes
-    try:
-        yield
-    finally:
-        _assumed_l2_bytes = previous
+    return planning_override(sys.modules[__name__], "_assumed_l2_bytes", l2_bytes)
+
+
+def elem_size(dtype: torch.dtype) -> int:
+    """Bytes per element of `dtype` (no tensor is created)."""
+    return dtype.itemsize
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,20 +211,52 @@ def load_affine(W, B, idx, mask, placeholder, HAS_WEIGHT: tl.constexpr, HAS_BIAS
 
 
 @triton.jit
-def _column_sum_kernel(P, Out, num_rows, N, stride_p,
+def _column_sum_kernel(P, Out, P2, Out2, num_rows, N, stride_p, stride_p2, TWO: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out[n] = sum_p P[p, n], in a fixed order: the second stage of a deterministic reduction."""
+    """Out[n] = sum_p P[p, n] (and, with TWO, Out2[n] = sum_p P2[p, n]), in a fixed order: the
+    second stage of a deterministic reduction. TWO sums dW's and dB's partials in one launch."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     acc = tl.zeros([BLOCK_N], dtype=P.dtype.element_ty)
+    acc2 = tl.zeros([BLOCK_N], dtype=P.dtype.element_ty)
     for start in range(0, num_rows, BLOCK_P):
-        rows = start + tl.arange(0, BLOCK_P)
+        rows = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
         mask = (rows < num_rows)[:, None] & col_mask[None, :]
-        p = tl.load(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=mask, other=0.0)
-        acc += tl.sum(p, axis=0)
+        acc += tl.sum(tl.load(P + rows[:, None] * stride_p + cols[None, :], mask=mask,
+                              other=0.0), axis=0)
+        if TWO:
+            acc2 += tl.sum(tl.load(P2 + rows[:, None] * stride_p2 + cols[None, :], mask=mask,
+                                   other=0.0), axis=0)
     # Cast on store: the result's dtype costs no separate torch launch.
     tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=col_mask)
+    if TWO:
+        tl.store(Out2 + cols, acc2.to(Out2.dtype.element_ty), mask=col_mask)
+
+
+COLUMN_SUM_BLOCK_N = 128
+COLUMN_SUM_BLOCK_P = 32
+
+
+def column_sums(partial: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
+                partial2: Optional[torch.Tensor] = None,
+                out_dtype2: Optional[torch.dtype] = None
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The column sums of one or two [P, N] tensors of per-program partial sums (in their
+    dtype; same P and N), each rounded once to its out dtype: one launch for both (dW and dB).
+    A None partial gives None."""
+    if partial is None:
+        return None, column_sum(partial2, out_dtype2) if partial2 is not None else None
+    if partial2 is None:
+        return column_sum(partial, out_dtype), None
+    num_rows, n = partial.shape
+    out = torch.empty(n, dtype=out_dtype, device=partial.device)
+    out2 = torch.empty(n, dtype=out_dtype2, device=partial.device)
+    if n:
+        launch(_column_sum_kernel, (triton.cdiv(n, COLUMN_SUM_BLOCK_N),), partial, out, partial2,
+               out2, num_rows, n, partial.stride(0), partial2.stride(0), TWO=True,
+               BLOCK_P=COLUMN_SUM_BLOCK_P, BLOCK_N=COLUMN_SUM_BLOCK_N)
+    return out, out2
 
 
 def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -205,8 +266,7 @@ def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(n, dtype=out_dtype, device=partial.device)
     if n == 0:
         return out
-    block_n = 128
-    block_p = 32
-    _column_sum_kernel[(triton.cdiv(n, block_n),)](
-        partial, out, num_rows, n, partial.stride(0), BLOCK_P=block_p, BLOCK_N=block_n)
+    launch(_column_sum_kernel, (triton.cdiv(n, COLUMN_SUM_BLOCK_N),), partial, out, partial,
+           out, num_rows, n, partial.stride(0), 0, TWO=False, BLOCK_P=COLUMN_SUM_BLOCK_P,
+           BLOCK_N=COLUMN_SUM_BLOCK_N)
     return out

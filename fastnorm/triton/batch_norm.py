@@ -51,8 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchCost, acc_dtype, as_acc, load_affine, num_warps_for, reduce_programs,
-                      tl_acc_dtype)
+from ._common import (LaunchCost, acc_dtype, as_acc, cached_plan, elem_size, load_affine,
+                      num_warps_for, reduce_programs, tl_acc_dtype)
+from ._launch import launch
 
 # Elements per tile: a few thousand keeps loads wide and registers bounded (fp32 accumulators).
 TILE_ELEMS = 4096
@@ -288,19 +289,24 @@ def _batch_norm_elementwise(x, dy, mean, rstd, w, b, mean_dy, mean_dy_xhat,
 
 
 @triton.jit
-def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, ch_mask, eps,
+def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, count_value, ch, ch_mask, eps,
                     BACKWARD: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, COUNT_PTR: tl.constexpr, ACC: tl.constexpr):
     """Per-channel values the elementwise pass needs, for channel indices `ch`: mean, rstd,
-    weight, bias and (backward, training) the means of g and g*x_hat. Absent ones are
-    placeholders the constexpr flags never read."""
+    weight, bias and (backward, training) the means of g and g*x_hat over the count of values
+    per channel: the 1-element tensor Count with COUNT_PTR (SyncBatchNorm's global count, no
+    host sync), else the integer count_value. Absent ones are placeholders the constexpr flags
+    never read."""
     mean = tl.load(Mean + ch, mask=ch_mask, other=0.0).to(ACC)
     rstd = 1.0 / tl.sqrt(tl.load(Var + ch, mask=ch_mask, other=0.0).to(ACC) + as_acc(eps, ACC))
     w, b = load_affine(W, B, ch, ch_mask, mean, HAS_WEIGHT, HAS_BIAS, ACC)
     mean_dy = mean
     mean_dy_xhat = mean
     if BACKWARD and TRAINING:
-        count = tl.load(Count).to(ACC)
+        if COUNT_PTR:
+            count = tl.load(Count).to(ACC)
+        else:
+            count = tl.cast(count_value, ACC)
         mean_dy = tl.load(SumDy + ch, mask=ch_mask, other=0.0).to(ACC) / count
         mean_dy_xhat = tl.load(SumDyXhat + ch, mask=ch_mask, other=0.0).to(ACC) / count
     return mean, rstd, w, b, mean_dy, mean_dy_xhat
@@ -308,10 +314,11 @@ def _channel_params(Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, ch_mask, eps,
 
 @triton.jit
 def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyXhat, Count,
-                                      M, C, eps: tl.float64,
+                                      M, C, eps: tl.float64, count_value,
                                       BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
                                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                      RELU: tl.constexpr, ACC: tl.constexpr,
+                                      RELU: tl.constexpr, COUNT_PTR: tl.constexpr,
+                                      ACC: tl.constexpr,
                                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (row blocks, channel blocks) over an (M, C) row-major x: y or dx, see
     _batch_norm_elementwise. Row blocks run last to first: the reduce pass read the end last."""
@@ -320,8 +327,8 @@ def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
     col_mask = cols < C
     mask = (rows < M)[:, None] & col_mask[None, :]
     mean, rstd, w, b, mean_dy, mean_dy_xhat = _channel_params(
-        Mean, Var, W, B, SumDy, SumDyXhat, Count, cols, col_mask, eps,
-        BACKWARD, TRAINING, HAS_WEIGHT, HAS_BIAS, ACC)
+        Mean, Var, W, B, SumDy, SumDyXhat, Count, count_value, cols, col_mask, eps,
+        BACKWARD, TRAINING, HAS_WEIGHT, HAS_BIAS, COUNT_PTR, ACC)
     offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     dy = x
@@ -335,10 +342,11 @@ def _batch_norm_elementwise_cl_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
 
 @triton.jit
 def _batch_norm_elementwise_cf_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyXhat, Count,
-                                      R, C, S, eps: tl.float64,
+                                      R, C, S, eps: tl.float64, count_value,
                                       BACKWARD: tl.constexpr, TRAINING: tl.constexpr,
                                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                      RELU: tl.constexpr, ACC: tl.constexpr,
+                                      RELU: tl.constexpr, COUNT_PTR: tl.constexpr,
+                                      ACC: tl.constexpr,
                                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (row blocks, position blocks) over a contiguous (N, C, S) x seen as R = N*C rows of
     S values; row r holds channel r % C. Several short rows share a tile when S is small. Row
@@ -349,8 +357,8 @@ def _batch_norm_elementwise_cf_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
     mask = row_mask[:, None] & (ss < S)[None, :]
     ch = rows % C
     mean, rstd, w, b, mean_dy, mean_dy_xhat = _channel_params(
-        Mean, Var, W, B, SumDy, SumDyXhat, Count, ch, row_mask, eps,
-        BACKWARD, TRAINING, HAS_WEIGHT, HAS_BIAS, ACC)
+        Mean, Var, W, B, SumDy, SumDyXhat, Count, count_value, ch, row_mask, eps,
+        BACKWARD, TRAINING, HAS_WEIGHT, HAS_BIAS, COUNT_PTR, ACC)
     offsets = rows.to(tl.int64)[:, None] * S + ss[None, :]
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     dy = x
@@ -380,8 +388,7 @@ def _cf_tile(n: int, s: int, tile_elems: int) -> tuple[int, int]:
     return max(1, min(triton.next_power_of_2(n), tile_elems // block_s)), block_s
 
 
-def _elem_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+_elem_size = elem_size
 
 
 @dataclass(frozen=True)
@@ -403,6 +410,7 @@ class BatchNormReducePlan:
     launches: tuple[LaunchCost, ...]
 
     @classmethod
+    @cached_plan
     def make(cls, n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
              backward: bool, device: torch.device,
              running_dtype: torch.dtype | None = None) -> "BatchNormReducePlan":
@@ -460,6 +468,7 @@ class BatchNormElementwisePlan:
     launches: tuple[LaunchCost, ...]
 
     @classmethod
+    @cached_plan
     def make(cls, n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
              backward: bool, after_reduce: bool) -> "BatchNormElementwisePlan":
         """`after_reduce`: a reduction over the same x (and dy) ran just before (training)."""
@@ -479,6 +488,7 @@ class BatchNormElementwisePlan:
         return cls(channels_last, block_0, block_1, grid, num_warps, (launch,))
 
 
+@cached_plan
 def plan_batch_norm(n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
                     mode: str, device: torch.device,
                     running_dtype: torch.dtype | None = None) -> tuple[LaunchCost, ...]:
@@ -530,24 +540,25 @@ def _reduce(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor | None,
     sizes = (n * s, c) if channels_last else (n, c, s)
     blocks = (dict(BLOCK_M=plan.block_0, BLOCK_C=plan.block_1) if channels_last
               else dict(BLOCK_N=plan.block_0, BLOCK_S=plan.block_1))
-    kernel[plan.grid](*args, partial1, partial2, *sizes, plan.per_program, eps, **flags,
-                      **blocks, num_warps=plan.num_warps)
+    launch(kernel, plan.grid, *args, partial1, partial2, *sizes, plan.per_program, eps, **flags,
+           **blocks, num_warps=plan.num_warps)
     momentum_ptr = isinstance(momentum, torch.Tensor)
-    _batch_norm_combine_kernel[plan.combine_grid](
-        partial1, partial2, x, out1, out2, running_mean if update else out1,
-        running_var if update else out1, momentum if momentum_ptr else out1, plan.groups, c,
-        1 if channels_last else s, n * s, 0.0 if momentum_ptr else float(momentum),
-        BACKWARD=backward, UPDATE_RUNNING=update, MOMENTUM_PTR=momentum_ptr, ACC=flags["ACC"],
-        BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=plan.combine_block_c, num_warps=4)
+    launch(_batch_norm_combine_kernel, plan.combine_grid,
+           partial1, partial2, x, out1, out2, running_mean if update else out1,
+           running_var if update else out1, momentum if momentum_ptr else out1, plan.groups, c,
+           1 if channels_last else s, n * s, 0.0 if momentum_ptr else float(momentum),
+           BACKWARD=backward, UPDATE_RUNNING=update, MOMENTUM_PTR=momentum_ptr,
+           ACC=flags["ACC"], BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=plan.combine_block_c,
+           num_warps=4)
     return out1, out2
 
 
 def _elementwise(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor,
                  var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                  sum_dy: torch.Tensor | None, sum_dy_xhat: torch.Tensor | None,
-                 count: torch.Tensor | None, eps: float, relu: bool) -> torch.Tensor:
+                 count: torch.Tensor | int | None, eps: float, relu: bool) -> torch.Tensor:
     """y (dy is None) or dx, with x's strides. Backward with sum_dy None is eval mode (the
-    statistics are constants)."""
+    statistics are constants). `count` (training backward): a 1-element tensor or an int."""
     n, c, s = x.shape
     channels_last = _check_layout(x)
     out = torch.empty_like(x)
@@ -561,19 +572,21 @@ def _elementwise(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor,
     args = (x, dy if backward else placeholder, out, mean, var,
             weight if weight is not None else placeholder,
             bias if bias is not None else placeholder,
-            sum_dy if training else placeholder, sum_dy_xhat if training else placeholder,
-            count if training else placeholder)
+            sum_dy if training else placeholder, sum_dy_xhat if training else placeholder)
+    count_ptr = isinstance(count, torch.Tensor)
+    count_args = (count if count_ptr else placeholder,)
+    count_value = 0 if count_ptr or count is None else count
     flags = dict(BACKWARD=backward, TRAINING=backward and training,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
-                 ACC=tl_acc_dtype(x.dtype))
+                 COUNT_PTR=count_ptr, ACC=tl_acc_dtype(x.dtype))
     if channels_last:
-        _batch_norm_elementwise_cl_kernel[plan.grid](
-            *args, n * s, c, eps, **flags, BLOCK_M=plan.block_0, BLOCK_C=plan.block_1,
-            num_warps=plan.num_warps)
+        launch(_batch_norm_elementwise_cl_kernel, plan.grid, *args, *count_args, n * s, c, eps,
+               count_value, **flags, BLOCK_M=plan.block_0, BLOCK_C=plan.block_1,
+               num_warps=plan.num_warps)
     else:
-        _batch_norm_elementwise_cf_kernel[plan.grid](
-            *args, n * c, c, s, eps, **flags, BLOCK_R=plan.block_0, BLOCK_S=plan.block_1,
-            num_warps=plan.num_warps)
+        launch(_batch_norm_elementwise_cf_kernel, plan.grid, *args, *count_args, n * c, c, s,
+               eps, count_value, **flags, BLOCK_R=plan.block_0, BLOCK_S=plan.block_1,
+               num_warps=plan.num_warps)
     return out
 
 
@@ -649,10 +662,8 @@ def batch_norm_bwd(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: t
     computed regardless, which keeps one code path."""
     sum_dy, sum_dy_xhat = batch_norm_backward_reduce(dy, x, mean, var, weight, bias, eps, relu)
     if training:
-        n, _c, s = x.shape
-        count = torch.full((1,), n * s, dtype=sum_dy.dtype, device=x.device)
-        dx = batch_norm_backward_elemt(dy, x, mean, var, weight, bias, sum_dy, sum_dy_xhat,
-                                       count, eps, relu)
+        n, _c, s = x.shape  # the count as an integer argument: no tensor, no fill launch
+        dx = _elementwise(x, dy, mean, var, weight, bias, sum_dy, sum_dy_xhat, n * s, eps, relu)
     else:
         dx = batch_norm_backward_elemt(dy, x, mean, var, weight, bias, None, None, None, eps,
                                        relu)

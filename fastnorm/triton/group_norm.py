@@ -46,7 +46,7 @@ Split path, backward, the same three-step shape:
    (silu'(z) = s + z*s*(1-s), s = sigmoid(z)). x_hat comes from the saved mean/rstd, so no
    cancellation at large means.
 2. combine: per (n, g): c1 = sum_c w[c] * P1 / count, c2 = sum_c w[c] * P2 / count. dweight and
-   dbias are the column sums of P1 and P2 over (n, split), done by `column_sum` (fixed order).
+   dbias are the column sums of P1 and P2 over (n, split), done by `column_sums` (fixed order).
 3. dx = rstd * (w * dz - x_hat * c1 - c2), again walking the tiles in reverse order.
 
 Cost (HBM passes over numel * elem_size, unmeasured so far): the fused path does the minimum,
@@ -75,9 +75,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (L2_REUSE_FRACTION, LaunchCost, acc_dtype, as_acc, column_sum,
-                      l2_cache_bytes, load_affine, min_fill_programs, num_warps_for,
+from ._common import (L2_REUSE_FRACTION, LaunchCost, acc_dtype, as_acc, cached_plan, column_sums,
+                      elem_size, l2_cache_bytes, load_affine, min_fill_programs, num_warps_for,
                       reduce_programs, tl_acc_dtype)
+from ._launch import launch
 
 # Elements per tile: 4096 keeps x (and dy in the backward) in registers at 8 warps. fp64 halves it.
 TILE = 4096
@@ -446,7 +447,7 @@ def per_example_sq(partial: torch.Tensor, n: int) -> torch.Tensor:
     """[n] squared norms of the per-example sums of `partial` ([n * splits, C], example-major)."""
     out = torch.empty(n, dtype=partial.dtype, device=partial.device)
     c = partial.shape[1]
-    _group_norm_pe_sq_kernel[(n,)](partial, out, c, partial.shape[0] // n,
+    launch(_group_norm_pe_sq_kernel, (n,), partial, out, c, partial.shape[0] // n,
                                    ACC=tl_acc_dtype(partial.dtype),
                                    BLOCK_C=min(1024, triton.next_power_of_2(c)), num_warps=4)
     return out
@@ -454,6 +455,7 @@ def per_example_sq(partial: torch.Tensor, n: int) -> torch.Tensor:
 
 # --- launch planning ---------------------------------------------------------------------------
 
+@cached_plan
 def samples_per_chunk(n: int, sample_bytes: int, device: torch.device) -> int:
     """Samples per launch sequence of the split path, whose elementwise pass re-reads the
     `sample_bytes` per sample (x, and dy in the backward) that its reduce pass just read: all n
@@ -483,6 +485,7 @@ class GroupNormPlan:
     chunk: int
 
     @classmethod
+    @cached_plan
     def make(cls, n: int, c: int, hw: int, dtype: torch.dtype, channels_last: bool,
              device: torch.device, split_size: int | None = None,
              backward: bool = False) -> "GroupNormPlan":
@@ -527,6 +530,7 @@ class GroupNormPlan:
         return n * self.num_c_blocks * self.num_s_blocks
 
 
+@cached_plan
 def fused_tile(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
                channels_last: bool, device: torch.device, limit: int
                ) -> tuple[int, int, int] | None:
@@ -544,10 +548,10 @@ def fused_tile(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
     return block_s, block_c, num_warps_for(block_s * block_c)
 
 
-def _elem_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+_elem_size = elem_size
 
 
+@cached_plan
 def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
                     channels_last: bool, mode: str, device: torch.device,
                     has_weight: bool = True, has_bias: bool = True,
@@ -602,11 +606,13 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
                                        reads=chunk_in + chunk_stats * (2 if backward else 1),
                                        writes=chunk_data, l2_reread=chunk_in))
         rows = n * plan.num_splits
+    if backward and (has_weight or has_bias):
+        # One launch sums both parameters' partial rows.
+        params = int(has_weight) + int(has_bias)
+        launches.append(LaunchCost("_column_sum_kernel", (triton.cdiv(c, 128),), 4,
+                                   reads=params * rows * c * acc,
+                                   writes=params * c * _elem_size(dtype)))
     if backward:
-        for present in (has_weight, has_bias):
-            if present:
-                launches.append(LaunchCost("_column_sum_kernel", (triton.cdiv(c, 128),), 4,
-                                           reads=rows * c * acc, writes=c * _elem_size(dtype)))
         if per_example:
             # Re-reads the partial rows the column sums just read: from L2 while both
             # parameters' partials fit.
@@ -675,7 +681,7 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         n, c, hw, g, x.dtype, channels_last, x.device, MAX_FUSED_FWD)
     if fused is not None:
         block_s, block_c, num_warps = fused
-        _group_norm_fwd_fused_kernel[(n * g,)](
+        launch(_group_norm_fwd_fused_kernel, (n * g,),
             x, y, w, b, mean, rstd, hw, g, group_size, eps, **flags, BLOCK_S=block_s,
             BLOCK_C=block_c, num_warps=num_warps)
         return y, mean, rstd
@@ -691,15 +697,15 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         pm, pm2 = p_mean[n0 * plan.num_splits:n1 * plan.num_splits], \
             p_m2[n0 * plan.num_splits:n1 * plan.num_splits]
         ms, rs = mean[n0:n1], rstd[n0:n1]
-        _group_norm_fwd_stats_kernel[plan.reduce_grid(m)](
+        launch(_group_norm_fwd_stats_kernel, plan.reduce_grid(m),
             xs, pm, pm2, c, hw, plan.split_size, plan.num_splits, plan.num_c_blocks,
             CHANNELS_LAST=channels_last, ACC=flags["ACC"], BLOCK_S=plan.block_s,
             BLOCK_C=plan.block_c, num_warps=plan.num_warps)
-        _group_norm_fwd_combine_kernel[(m * g,)](
+        launch(_group_norm_fwd_combine_kernel, (m * g,),
             pm, pm2, ms, rs, c, hw, g, group_size, plan.split_size, plan.num_splits, eps,
             ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
         num_tiles = plan.num_tiles(m)
-        _group_norm_fwd_apply_kernel[(num_tiles,)](
+        launch(_group_norm_fwd_apply_kernel, (num_tiles,),
             xs, ys, w, b, ms, rs, c, hw, g, group_size, plan.num_s_blocks, plan.num_c_blocks,
             num_tiles, CHANNELS_LAST=channels_last, **flags, BLOCK_S=plan.block_s,
             BLOCK_C=plan.block_c, num_warps=plan.num_warps)
@@ -745,7 +751,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
         # One row of dweight/dbias partials per sample.
         p1 = torch.empty((n, c), dtype=partial_dtype, device=x.device)
         p2 = torch.empty_like(p1)
-        _group_norm_bwd_fused_kernel[(n * g,)](
+        launch(_group_norm_bwd_fused_kernel, (n * g,),
             x, dy, dx, w, b, mean, rstd, p1, p2, c, hw, g, group_size, **flags,
             BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
     else:
@@ -763,20 +769,21 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
             ms, rs, c1s, c2s = mean[n0:n1], rstd[n0:n1], c1[n0:n1], c2[n0:n1]
             rows = slice(n0 * plan.num_splits, n1 * plan.num_splits)
             p1s, p2s = p1[rows], p2[rows]
-            _group_norm_bwd_reduce_kernel[plan.reduce_grid(m)](
+            launch(_group_norm_bwd_reduce_kernel, plan.reduce_grid(m),
                 xs, dys, w, b, ms, rs, p1s, p2s, c, hw, g, group_size, plan.split_size,
                 plan.num_splits, plan.num_c_blocks, CHANNELS_LAST=channels_last, **flags,
                 BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
-            _group_norm_bwd_combine_kernel[(m * g,)](
+            launch(_group_norm_bwd_combine_kernel, (m * g,),
                 p1s, p2s, w, c1s, c2s, c, hw, g, group_size, plan.num_splits,
                 HAS_WEIGHT=has_weight, ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
             num_tiles = plan.num_tiles(m)
-            _group_norm_bwd_dx_kernel[(num_tiles,)](
+            launch(_group_norm_bwd_dx_kernel, (num_tiles,),
                 xs, dys, dxs, w, b, ms, rs, c1s, c2s, c, hw, g, group_size, plan.num_s_blocks,
                 plan.num_c_blocks, num_tiles, CHANNELS_LAST=channels_last, **flags,
                 BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
-    dweight = column_sum(p1, weight.dtype) if has_weight else None
-    dbias = column_sum(p2, bias.dtype) if has_bias else None
+    dweight, dbias = column_sums(p1 if has_weight else None,
+                                 weight.dtype if has_weight else None,
+                                 p2 if has_bias else None, bias.dtype if has_bias else None)
     if per_example:
         return (dx, dweight, dbias, per_example_sq(p1, n) if has_weight else p1.new_empty(0),
                 per_example_sq(p2, n) if has_bias else p2.new_empty(0))

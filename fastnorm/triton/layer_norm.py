@@ -92,7 +92,7 @@ and converted to the accumulation dtype inside the kernels.
 """
 # No `from __future__ import annotations`: Triton reads the kernels' annotations (eps: "fp64")
 # as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
-import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -100,9 +100,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ELEMS_PER_WARP, L2_REUSE_FRACTION, LaunchCost, acc_dtype, column_sum,
-                      l2_cache_bytes, min_fill_programs, modeled_hbm_bytes, num_parallel_programs,
-                      num_warps_for, rows_per_tile, tl_acc_dtype)
+from ._common import (ELEMS_PER_WARP, L2_REUSE_FRACTION, LaunchCost, acc_dtype, cached_plan,
+                      column_sums, elem_size, l2_cache_bytes, min_fill_programs,
+                      modeled_hbm_bytes, num_parallel_programs, num_warps_for,
+                      planning_override, rows_per_tile, tl_acc_dtype)
+from ._launch import launch
 
 # Widest row (in elements) kept whole in registers. Forward holds x only; backward also holds dy
 # and the dW/dB accumulators, so it switches to the column-chunked path sooner: a 16384-wide
@@ -384,7 +386,7 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
     Per row, a first walk over the chunks sums c1 = mean(x_hat * w*dy), c2 = mean(w*dy); a
     second walk, over the chunks backwards (the last read first), writes dx and adds the row's
     dW/dB terms into the program's own partial row (DW_partial[p], DB_partial[p], zeroed by the
-    launcher: read, add, store). Only P rows and P partial rows are live at a time, so the plan
+    program first: read, add, store). Only P rows and P partial rows are live at a time, so the plan
     sizes P for the second walk's reads and the partial rows to stay in L2. Flags as in
     _layer_norm_bwd_kernel.
     PER_EXAMPLE: the second walk also adds the same dW (dB) terms into the slot row of the
@@ -396,6 +398,15 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
     dw_row = DW_partial + pid.to(tl.int64) * N
     db_row = DB_partial + pid.to(tl.int64) * N
     num_chunks = tl.cdiv(N, BLOCK_N)
+    # The program's partial rows start at zero (written here, not by a fill launch; the same
+    # threads read them back below, so no barrier is needed).
+    for i in range(0, num_chunks):
+        cols = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        zero = tl.zeros([BLOCK_N], dtype=DW_partial.dtype.element_ty)
+        if HAS_WEIGHT:
+            tl.store(dw_row + cols, zero, mask=cols < N)
+        if HAS_BIAS:
+            tl.store(db_row + cols, zero, mask=cols < N)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for row_i in range(row_start, row_end):
@@ -553,23 +564,16 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
 _forced_bwd_path: Optional[str] = None
 
 
-@contextlib.contextmanager
-def force_backward_path(path: str) -> Iterator[None]:
+def force_backward_path(path: str):
     """Within the block, backward launches for rows longer than MAX_FUSED_N_BWD take `path`
     ("rows": the persistent kernel, "chunked": row statistics then the column-chunked kernel)
     whatever the cost model prefers: for tests and tuning."""
-    global _forced_bwd_path
     if path not in ("rows", "chunked"):
         raise ValueError(f"unknown long-row backward path {path!r}; expected 'rows' or 'chunked'")
-    previous, _forced_bwd_path = _forced_bwd_path, path
-    try:
-        yield
-    finally:
-        _forced_bwd_path = previous
+    return planning_override(sys.modules[__name__], "_forced_bwd_path", path)
 
 
-def _elem_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+_elem_size = elem_size
 
 
 def _fused_limit(limit: int, dtype: torch.dtype) -> int:
@@ -602,6 +606,7 @@ class LayerNormPlan:
         return [(r0, min(m, r0 + step)) for r0 in range(0, m, step)] or [(0, 0)]
 
 
+@cached_plan
 def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch.device, *,
                     is_rms: bool, has_weight: bool = True, has_bias: bool = True,
                     weight_dtype: Optional[torch.dtype] = None,
@@ -765,8 +770,9 @@ def _row_chunks(m: int, row_bytes: int, partial_row_bytes: int, groups: int,
 
 def _column_sums(n: int, rows: int, acc: int, w_es: int, has_weight: bool,
                  has_bias: bool) -> list[LaunchCost]:
-    return [LaunchCost("_column_sum_kernel", (triton.cdiv(n, 128),), 4, reads=rows * n * acc,
-                       writes=n * w_es) for present in (has_weight, has_bias) if present]
+    params = int(has_weight) + int(has_bias)  # one launch sums dW's and dB's partials
+    return [LaunchCost("_column_sum_kernel", (triton.cdiv(n, 128),), 4,
+                       reads=params * rows * n * acc, writes=params * n * w_es)] if params else []
 
 
 def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_weight: bool,
@@ -802,6 +808,7 @@ def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_wei
 
 
 
+@cached_plan
 def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
                                 rows_per_example: int, is_rms: bool, has_weight: bool = True,
                                 has_bias: bool = True,
@@ -926,11 +933,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
         residual_dtype=h_arg.dtype if has_residual else None, store_residual=store_residual)
     # eps as a float64 scalar: the kernels declare it "fp64" and convert it to their ACC dtype.
     if plan.path == "fused":
-        _layer_norm_fwd_kernel[plan.grid](
+        launch(_layer_norm_fwd_kernel, plan.grid,
             x, y, w, b, mean_arg, rstd, r, h_arg, M, N, *strides, float(eps), **flags,
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     else:
-        _layer_norm_fwd_chunked_kernel[plan.grid](
+        launch(_layer_norm_fwd_chunked_kernel, plan.grid,
             x, y, w, b, mean_arg, rstd, r, h_arg, M, N, *strides, float(eps), **flags,
             BLOCK_N=plan.block_n, num_warps=plan.num_warps)
     return y, mean, rstd, (h if store_residual else x.new_empty(0))
@@ -961,22 +968,28 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     """The backward on every path; rows_per_example > 0 also fills per-(program, example) slot
     rows and returns (pe_dw, pe_db, index) for _slot_sq_norms (None otherwise)."""
     M, N = x.shape
-    dx = torch.empty((M, N), dtype=dx_dtype or x.dtype, device=x.device)
+    device = x.device
+    dx = torch.empty((M, N), dtype=dx_dtype or x.dtype, device=device)
     has_dresidual = dresidual is not None
     has_weight = weight is not None
     has_bias = bias is not None
     partial_dtype = acc_dtype(x.dtype)
     plan = plan_layer_norm(
-        M, N, x.dtype, "bwd", x.device, is_rms=is_rms, has_weight=has_weight,
+        M, N, x.dtype, "bwd", device, is_rms=is_rms, has_weight=has_weight,
         has_bias=has_bias, weight_dtype=weight.dtype if has_weight else None,
         has_dresidual=has_dresidual, dy_dtype=dy.dtype, dx_dtype=dx.dtype)
     whole_row = plan.path == "fused"
     groups, rpp = plan.partial_rows, plan.rows_per_program
-    dw_partial = torch.zeros((groups, N) if has_weight else (0,), dtype=partial_dtype,
-                             device=x.device)
-    db_partial = torch.zeros((groups, N) if has_bias else (0,), dtype=partial_dtype,
-                             device=x.device)
     per_example = rows_per_example > 0
+    if (M == 0 or N == 0) and not per_example:  # nothing to launch: zero weight gradients
+        return (dx, weight.new_zeros(N) if has_weight else None,
+                bias.new_zeros(N) if has_bias else None, None)
+    # Every partial row is written before it is read (the whole-row and column-chunked kernels
+    # store their row; the persistent rows kernel zeroes its own first), so no fill launch;
+    # with nothing to launch (per-example mode on an empty input) they must be zeros.
+    alloc = torch.zeros if M == 0 or N == 0 else torch.empty
+    dw_partial = alloc((groups, N) if has_weight else (0,), dtype=partial_dtype, device=device)
+    db_partial = alloc((groups, N) if has_bias else (0,), dtype=partial_dtype, device=device)
     rpe = max(rows_per_example, 1)
     slots = triton.cdiv(rpp, rpe) + 1 if per_example else 0  # examples rpp rows can touch
     # Slot rows per row group of the whole call (row chunks accumulate into `groups` dW/dB
@@ -991,7 +1004,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     pe_dw_arg = pe_dw if per_example and has_weight else rstd
     pe_db_arg = pe_db if per_example and has_bias else rstd
     if M > 0 and N > 0 and plan.path == "rows":
-        _layer_norm_bwd_rows_kernel[plan.grid](
+        launch(_layer_norm_bwd_rows_kernel, plan.grid,
             x, weight if has_weight else rstd, dy, dx, rstd if is_rms else mean, rstd,
             dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
             dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg, M, N, x.stride(0),
@@ -1017,7 +1030,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
             if not whole_row:
                 stats_launch = plan.launches[2 * i]
                 # Views of the chunk's rows: the kernel indexes by row only.
-                _layer_norm_bwd_row_stats_kernel[stats_launch.grid](
+                launch(_layer_norm_bwd_row_stats_kernel, stats_launch.grid,
                     x[r0:r1], w, dy[r0:r1], mean_arg if is_rms else mean_arg[r0:r1],
                     rstd[r0:r1], c1[r0:r1], c2[r0:r1], N, x.stride(0), dy.stride(0),
                     IS_RMS=is_rms, HAS_WEIGHT=has_weight, ROUND_XHAT=round_xhat,
@@ -1025,7 +1038,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
             grid = plan.grid if len(chunks) == 1 else (plan.grid[0], triton.cdiv(r1 - r0, rpp))
             # Full tensors and the chunk's first row group: row groups, slot rows and program
             # boundaries are those of the whole call.
-            _layer_norm_bwd_kernel[grid](
+            launch(_layer_norm_bwd_kernel, grid,
                 x, w, dy, dx, mean_arg, rstd, c1, c2,
                 dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
                 dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg,
@@ -1035,8 +1048,10 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
                 ROUND_DX_TERMS=round_dx_terms, ROW_STATS_IN_TILE=whole_row,
                 PER_EXAMPLE=per_example, ACCUMULATE=i > 0,
                 BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
-    dweight = column_sum(dw_partial, weight.dtype) if has_weight else None
-    dbias = column_sum(db_partial, bias.dtype) if has_bias else None
+    dweight, dbias = column_sums(dw_partial if has_weight else None,
+                                 weight.dtype if has_weight else None,
+                                 db_partial if has_bias else None,
+                                 bias.dtype if has_bias else None)
     pe = None
     if per_example:
         pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, slot_groups, x.device))
