@@ -30,22 +30,31 @@ from torch import Tensor
 
 from ._dtypes import stats_dtype
 
-__all__ = ["is_channels_last", "canonical", "channel_view", "as_layout", "dy_like",
+__all__ = ["channels_last_strides", "is_channels_last", "canonical", "channel_view", "as_layout", "dy_like",
            "param_grad", "empty_if_none", "group_norm_activation", "batch_norm_relu",
            "stats_dtype"]
 
 GROUP_NORM_ACTIVATIONS = ("none", "silu")
 
 
+def channels_last_strides(x: Tensor) -> bool:
+    """`x.transpose(1, 2).is_contiguous()` for an (N, C, S) view, read off the strides (torch's
+    rule: size-1 dims are ignored, an empty tensor qualifies) without creating the view."""
+    n, c, s = x.shape
+    sn, sc, ss = x.stride()
+    return (c == 1 or sc == 1) and (s == 1 or ss == c) and (n == 1 or sn == s * c) \
+        or x.numel() == 0
+
+
 def is_channels_last(x: Tensor) -> bool:
     """True when the (N, C, S) view x is channels-last and not also contiguous."""
-    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+    return not x.is_contiguous() and channels_last_strides(x)
 
 
 def canonical(x: Tensor) -> Tensor:
     """An (N, C, S) view as one of the two layouts the kernels take: itself when contiguous or
     channels-last, else a contiguous copy."""
-    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+    if x.is_contiguous() or channels_last_strides(x):
         return x
     return x.contiguous()
 
@@ -59,7 +68,7 @@ def channel_view(input: Tensor) -> Tensor:
 def as_layout(t: Tensor, channels_last: bool) -> Tensor:
     """t, an (N, C, S) tensor, in the given layout (no copy when it already is)."""
     if channels_last:
-        return t if t.transpose(1, 2).is_contiguous() else \
+        return t if channels_last_strides(t) else \
             t.transpose(1, 2).contiguous().transpose(1, 2)
     return t.contiguous()
 

@@ -312,19 +312,29 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if running_mean is not None and count > 0:
             # The running statistics are updated by the launch that finalizes the batch ones.
             momentum_t = momentum.reshape(1) if isinstance(momentum, Tensor) else None
+            rm, rv = _flat(running_mean), _flat(running_var)
             y = _bn_ops.batch_norm_training_update(
-                x, _flat(running_mean), _flat(running_var),
-                0.0 if momentum_t is not None else float(momentum), momentum_t, _flat(weight),
-                _flat(bias), float(eps), relu)
+                x, rm, rv, 0.0 if momentum_t is not None else float(momentum), momentum_t,
+                _flat(weight), _flat(bias), float(eps), relu)
+            # Strided buffers were updated through contiguous copies: write them back, so the
+            # caller's tensors change in place whatever their strides (as torch's do).
+            if not running_mean.is_contiguous():
+                running_mean.copy_(rm.view(running_mean.shape))
+            if not running_var.is_contiguous():
+                running_var.copy_(rv.view(running_var.shape))
         else:
             y, _mean, _var = _bn_ops.batch_norm_training(x, _flat(weight), _flat(bias),
                                                          float(eps), relu)
     else:
         # The op contract keeps statistics in the stats dtype; running stats may be x's dtype.
         stats = stats_dtype(input.dtype)
-        y = _bn_ops.batch_norm_eval(
-            x, _flat(running_mean).to(stats), _flat(running_var).to(stats), _flat(weight),
-            _flat(bias), float(eps), relu)
+        running_mean, running_var = _flat(running_mean), _flat(running_var)
+        if running_mean.dtype != stats:
+            running_mean = running_mean.to(stats)
+        if running_var.dtype != stats:
+            running_var = running_var.to(stats)
+        y = _bn_ops.batch_norm_eval(x, running_mean, running_var, _flat(weight), _flat(bias),
+                                    float(eps), relu)
     return y.view(input.shape)
 
 

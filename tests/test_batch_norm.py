@@ -478,3 +478,22 @@ def test_eval_relu_keeps_nan(device, triton_backend, bad):
     y = fastnorm.batch_norm(x, rm, rv, None, None, False, 0.1, 1e-5, activation="relu")
     ref = F.relu(F.batch_norm(x, rm, rv, None, None, False, 0.1, 1e-5))
     torch.testing.assert_close(y, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_update_strided_buffers_in_place(device, backend, momentum):
+    """Non-contiguous running buffers (e.g. a view of a larger buffer) are updated in place, as
+    torch updates them; the fused update writes a contiguous copy, written back."""
+    x = torch.randn(5, 5, 5, device=device)
+    ours = (torch.zeros(10, device=device)[::2], torch.ones(10, device=device)[::2])
+    ref = (torch.zeros(10, device=device)[::2], torch.ones(10, device=device)[::2])
+    if momentum is None:  # the modules' cumulative average: a tensor factor
+        factor = torch.tensor(0.5, dtype=torch.float64, device=device)
+        fastnorm.batch_norm(x, *ours, training=True, momentum=factor)
+        F.batch_norm(x, *ref, training=True, momentum=0.5)
+    else:
+        fastnorm.batch_norm(x, *ours, training=True, momentum=momentum)
+        F.batch_norm(x, *ref, training=True, momentum=momentum)
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(ours[0], torch.zeros_like(ours[0]))

@@ -21,9 +21,10 @@ def _load(path):
 
 
 # Not bandwidth benchmarks, so outside the harness, each with its own smoke test:
-# bench_overhead.py (host overhead; test_semantics.py) and bench_train.py (steps/s of the
-# trainer; test_train_bench.py).
-_NOT_HARNESS = ("bench_overhead.py", "bench_train.py")
+# bench_overhead.py (host cost per call; test_host_path.py), bench_train.py (steps/s of the
+# trainer; test_train_bench.py) and bench_models.py (training steps of real models;
+# test_bench_models.py).
+_NOT_HARNESS = ("bench_overhead.py", "bench_train.py", "bench_models.py")
 PROVIDERS = ("torch", "fastnorm-triton", "fastnorm-cuda", "fastnorm-syncbn-chain",
              "fastnorm-triton-gns")
 _HARNESS_BENCHES = sorted(p for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.py"))

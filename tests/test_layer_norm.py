@@ -451,3 +451,23 @@ def test_force_backward_path_rejects_unknown():
     with pytest.raises(ValueError, match="expected 'rows' or 'chunked'"):
         with force_backward_path("fused"):
             pass
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_one_feature_with_any_stride(device, backend, norm):
+    """A normalized size of 1 in a dimension with a non-unit stride (torch calls such a tensor
+    contiguous, so .contiguous() keeps the stride) runs like torch, forward and backward."""
+    for make in (lambda: torch.randn(2, device=device)[::2],
+                 lambda: torch.randn(1, 4, device=device).t()):
+        x = make().requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        if norm == "layer":
+            y, yr = fastnorm.layer_norm(x, (1,)), F.layer_norm(xr, (1,))
+        else:
+            y, yr = fastnorm.rms_norm(x, (1,)), F.rms_norm(xr, (1,))
+        dy = torch.randn(x.shape[::-1], device=device).t() if x.dim() == 2 else \
+            torch.randn(x.shape, device=device)
+        y.backward(dy)
+        yr.backward(dy)
+        torch.testing.assert_close(y, yr)
+        torch.testing.assert_close(x.grad, xr.grad)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import _backend
 from .. import reference as _reference
+from .._layout import is_channels_last
 
 KERNEL_SETS = ("reference", "triton", "cuda")
 OPS = ("layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_pe", "rms_norm_fwd", "rms_norm_bwd", "add_layer_norm_fwd",
@@ -95,7 +96,7 @@ def case_key(op: str, x: Tensor) -> str:
         layout, size = "rows", x.shape[-1]
     else:
         n, c, s = x.shape
-        layout = "cl" if (not x.is_contiguous() and x.transpose(1, 2).is_contiguous()) else "cf"
+        layout = "cl" if is_channels_last(x) else "cf"
         size = c * s if family(op) == "group_norm" else n * s
     bucket = 1 << max(0, int(size) - 1).bit_length()
     return f"{op}:{_DTYPE_NAMES.get(x.dtype, str(x.dtype))}:{layout}:{bucket}"
@@ -129,5 +130,15 @@ def kernel(op: str, x: Tensor) -> Callable:
     if chosen == "reference":
         return getattr(_reference, op)
     if chosen == "triton":
-        return getattr(_triton_set(), op)
+        fn = getattr(_triton_set(), op)
+        # Triton launches on the current device: make x's current when it is not (a context
+        # switch only then; the C++ ops carry their own device guard).
+        if x.is_cuda and x.get_device() != torch.cuda.current_device():
+            return functools.partial(_on_device, fn, x.device)
+        return fn
     return getattr(torch.ops.fastnorm_C, op)
+
+
+def _on_device(fn: Callable, device: torch.device, *args):
+    with torch.cuda.device(device):
+        return fn(*args)

@@ -38,7 +38,8 @@ def rms_norm_fwd(x, weight, eps):
 
 
 def rms_norm_bwd(dy, x, weight, rstd):
-    dx, dw, _db = _ln.layer_norm_bwd(dy, x, weight, None, rstd.new_empty(0), rstd, is_rms=True)
+    # (rstd stands in for the mean RMSNorm does not have: never read)
+    dx, dw, _db = _ln.layer_norm_bwd(dy, x, weight, None, rstd, rstd, is_rms=True)
     return dx, empty_if_none(dw, x)
 
 
@@ -51,7 +52,7 @@ def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight, bias, eps,
                                               residual_dtype=h_dtype,
                                               round_xhat=rounding != "none",
                                               store_residual=store_residual)
-    return y, h, mean, rstd
+    return y, empty_if_none(h, x), mean, rstd
 
 
 def add_layer_norm_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding):

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 import triton
@@ -15,10 +15,20 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 from .._dtypes import stats_dtype
-from ._launch import launch
+from ._launch import launch, launch_with
 
 
 acc_dtype = stats_dtype  # statistics / accumulation dtype of an input dtype
+
+
+# Plain integer helpers: triton.cdiv / triton.next_power_of_2 are ConstexprFunction objects
+# costing ~2 us a call from Python, which the launchers cannot afford per call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0  # (0 -> 0, as Triton's)
 
 
 def tl_acc_dtype(dtype: torch.dtype):
@@ -52,6 +62,47 @@ def clear_plan_caches() -> None:
     monkeypatch tile sizes do; the assume_* / force_* context managers do it themselves)."""
     for cache in _PLAN_CACHES:
         cache.cache_clear()
+    for specs in _SPEC_CACHES:
+        specs.clear()
+
+
+class LaunchSpec(NamedTuple):
+    """What a launcher needs besides the call's tensors and sizes: the kernel, its grid, the
+    constexprs and launch options (`meta`) and a hashable stand-in for them (`meta_key`, for
+    the launch cache: see fastnorm/triton/_launch.py)."""
+    kernel: Any
+    grid: tuple
+    meta: dict
+    meta_key: tuple
+
+
+def launch_spec(kernel: Any, grid: tuple, **meta: Any) -> LaunchSpec:
+    return LaunchSpec(kernel, grid, meta, tuple(meta.items()))
+
+
+def run(spec: LaunchSpec, *args: Any) -> None:
+    """Launch `spec` with the runtime arguments `args`."""
+    launch_with(spec.kernel, spec.grid, args, spec.meta, spec.meta_key)
+
+
+_SPEC_CACHES: list = []
+
+
+class SpecCache(dict):
+    """A launcher's cache: key -> whatever `make(*key)` returns (its plan and LaunchSpecs),
+    made on the first miss. A hit is one dict lookup; cleared with the plan caches and when it
+    outgrows _PLAN_CACHE_SIZE entries (shapes that never repeat)."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.make = make
+        _SPEC_CACHES.append(self)
+
+    def __missing__(self, key: tuple) -> Any:
+        if len(self) >= _PLAN_CACHE_SIZE:
+            self.clear()
+        value = self[key] = self.make(*key)
+        return value
 
 
 @contextlib.contextmanager
@@ -253,7 +304,7 @@ def column_sums(partial: Optional[torch.Tensor], out_dtype: Optional[torch.dtype
     out = torch.empty(n, dtype=out_dtype, device=partial.device)
     out2 = torch.empty(n, dtype=out_dtype2, device=partial.device)
     if n:
-        launch(_column_sum_kernel, (triton.cdiv(n, COLUMN_SUM_BLOCK_N),), partial, out, partial2,
+        launch(_column_sum_kernel, (cdiv(n, COLUMN_SUM_BLOCK_N),), partial, out, partial2,
                out2, num_rows, n, partial.stride(0), partial2.stride(0), TWO=True,
                BLOCK_P=COLUMN_SUM_BLOCK_P, BLOCK_N=COLUMN_SUM_BLOCK_N)
     return out, out2
@@ -266,7 +317,7 @@ def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(n, dtype=out_dtype, device=partial.device)
     if n == 0:
         return out
-    launch(_column_sum_kernel, (triton.cdiv(n, COLUMN_SUM_BLOCK_N),), partial, out, partial,
+    launch(_column_sum_kernel, (cdiv(n, COLUMN_SUM_BLOCK_N),), partial, out, partial,
            out, num_rows, n, partial.stride(0), 0, TWO=False, BLOCK_P=COLUMN_SUM_BLOCK_P,
            BLOCK_N=COLUMN_SUM_BLOCK_N)
     return out

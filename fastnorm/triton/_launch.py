@@ -21,7 +21,8 @@ convention this module was not written for.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 import triton
@@ -40,7 +41,13 @@ _DIRECT = (not triton_interpreted() and torch.cuda.is_available()
 # (tests count launches per op call; see fastnorm.ops.count_launches).
 launches = 0
 
+_dry = False  # dry_run(): count launches, run nothing
+
 _FLOAT = "<float>"
+# The current CUDA device and its current stream, as Triton's own launcher reads them (the
+# device must be current: callers with a tensor elsewhere make it current first).
+_current_device = torch._C._cuda_getDevice if _DIRECT else None
+_current_stream = torch._C._cuda_getCurrentRawStream if _DIRECT else None
 _MAX_ENTRIES = 8192
 
 
@@ -66,10 +73,12 @@ def _arg_key(args: tuple) -> tuple:
                   (type(a), a) for a in args])
 
 
+_runtime_knobs = triton.knobs.runtime if hasattr(triton, "knobs") else None
+
+
 def _hooks_installed() -> bool:
-    runtime = triton.knobs.runtime
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and (getattr(hook, "calls", True)):
+    for hook in (_runtime_knobs.launch_enter_hook, _runtime_knobs.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
             return True
     return False
 
@@ -88,13 +97,23 @@ def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
     """`kernel[grid](*args, **meta)`, through the cached compiled kernel when one exists for
     this exact argument key. Positional `args` are the kernel's leading parameters; `meta`
     holds constexprs and launch options (num_warps, num_stages)."""
+    launch_with(kernel, grid, args, meta, None)
+
+
+def launch_with(kernel: Any, grid: tuple, args: tuple, meta: dict,
+                meta_key: Optional[tuple]) -> None:
+    """`launch` for hot paths: `meta` as a dict the caller keeps and `meta_key`, a hashable
+    stand-in for it (e.g. its items, computed once with the cached plan; None: computed
+    here)."""
     global launches
     launches += 1
+    if _dry:
+        return
     if not _DIRECT:
         kernel[grid](*args, **meta)
         return
-    device = torch.cuda.current_device()
-    key = (kernel, device, _arg_key(args), tuple(meta.items()))
+    device = _current_device()
+    key = (kernel, device, _arg_key(args), tuple(meta.items()) if meta_key is None else meta_key)
     entry = _cache.get(key)
     if entry is None or _hooks_installed():
         compiled = kernel[grid](*args, **meta)
@@ -105,11 +124,24 @@ def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
         return
     n = len(grid)
     entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-              torch._C._cuda_getCurrentRawStream(device), entry.function,
-              entry.packed_metadata, None, None, None, *args, *entry.tail)
+              _current_stream(device), entry.function, entry.packed_metadata, None, None, None,
+              *args, *entry.tail)
 
 
 def clear_cache() -> None:
     """Forget every cached compiled-kernel handle (the next launch of each key takes the JIT
     path again)."""
     _cache.clear()
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Within the block, launches are counted but not run (outputs stay uninitialized): the
+    host path's deterministic guard counts launches and torch ops of a call without executing
+    interpreted kernels (tests/test_host_path.py)."""
+    global _dry
+    previous, _dry = _dry, True
+    try:
+        yield
+    finally:
+        _dry = previous

@@ -46,14 +46,16 @@ momentum are declared tl.float64 and the count is an integer, so fp64 inputs los
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchCost, acc_dtype, as_acc, cached_plan, elem_size, load_affine,
-                      num_warps_for, reduce_programs, tl_acc_dtype)
-from ._launch import launch
+from ._common import (LaunchCost, LaunchSpec, SpecCache, acc_dtype, as_acc, cached_plan, cdiv,
+                      elem_size, launch_spec, load_affine, next_power_of_2, num_warps_for,
+                      reduce_programs, run, tl_acc_dtype)
+from .._layout import channels_last_strides
 
 # Elements per tile: a few thousand keeps loads wide and registers bounded (fp32 accumulators).
 TILE_ELEMS = 4096
@@ -69,7 +71,7 @@ MIN_TILES_PER_PROGRAM = 8
 
 def is_channels_last(x: torch.Tensor) -> bool:
     """True when the (N, C, S) view x has channels-last strides (S*C, 1, C)."""
-    return x.transpose(1, 2).is_contiguous()
+    return channels_last_strides(x)
 
 
 def as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -373,7 +375,7 @@ def _batch_norm_elementwise_cf_kernel(X, DY, Out, Mean, Var, W, B, SumDy, SumDyX
 # --- launch planning ---------------------------------------------------------------------------
 
 def _cl_tile(c: int, tile_elems: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(c), 256)
+    block_c = min(next_power_of_2(c), 256)
     return max(1, tile_elems // block_c), block_c
 
 
@@ -382,10 +384,10 @@ def _cf_tile(n: int, s: int, tile_elems: int) -> tuple[int, int]:
     least (ties: the wider), e.g. 128 for 56*56 = 3136 where 2048 would idle 23 % of the lanes;
     rows fill the tile. Short rows (s <= 128) take one block each."""
     if s <= 128:
-        block_s = triton.next_power_of_2(s)
+        block_s = next_power_of_2(s)
     else:
-        block_s = min((128, 256, 512, 1024, 2048), key=lambda b: (triton.cdiv(s, b) * b, -b))
-    return max(1, min(triton.next_power_of_2(n), tile_elems // block_s)), block_s
+        block_s = min((128, 256, 512, 1024, 2048), key=lambda b: (cdiv(s, b) * b, -b))
+    return max(1, min(next_power_of_2(n), tile_elems // block_s)), block_s
 
 
 _elem_size = elem_size
@@ -420,27 +422,27 @@ class BatchNormReducePlan:
         if channels_last:
             m = n * s
             block_0, block_1 = _cl_tile(c, TILE_ELEMS)
-            col_blocks = triton.cdiv(c, block_1)
-            groups = max(1, min(triton.cdiv(m, block_0 * MIN_TILES_PER_PROGRAM),
-                                triton.cdiv(target, col_blocks), MAX_GROUPS))
-            per_program = triton.cdiv(triton.cdiv(m, groups), block_0) * block_0
-            groups = triton.cdiv(m, per_program)
+            col_blocks = cdiv(c, block_1)
+            groups = max(1, min(cdiv(m, block_0 * MIN_TILES_PER_PROGRAM),
+                                cdiv(target, col_blocks), MAX_GROUPS))
+            per_program = cdiv(cdiv(m, groups), block_0) * block_0
+            groups = cdiv(m, per_program)
             grid = (col_blocks, groups)
             name = "_batch_norm_reduce_cl_kernel"
         else:
             block_0, block_1 = _cf_tile(n, s, TILE_ELEMS)
-            num_chunks = triton.cdiv(n, block_0) * triton.cdiv(s, block_1)
-            groups = max(1, min(triton.cdiv(num_chunks, MIN_TILES_PER_PROGRAM),
-                                triton.cdiv(target, c), MAX_GROUPS))
-            per_program = triton.cdiv(num_chunks, groups)
-            groups = triton.cdiv(num_chunks, per_program)
+            num_chunks = cdiv(n, block_0) * cdiv(s, block_1)
+            groups = max(1, min(cdiv(num_chunks, MIN_TILES_PER_PROGRAM),
+                                cdiv(target, c), MAX_GROUPS))
+            per_program = cdiv(num_chunks, groups)
+            groups = cdiv(num_chunks, per_program)
             grid = (c, groups)
             name = "_batch_norm_reduce_cf_kernel"
         num_warps = num_warps_for(block_0 * block_1)
         # Narrow channel blocks and tall tiles: few channels still get several programs, and each
         # walks its ~REDUCE_PROGRAMS_PER_SM * SMs partial rows in a handful of iterations.
-        combine_block_c = min(triton.next_power_of_2(c), COMBINE_BLOCK_C)
-        combine_grid = (triton.cdiv(c, combine_block_c),)
+        combine_block_c = min(next_power_of_2(c), COMBINE_BLOCK_C)
+        combine_grid = (cdiv(c, combine_block_c),)
         data = n * c * s * _elem_size(dtype)
         acc = _elem_size(acc_dtype(dtype))
         partials = 2 * groups * c * acc
@@ -474,11 +476,11 @@ class BatchNormElementwisePlan:
         """`after_reduce`: a reduction over the same x (and dy) ran just before (training)."""
         if channels_last:
             block_0, block_1 = _cl_tile(c, ELEMWISE_TILE_ELEMS)
-            grid = (triton.cdiv(n * s, block_0), triton.cdiv(c, block_1))
+            grid = (cdiv(n * s, block_0), cdiv(c, block_1))
             name = "_batch_norm_elementwise_cl_kernel"
         else:
             block_0, block_1 = _cf_tile(n * c, s, ELEMWISE_TILE_ELEMS)
-            grid = (triton.cdiv(n * c, block_0), triton.cdiv(s, block_1))
+            grid = (cdiv(n * c, block_0), cdiv(s, block_1))
             name = "_batch_norm_elementwise_cf_kernel"
         num_warps = num_warps_for(block_0 * block_1)
         data = n * c * s * _elem_size(dtype)
@@ -525,32 +527,53 @@ def _reduce(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor | None,
     dtype = acc_dtype(x.dtype)
     backward = dy is not None
     update = running_mean is not None
-    plan = BatchNormReducePlan.make(n, c, s, x.dtype, channels_last, backward, x.device,
-                                    running_mean.dtype if update else None)
+    momentum_ptr = isinstance(momentum, torch.Tensor)
+    specs = _REDUCE_SPECS[n, c, s, x.dtype, channels_last, backward, x.device,
+                          running_mean.dtype if update else None, weight is not None,
+                          bias is not None, relu, momentum_ptr]
+    plan = specs.plan
     out1 = torch.empty(c, dtype=dtype, device=x.device)
     out2 = torch.empty(c, dtype=dtype, device=x.device)
-    # Unused pointer arguments still need a tensor; out1 stands in for them.
-    args = (x, dy if backward else out1, mean if backward else out1, var if backward else out1,
-            weight if weight is not None else out1, bias if bias is not None else out1)
-    flags = dict(BACKWARD=backward, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 RELU=relu, ACC=tl_acc_dtype(x.dtype))
     partial1 = torch.empty((plan.groups, c), dtype=dtype, device=x.device)
     partial2 = torch.empty((plan.groups, c), dtype=dtype, device=x.device)
-    kernel = _batch_norm_reduce_cl_kernel if channels_last else _batch_norm_reduce_cf_kernel
+    # Unused pointer arguments still need a tensor; out1 stands in for them.
     sizes = (n * s, c) if channels_last else (n, c, s)
+    run(specs.reduce, x, dy if backward else out1, mean if backward else out1,
+        var if backward else out1, weight if weight is not None else out1,
+        bias if bias is not None else out1, partial1, partial2, *sizes, plan.per_program, eps)
+    run(specs.combine, partial1, partial2, x, out1, out2, running_mean if update else out1,
+        running_var if update else out1, momentum if momentum_ptr else out1, plan.groups, c,
+        1 if channels_last else s, n * s, 0.0 if momentum_ptr else float(momentum))
+    return out1, out2
+
+
+class _ReduceSpecs(NamedTuple):
+    plan: BatchNormReducePlan
+    reduce: LaunchSpec
+    combine: LaunchSpec
+
+
+def _reduce_specs(n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
+                  backward: bool, device: torch.device, running_dtype: Optional[torch.dtype],
+                  has_weight: bool, has_bias: bool, relu: bool,
+                  momentum_ptr: bool) -> _ReduceSpecs:
+    plan = BatchNormReducePlan.make(n, c, s, dtype, channels_last, backward, device,
+                                    running_dtype)
+    acc = tl_acc_dtype(dtype)
+    kernel = _batch_norm_reduce_cl_kernel if channels_last else _batch_norm_reduce_cf_kernel
     blocks = (dict(BLOCK_M=plan.block_0, BLOCK_C=plan.block_1) if channels_last
               else dict(BLOCK_N=plan.block_0, BLOCK_S=plan.block_1))
-    launch(kernel, plan.grid, *args, partial1, partial2, *sizes, plan.per_program, eps, **flags,
-           **blocks, num_warps=plan.num_warps)
-    momentum_ptr = isinstance(momentum, torch.Tensor)
-    launch(_batch_norm_combine_kernel, plan.combine_grid,
-           partial1, partial2, x, out1, out2, running_mean if update else out1,
-           running_var if update else out1, momentum if momentum_ptr else out1, plan.groups, c,
-           1 if channels_last else s, n * s, 0.0 if momentum_ptr else float(momentum),
-           BACKWARD=backward, UPDATE_RUNNING=update, MOMENTUM_PTR=momentum_ptr,
-           ACC=flags["ACC"], BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=plan.combine_block_c,
-           num_warps=4)
-    return out1, out2
+    reduce = launch_spec(kernel, plan.grid, BACKWARD=backward, HAS_WEIGHT=has_weight,
+                         HAS_BIAS=has_bias, RELU=relu, ACC=acc, **blocks,
+                         num_warps=plan.num_warps)
+    combine = launch_spec(_batch_norm_combine_kernel, plan.combine_grid, BACKWARD=backward,
+                          UPDATE_RUNNING=running_dtype is not None, MOMENTUM_PTR=momentum_ptr,
+                          ACC=acc, BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=plan.combine_block_c,
+                          num_warps=4)
+    return _ReduceSpecs(plan, reduce, combine)
+
+
+_REDUCE_SPECS = SpecCache(_reduce_specs)
 
 
 def _elementwise(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor,
@@ -566,28 +589,33 @@ def _elementwise(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor,
         return out
     backward = dy is not None
     training = sum_dy is not None
-    plan = BatchNormElementwisePlan.make(n, c, s, x.dtype, channels_last, backward,
-                                         after_reduce=backward or training)
-    placeholder = mean
-    args = (x, dy if backward else placeholder, out, mean, var,
-            weight if weight is not None else placeholder,
-            bias if bias is not None else placeholder,
-            sum_dy if training else placeholder, sum_dy_xhat if training else placeholder)
     count_ptr = isinstance(count, torch.Tensor)
-    count_args = (count if count_ptr else placeholder,)
-    count_value = 0 if count_ptr or count is None else count
-    flags = dict(BACKWARD=backward, TRAINING=backward and training,
-                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
-                 COUNT_PTR=count_ptr, ACC=tl_acc_dtype(x.dtype))
-    if channels_last:
-        launch(_batch_norm_elementwise_cl_kernel, plan.grid, *args, *count_args, n * s, c, eps,
-               count_value, **flags, BLOCK_M=plan.block_0, BLOCK_C=plan.block_1,
-               num_warps=plan.num_warps)
-    else:
-        launch(_batch_norm_elementwise_cf_kernel, plan.grid, *args, *count_args, n * c, c, s,
-               eps, count_value, **flags, BLOCK_R=plan.block_0, BLOCK_S=plan.block_1,
-               num_warps=plan.num_warps)
+    spec = _ELEMENTWISE_SPECS[n, c, s, x.dtype, channels_last, backward, training,
+                              weight is not None, bias is not None, relu, count_ptr]
+    p = mean  # stands in for the pointers the flags never read
+    sizes = (n * s, c) if channels_last else (n * c, c, s)
+    run(spec, x, dy if backward else p, out, mean, var, weight if weight is not None else p,
+        bias if bias is not None else p, sum_dy if training else p,
+        sum_dy_xhat if training else p, count if count_ptr else p, *sizes, eps,
+        0 if count_ptr or count is None else count)
     return out
+
+
+def _elementwise_spec(n: int, c: int, s: int, dtype: torch.dtype, channels_last: bool,
+                      backward: bool, training: bool, has_weight: bool, has_bias: bool,
+                      relu: bool, count_ptr: bool) -> LaunchSpec:
+    plan = BatchNormElementwisePlan.make(n, c, s, dtype, channels_last, backward,
+                                         after_reduce=backward or training)
+    flags = dict(BACKWARD=backward, TRAINING=backward and training, HAS_WEIGHT=has_weight,
+                 HAS_BIAS=has_bias, RELU=relu, COUNT_PTR=count_ptr, ACC=tl_acc_dtype(dtype))
+    if channels_last:
+        return launch_spec(_batch_norm_elementwise_cl_kernel, plan.grid, **flags,
+                           BLOCK_M=plan.block_0, BLOCK_C=plan.block_1, num_warps=plan.num_warps)
+    return launch_spec(_batch_norm_elementwise_cf_kernel, plan.grid, **flags,
+                       BLOCK_R=plan.block_0, BLOCK_S=plan.block_1, num_warps=plan.num_warps)
+
+
+_ELEMENTWISE_SPECS = SpecCache(_elementwise_spec)
 
 
 def batch_norm_stats(x: torch.Tensor, running_mean: torch.Tensor | None = None,

@@ -70,14 +70,17 @@ run either), so the statistics go through memory and the next launch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (L2_REUSE_FRACTION, LaunchCost, acc_dtype, as_acc, cached_plan, column_sums,
-                      elem_size, l2_cache_bytes, load_affine, min_fill_programs, num_warps_for,
-                      reduce_programs, tl_acc_dtype)
+from ._common import (L2_REUSE_FRACTION, LaunchCost, SpecCache, acc_dtype, as_acc,
+                      cached_plan, cdiv, column_sums, elem_size, l2_cache_bytes, launch_spec,
+                      load_affine, min_fill_programs, next_power_of_2, num_warps_for,
+                      reduce_programs, run, tl_acc_dtype)
+from .._layout import as_layout, channels_last_strides
 from ._launch import launch
 
 # Elements per tile: 4096 keeps x (and dy in the backward) in registers at 8 warps. fp64 halves it.
@@ -449,7 +452,7 @@ def per_example_sq(partial: torch.Tensor, n: int) -> torch.Tensor:
     c = partial.shape[1]
     launch(_group_norm_pe_sq_kernel, (n,), partial, out, c, partial.shape[0] // n,
                                    ACC=tl_acc_dtype(partial.dtype),
-                                   BLOCK_C=min(1024, triton.next_power_of_2(c)), num_warps=4)
+                                   BLOCK_C=min(1024, next_power_of_2(c)), num_warps=4)
     return out
 
 
@@ -465,8 +468,8 @@ def samples_per_chunk(n: int, sample_bytes: int, device: torch.device) -> int:
     window = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
     if n * sample_bytes <= window:
         return max(1, n)
-    chunks = min(MAX_CHUNKS, triton.cdiv(n, max(1, window // max(1, sample_bytes))))
-    return triton.cdiv(n, chunks)
+    chunks = min(MAX_CHUNKS, cdiv(n, max(1, window // max(1, sample_bytes))))
+    return cdiv(n, chunks)
 
 
 @dataclass(frozen=True)
@@ -499,25 +502,25 @@ class GroupNormPlan:
             # unmasked (320 -> 64, 640 -> 128, 1280 -> 256); odd C falls back to masking.
             pow2_divisor = c & -c
             block_c = min(MAX_BLOCK_C, pow2_divisor if pow2_divisor >= 32
-                          else triton.next_power_of_2(c))
-            block_s = max(1, min(triton.next_power_of_2(hw), tile // block_c))
+                          else next_power_of_2(c))
+            block_s = max(1, min(next_power_of_2(hw), tile // block_c))
         else:
-            block_s = min(triton.next_power_of_2(hw), tile)
-            block_c = max(1, min(triton.next_power_of_2(c), tile // block_s, MAX_NCHW_BLOCK_C))
-        num_c_blocks = triton.cdiv(c, block_c)
-        num_s_blocks = triton.cdiv(hw, block_s)
+            block_s = min(next_power_of_2(hw), tile)
+            block_c = max(1, min(next_power_of_2(c), tile // block_s, MAX_NCHW_BLOCK_C))
+        num_c_blocks = cdiv(c, block_c)
+        num_s_blocks = cdiv(hw, block_s)
         if split_size is None:
             # Enough reduce programs per chunk to fill the GPU; never less than one tile per
             # split.
             target = reduce_programs(device)
-            splits = max(1, min(num_s_blocks, triton.cdiv(target, max(1, chunk * num_c_blocks))))
-            split_blocks = triton.cdiv(num_s_blocks, splits)
+            splits = max(1, min(num_s_blocks, cdiv(target, max(1, chunk * num_c_blocks))))
+            split_blocks = cdiv(num_s_blocks, splits)
         else:
-            split_blocks = max(1, triton.cdiv(split_size, block_s))
+            split_blocks = max(1, cdiv(split_size, block_s))
         split = split_blocks * block_s
         num_warps = num_warps_for(block_s * block_c)
         return cls(channels_last, block_s, block_c, num_c_blocks, num_s_blocks, split,
-                   max(1, triton.cdiv(hw, split)), num_warps, chunk)
+                   max(1, cdiv(hw, split)), num_warps, chunk)
 
     def chunks(self, n: int) -> list[tuple[int, int]]:
         """[start, stop) sample ranges, one launch sequence each."""
@@ -539,8 +542,8 @@ def fused_tile(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype,
     and there are enough groups to fill the device. None otherwise."""
     if channels_last:
         return None
-    block_s = triton.next_power_of_2(hw)
-    block_c = triton.next_power_of_2(c // num_groups)
+    block_s = next_power_of_2(hw)
+    block_c = next_power_of_2(c // num_groups)
     if dtype == torch.float64:
         limit //= 2
     if block_s * block_c > limit or n * num_groups < min_fill_programs(device):
@@ -609,7 +612,7 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
     if backward and (has_weight or has_bias):
         # One launch sums both parameters' partial rows.
         params = int(has_weight) + int(has_bias)
-        launches.append(LaunchCost("_column_sum_kernel", (triton.cdiv(c, 128),), 4,
+        launches.append(LaunchCost("_column_sum_kernel", (cdiv(c, 128),), 4,
                                    reads=params * rows * c * acc,
                                    writes=params * c * _elem_size(dtype)))
     if backward:
@@ -627,7 +630,7 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
 def is_channels_last(x: torch.Tensor) -> bool:
     """True when the (N, C, HW) view x is laid out (N, HW, C) in memory and not also contiguous
     (size-1 dims make both true; then the NCHW path is taken)."""
-    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+    return not x.is_contiguous() and channels_last_strides(x)
 
 
 def canonical(x: torch.Tensor) -> torch.Tensor:
@@ -637,10 +640,7 @@ def canonical(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _as_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    if channels_last:
-        return t.transpose(1, 2).contiguous().transpose(1, 2)
-    return t.contiguous()
+_as_layout = as_layout
 
 
 def _check_activation(activation: str) -> None:
@@ -672,44 +672,103 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         return y, mean, rstd
     channels_last = is_channels_last(x)
     group_size = c // g
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 ACTIVATION=activation, ACC=tl_acc_dtype(x.dtype))
     # Unused pointers still need a tensor argument; mean stands in for them.
     w = weight if weight is not None else mean
     b = bias if bias is not None else mean
-    fused = None if split_size is not None else fused_tile(
-        n, c, hw, g, x.dtype, channels_last, x.device, MAX_FUSED_FWD)
-    if fused is not None:
-        block_s, block_c, num_warps = fused
-        launch(_group_norm_fwd_fused_kernel, (n * g,),
-            x, y, w, b, mean, rstd, hw, g, group_size, eps, **flags, BLOCK_S=block_s,
-            BLOCK_C=block_c, num_warps=num_warps)
+    specs = _FWD_SPECS[n, c, hw, g, x.dtype, channels_last, x.device, weight is not None,
+                       bias is not None, activation, split_size]
+    if specs.plan is None:
+        run(specs.chunks[0][2], x, y, w, b, mean, rstd, hw, g, group_size, eps)
         return y, mean, rstd
-    plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size)
+    plan = specs.plan
+    stats_dtype = mean.dtype
     p_mean = torch.empty((n * plan.num_splits, c), dtype=stats_dtype, device=x.device)
     p_m2 = torch.empty_like(p_mean)
-    block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
     # Per chunk of samples (views; groups never cross samples): the apply pass re-reads only
     # the chunk the stats pass just read, which the chunk size keeps within the L2 window.
-    for n0, n1 in plan.chunks(n):
+    for n0, n1, (stats, combine, apply) in specs.chunks:
         m = n1 - n0
         xs, ys = x[n0:n1], y[n0:n1]
-        pm, pm2 = p_mean[n0 * plan.num_splits:n1 * plan.num_splits], \
-            p_m2[n0 * plan.num_splits:n1 * plan.num_splits]
+        rows = slice(n0 * plan.num_splits, n1 * plan.num_splits)
+        pm, pm2 = p_mean[rows], p_m2[rows]
         ms, rs = mean[n0:n1], rstd[n0:n1]
-        launch(_group_norm_fwd_stats_kernel, plan.reduce_grid(m),
-            xs, pm, pm2, c, hw, plan.split_size, plan.num_splits, plan.num_c_blocks,
-            CHANNELS_LAST=channels_last, ACC=flags["ACC"], BLOCK_S=plan.block_s,
-            BLOCK_C=plan.block_c, num_warps=plan.num_warps)
-        launch(_group_norm_fwd_combine_kernel, (m * g,),
-            pm, pm2, ms, rs, c, hw, g, group_size, plan.split_size, plan.num_splits, eps,
-            ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
-        num_tiles = plan.num_tiles(m)
-        launch(_group_norm_fwd_apply_kernel, (num_tiles,),
-            xs, ys, w, b, ms, rs, c, hw, g, group_size, plan.num_s_blocks, plan.num_c_blocks,
-            num_tiles, CHANNELS_LAST=channels_last, **flags, BLOCK_S=plan.block_s,
-            BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+        run(stats, xs, pm, pm2, c, hw, plan.split_size, plan.num_splits, plan.num_c_blocks)
+        run(combine, pm, pm2, ms, rs, c, hw, g, group_size, plan.split_size, plan.num_splits,
+            eps)
+        run(apply, xs, ys, w, b, ms, rs, c, hw, g, group_size, plan.num_s_blocks,
+            plan.num_c_blocks, plan.num_tiles(m))
     return y, mean, rstd
+
+
+class _Specs(NamedTuple):
+    """A group_norm_fwd / _bwd call's launches: `plan` None for the fused path (one launch,
+    chunks[0][2]), else the split plan and per chunk of samples (n0, n1, (reduce, combine,
+    elementwise) LaunchSpecs)."""
+    plan: Optional[GroupNormPlan]
+    chunks: tuple
+
+
+def _fwd_specs(n: int, c: int, hw: int, g: int, dtype: torch.dtype, channels_last: bool,
+               device: torch.device, has_weight: bool, has_bias: bool, activation: str,
+               split_size: Optional[int]) -> _Specs:
+    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=activation,
+                 ACC=tl_acc_dtype(dtype))
+    fused = None if split_size is not None else fused_tile(
+        n, c, hw, g, dtype, channels_last, device, MAX_FUSED_FWD)
+    if fused is not None:
+        block_s, block_c, num_warps = fused
+        spec = launch_spec(_group_norm_fwd_fused_kernel, (n * g,), **flags, BLOCK_S=block_s,
+                           BLOCK_C=block_c, num_warps=num_warps)
+        return _Specs(None, ((0, n, spec),))
+    plan = GroupNormPlan.make(n, c, hw, dtype, channels_last, device, split_size)
+    block_k = min(COMBINE_BLOCK, next_power_of_2(plan.num_splits * (c // g)))
+    tile = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    chunks = []
+    for n0, n1 in plan.chunks(n):
+        m = n1 - n0
+        chunks.append((n0, n1, (
+            launch_spec(_group_norm_fwd_stats_kernel, plan.reduce_grid(m),
+                        CHANNELS_LAST=channels_last, ACC=flags["ACC"], **tile),
+            launch_spec(_group_norm_fwd_combine_kernel, (m * g,), ACC=flags["ACC"],
+                        BLOCK_K=block_k, num_warps=4),
+            launch_spec(_group_norm_fwd_apply_kernel, (plan.num_tiles(m),),
+                        CHANNELS_LAST=channels_last, **flags, **tile))))
+    return _Specs(plan, tuple(chunks))
+
+
+_FWD_SPECS = SpecCache(_fwd_specs)
+
+
+def _bwd_specs(n: int, c: int, hw: int, g: int, dtype: torch.dtype, channels_last: bool,
+               device: torch.device, has_weight: bool, has_bias: bool, activation: str,
+               split_size: Optional[int]) -> _Specs:
+    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=activation,
+                 ACC=tl_acc_dtype(dtype))
+    fused = None if split_size is not None else fused_tile(
+        n, c, hw, g, dtype, channels_last, device, MAX_FUSED_BWD)
+    if fused is not None:
+        block_s, block_c, num_warps = fused
+        spec = launch_spec(_group_norm_bwd_fused_kernel, (n * g,), **flags, BLOCK_S=block_s,
+                           BLOCK_C=block_c, num_warps=num_warps)
+        return _Specs(None, ((0, n, spec),))
+    plan = GroupNormPlan.make(n, c, hw, dtype, channels_last, device, split_size,
+                              backward=True)
+    block_k = min(COMBINE_BLOCK, next_power_of_2(plan.num_splits * (c // g)))
+    tile = dict(BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    chunks = []
+    for n0, n1 in plan.chunks(n):
+        m = n1 - n0
+        chunks.append((n0, n1, (
+            launch_spec(_group_norm_bwd_reduce_kernel, plan.reduce_grid(m),
+                        CHANNELS_LAST=channels_last, **flags, **tile),
+            launch_spec(_group_norm_bwd_combine_kernel, (m * g,), HAS_WEIGHT=has_weight,
+                        ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4),
+            launch_spec(_group_norm_bwd_dx_kernel, (plan.num_tiles(m),),
+                        CHANNELS_LAST=channels_last, **flags, **tile))))
+    return _Specs(plan, tuple(chunks))
+
+
+_BWD_SPECS = SpecCache(_bwd_specs)
 
 
 def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
@@ -739,48 +798,34 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
             sq = [x.new_zeros(n if p else 0, dtype=partial_dtype) for p in (has_weight, has_bias)]
             return dx, dweight, dbias, *sq
         return dx, dweight, dbias
-    flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=activation,
-                 ACC=tl_acc_dtype(x.dtype))
     w = weight if has_weight else mean
     b = bias if has_bias else mean
     group_size = c // g
-    fused = None if split_size is not None else fused_tile(
-        n, c, hw, g, x.dtype, channels_last, x.device, MAX_FUSED_BWD)
-    if fused is not None:
-        block_s, block_c, num_warps = fused
+    specs = _BWD_SPECS[n, c, hw, g, x.dtype, channels_last, x.device, has_weight, has_bias,
+                       activation, split_size]
+    if specs.plan is None:
         # One row of dweight/dbias partials per sample.
         p1 = torch.empty((n, c), dtype=partial_dtype, device=x.device)
         p2 = torch.empty_like(p1)
-        launch(_group_norm_bwd_fused_kernel, (n * g,),
-            x, dy, dx, w, b, mean, rstd, p1, p2, c, hw, g, group_size, **flags,
-            BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+        run(specs.chunks[0][2], x, dy, dx, w, b, mean, rstd, p1, p2, c, hw, g, group_size)
     else:
-        plan = GroupNormPlan.make(n, c, hw, x.dtype, channels_last, x.device, split_size,
-                                  backward=True)
+        plan = specs.plan
         p1 = torch.empty((n * plan.num_splits, c), dtype=partial_dtype, device=x.device)
         p2 = torch.empty_like(p1)
         c1 = torch.empty((n, g), dtype=partial_dtype, device=x.device)
         c2 = torch.empty_like(c1)
-        block_k = min(COMBINE_BLOCK, triton.next_power_of_2(plan.num_splits * group_size))
         # Per chunk of samples, as in the forward; each chunk fills its own rows of P1/P2.
-        for n0, n1 in plan.chunks(n):
+        for n0, n1, (reduce, combine, dx_spec) in specs.chunks:
             m = n1 - n0
             xs, dys, dxs = x[n0:n1], dy[n0:n1], dx[n0:n1]
             ms, rs, c1s, c2s = mean[n0:n1], rstd[n0:n1], c1[n0:n1], c2[n0:n1]
             rows = slice(n0 * plan.num_splits, n1 * plan.num_splits)
             p1s, p2s = p1[rows], p2[rows]
-            launch(_group_norm_bwd_reduce_kernel, plan.reduce_grid(m),
-                xs, dys, w, b, ms, rs, p1s, p2s, c, hw, g, group_size, plan.split_size,
-                plan.num_splits, plan.num_c_blocks, CHANNELS_LAST=channels_last, **flags,
-                BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
-            launch(_group_norm_bwd_combine_kernel, (m * g,),
-                p1s, p2s, w, c1s, c2s, c, hw, g, group_size, plan.num_splits,
-                HAS_WEIGHT=has_weight, ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4)
-            num_tiles = plan.num_tiles(m)
-            launch(_group_norm_bwd_dx_kernel, (num_tiles,),
-                xs, dys, dxs, w, b, ms, rs, c1s, c2s, c, hw, g, group_size, plan.num_s_blocks,
-                plan.num_c_blocks, num_tiles, CHANNELS_LAST=channels_last, **flags,
-                BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+            run(reduce, xs, dys, w, b, ms, rs, p1s, p2s, c, hw, g, group_size,
+                plan.split_size, plan.num_splits, plan.num_c_blocks)
+            run(combine, p1s, p2s, w, c1s, c2s, c, hw, g, group_size, plan.num_splits)
+            run(dx_spec, xs, dys, dxs, w, b, ms, rs, c1s, c2s, c, hw, g, group_size,
+                plan.num_s_blocks, plan.num_c_blocks, plan.num_tiles(m))
     dweight, dbias = column_sums(p1 if has_weight else None,
                                  weight.dtype if has_weight else None,
                                  p2 if has_bias else None, bias.dtype if has_bias else None)

@@ -94,17 +94,17 @@ and converted to the accumulation dtype inside the kernels.
 # as written, and a postponed annotation would reach it as the string "'fp64'" and be ignored.
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (ELEMS_PER_WARP, L2_REUSE_FRACTION, LaunchCost, acc_dtype, cached_plan,
-                      column_sums, elem_size, l2_cache_bytes, min_fill_programs,
-                      modeled_hbm_bytes, num_parallel_programs, num_warps_for,
-                      planning_override, rows_per_tile, tl_acc_dtype)
-from ._launch import launch
+from ._common import (ELEMS_PER_WARP, L2_REUSE_FRACTION, LaunchCost, LaunchSpec, SpecCache,
+                      acc_dtype, cached_plan, cdiv, column_sums, elem_size, l2_cache_bytes,
+                      launch_spec, min_fill_programs, modeled_hbm_bytes, next_power_of_2,
+                      num_parallel_programs, num_warps_for, planning_override, rows_per_tile, run,
+                      tl_acc_dtype)
 
 # Widest row (in elements) kept whole in registers. Forward holds x only; backward also holds dy
 # and the dW/dB accumulators, so it switches to the column-chunked path sooner: a 16384-wide
@@ -628,7 +628,7 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
     affine = n * w_es * (int(has_weight) + int(has_bias))
     stats = m * acc * (1 if is_rms else 2)
     data = m * n * es
-    block_n = triton.next_power_of_2(max(n, 1))
+    block_n = next_power_of_2(max(n, 1))
     if mode == "fwd":
         has_residual = residual_dtype is not None
         r_es = _elem_size(residual_dtype) if has_residual else 0
@@ -641,7 +641,7 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
         if block_n <= _fused_limit(MAX_FUSED_N_FWD, dtype):
             block_m = rows_per_tile(block_n, FWD_TILE, 64)
             warps = num_warps_for(block_m * block_n, elems_per_warp=ELEMS_PER_WARP_LN)
-            grid = (triton.cdiv(m, block_m),)
+            grid = (cdiv(m, block_m),)
             launch = LaunchCost("_layer_norm_fwd_kernel", grid, warps,
                                 reads=m * n * (es + r_es) + affine, writes=writes)
             return LayerNormPlan("fwd", "fused", block_m, block_n, warps, grid, block_m, 0,
@@ -671,17 +671,17 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
     if not whole_row:
         block_n = _fused_limit(CHUNK_N, dtype)
     block_m = rows_per_tile(block_n, BWD_TILE, 16)
-    col_blocks = triton.cdiv(n, block_n)
-    row_tiles = triton.cdiv(m, block_m)
+    col_blocks = cdiv(n, block_n)
+    row_tiles = cdiv(m, block_m)
     if whole_row:
         # One row of dW/dB partial sums per program: a program per SM (two for short rows),
         # each with enough rows that the partials stay small next to x, dy and dx.
         groups = min(row_tiles, max(num_parallel_programs(device),
                                     min(min_fill_programs(device), m // MIN_ROWS_PER_PARTIAL)))
     else:
-        groups = min(row_tiles, triton.cdiv(min_fill_programs(device), col_blocks))
+        groups = min(row_tiles, cdiv(min_fill_programs(device), col_blocks))
     groups = max(1, groups)
-    rows_per_program = triton.cdiv(max(m, 1), groups)
+    rows_per_program = cdiv(max(m, 1), groups)
     warps = num_warps_for(block_m * block_n, elems_per_warp=ELEMS_PER_WARP_LN)
     w_bytes = n * w_es * int(has_weight)
     if whole_row:
@@ -704,7 +704,7 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
         rows_c = r1 - r0
         inputs_c = rows_c * n * (es + dy_es)
         stats_c = stats // max(m, 1) * rows_c
-        groups_c = triton.cdiv(rows_c, rows_per_program)
+        groups_c = cdiv(rows_c, rows_per_program)
         partial_c = groups_c * n * acc * n_partials
         launches.append(LaunchCost("_layer_norm_bwd_row_stats_kernel", (rows_c,),
                                    num_warps_for(block_n, elems_per_warp=ELEMS_PER_WARP_LN),
@@ -738,7 +738,7 @@ def plan_layer_norm(m: int, n: int, dtype: torch.dtype, mode: str, device: torch
     # window fits the usable L2 (3 passes by the model, one launch instead of two per row
     # chunk) or the cost model finds it no dearer.
     budget_l2 = l2_cache_bytes(device)
-    fills = rows.grid[0] >= triton.cdiv(3 * num_parallel_programs(device), 4)
+    fills = rows.grid[0] >= cdiv(3 * num_parallel_programs(device), 4)
     rows_fit = rows.launches[0].l2_window <= int(L2_REUSE_FRACTION * budget_l2)
     if _forced_bwd_path == "rows" or (_forced_bwd_path is None and fills and (
             rows_fit or modeled_hbm_bytes(rows.launches, budget_l2)
@@ -760,18 +760,18 @@ def _row_chunks(m: int, row_bytes: int, partial_row_bytes: int, groups: int,
     MAX_ROW_CHUNKS chunks of about equal size."""
     window = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
     if m * row_bytes <= window or MAX_ROW_CHUNKS <= 1:
-        return triton.cdiv(max(m, 1), groups), groups, 0
+        return cdiv(max(m, 1), groups), groups, 0
     fit = max(1, (window - groups * partial_row_bytes) // row_bytes)
-    chunk_rows = triton.cdiv(m, min(MAX_ROW_CHUNKS, triton.cdiv(m, fit)))
-    rows_per_program = triton.cdiv(chunk_rows, groups)
-    groups = triton.cdiv(chunk_rows, rows_per_program)  # fewer when rows do not divide evenly
+    chunk_rows = cdiv(m, min(MAX_ROW_CHUNKS, cdiv(m, fit)))
+    rows_per_program = cdiv(chunk_rows, groups)
+    groups = cdiv(chunk_rows, rows_per_program)  # fewer when rows do not divide evenly
     return rows_per_program, groups, groups * rows_per_program
 
 
 def _column_sums(n: int, rows: int, acc: int, w_es: int, has_weight: bool,
                  has_bias: bool) -> list[LaunchCost]:
     params = int(has_weight) + int(has_bias)  # one launch sums dW's and dB's partials
-    return [LaunchCost("_column_sum_kernel", (triton.cdiv(n, 128),), 4,
+    return [LaunchCost("_column_sum_kernel", (cdiv(n, 128),), 4,
                        reads=params * rows * n * acc, writes=params * n * w_es)] if params else []
 
 
@@ -789,7 +789,7 @@ def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_wei
     sms = num_parallel_programs(device)
     per_program = n * (es + dy_es + acc * n_partials)
     budget = int(L2_REUSE_FRACTION * l2_cache_bytes(device))
-    programs = max(1, min(m, max(triton.cdiv(3 * sms, 4), min(sms, budget // per_program))))
+    programs = max(1, min(m, max(cdiv(3 * sms, 4), min(sms, budget // per_program))))
     inputs = m * n * (es + dy_es)
     # A partial row is read and written once per row the program takes: those bytes stay in L2
     # when the window (the rows in flight and the partial rows) fits; only the final partial
@@ -804,7 +804,7 @@ def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_wei
                         l2_window=window)
     launches = (launch,) + tuple(_column_sums(n, programs, acc, w_es, has_weight, has_bias))
     return LayerNormPlan("bwd", "rows", 1, chunk, warps, (programs,),
-                         triton.cdiv(m, programs), programs, launches)
+                         cdiv(m, programs), programs, launches)
 
 
 
@@ -836,10 +836,10 @@ def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torc
     row = n * acc
     examples = m // rpe
     groups, rpp = plan.partial_rows, plan.rows_per_program
-    slots = triton.cdiv(rpp, rpe) + 1
+    slots = cdiv(rpp, rpe) + 1
     allocated = (groups * slots + 1) * row * params
     touched = min(groups * slots, examples + groups) * row * params
-    gathered = examples * (triton.cdiv(rpe, rpp) + 1) * row
+    gathered = examples * (cdiv(rpe, rpp) + 1) * row
     rows_path = plan.path == "rows"
     # The chunked path runs its dx kernel once per row chunk: the slot updates split over them.
     mains = sum(launch.kernel in ("_layer_norm_bwd_rows_kernel", "_layer_norm_bwd_kernel")
@@ -857,7 +857,7 @@ def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torc
                 touched_here = touched
             else:
                 window = allocated
-                updates = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n)
+                updates = (cdiv(m, plan.block_m) * cdiv(n, plan.block_n)
                            * plan.block_n * acc * params + touched) // mains
                 touched_here = touched // mains
             launches.append(launch)
@@ -894,24 +894,25 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
     h = x + residual, stored in `residual_dtype` (default: residual's dtype) and returned;
     otherwise h is empty. `round_xhat` rounds x_hat to x's dtype before the weight multiply.
     `inplace`: y is written into x and h into residual (which must be given, in x's dtype).
-    `store_residual=False`: h is not written (and comes back empty): y only, one write less."""
+    `store_residual=False`: h is not written (and comes back empty): y only, one write less.
+    Without a residual h is None."""
     M, N = x.shape
+    device = x.device
     has_residual = residual is not None
     store_residual = has_residual and (store_residual or inplace)
     stats_dtype = acc_dtype(x.dtype)
-    y = x if inplace else torch.empty((M, N), dtype=x.dtype, device=x.device)
-    rstd = torch.empty(M, dtype=stats_dtype, device=x.device)
-    mean = torch.empty(0 if is_rms else M, dtype=stats_dtype, device=x.device)
+    y = x if inplace else torch.empty((M, N), dtype=x.dtype, device=device)
+    rstd = torch.empty(M, dtype=stats_dtype, device=device)
+    mean = torch.empty(0 if is_rms else M, dtype=stats_dtype, device=device)
     if M == 0 or N == 0:
         if N == 0:  # like torch: no features means NaN statistics
             rstd.fill_(float("nan"))
             mean.fill_(float("nan"))
+        if residual is None:
+            return y, mean, rstd, None
         h = (x + residual).to(residual_dtype or residual.dtype) if store_residual \
             else x.new_empty(0)
         return y, mean, rstd, h
-    flags = dict(IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=has_residual, STORE_RESIDUAL=store_residual, ROUND_XHAT=round_xhat,
-                 ACC=tl_acc_dtype(x.dtype))
     # Unused pointers still need a tensor argument; rstd stands in for them.
     w = weight if weight is not None else rstd
     b = bias if bias is not None else rstd
@@ -923,24 +924,37 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
     elif has_residual:
         # Not stored: an empty tensor still tells the kernel h's dtype.
         h = h_arg = torch.empty((M, N) if store_residual else (0,),
-                                dtype=residual_dtype or residual.dtype, device=x.device)
-    strides = (x.stride(0), y.stride(0), r.stride(0) if has_residual else 0,
-               h.stride(0) if store_residual else 0)
-    plan = plan_layer_norm(
-        M, N, x.dtype, "fwd", x.device, is_rms=is_rms, has_weight=weight is not None,
-        has_bias=bias is not None,
-        weight_dtype=weight.dtype if weight is not None else None,
-        residual_dtype=h_arg.dtype if has_residual else None, store_residual=store_residual)
-    # eps as a float64 scalar: the kernels declare it "fp64" and convert it to their ACC dtype.
+                                dtype=residual_dtype or residual.dtype, device=device)
+    spec = _FWD_SPECS[M, N, x.dtype, device, is_rms, weight.dtype if weight is not None else None,
+                      bias is not None, h_arg.dtype if has_residual else None, store_residual,
+                      round_xhat]
+    # eps as a float: the kernels declare it "fp64" and convert it to their ACC dtype.
+    run(spec, x, y, w, b, mean_arg, rstd, r, h_arg, M, N, x.stride(0), y.stride(0),
+        r.stride(0) if has_residual else 0, h.stride(0) if store_residual else 0, float(eps))
+    if store_residual:
+        return y, mean, rstd, h
+    return y, mean, rstd, None if residual is None else x.new_empty(0)
+
+
+def _fwd_spec(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms: bool,
+              weight_dtype: Optional[torch.dtype], has_bias: bool,
+              residual_dtype: Optional[torch.dtype], store_residual: bool,
+              round_xhat: bool) -> LaunchSpec:
+    plan = plan_layer_norm(m, n, dtype, "fwd", device, is_rms=is_rms,
+                           has_weight=weight_dtype is not None, has_bias=has_bias,
+                           weight_dtype=weight_dtype, residual_dtype=residual_dtype,
+                           store_residual=store_residual)
+    flags = dict(IS_RMS=is_rms, HAS_WEIGHT=weight_dtype is not None, HAS_BIAS=has_bias,
+                 HAS_RESIDUAL=residual_dtype is not None, STORE_RESIDUAL=store_residual,
+                 ROUND_XHAT=round_xhat, ACC=tl_acc_dtype(dtype))
     if plan.path == "fused":
-        launch(_layer_norm_fwd_kernel, plan.grid,
-            x, y, w, b, mean_arg, rstd, r, h_arg, M, N, *strides, float(eps), **flags,
-            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
-    else:
-        launch(_layer_norm_fwd_chunked_kernel, plan.grid,
-            x, y, w, b, mean_arg, rstd, r, h_arg, M, N, *strides, float(eps), **flags,
-            BLOCK_N=plan.block_n, num_warps=plan.num_warps)
-    return y, mean, rstd, (h if store_residual else x.new_empty(0))
+        return launch_spec(_layer_norm_fwd_kernel, plan.grid, **flags, BLOCK_M=plan.block_m,
+                           BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+    return launch_spec(_layer_norm_fwd_chunked_kernel, plan.grid, **flags,
+                       BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+
+
+_FWD_SPECS = SpecCache(_fwd_spec)
 
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -973,17 +987,16 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     has_dresidual = dresidual is not None
     has_weight = weight is not None
     has_bias = bias is not None
-    partial_dtype = acc_dtype(x.dtype)
-    plan = plan_layer_norm(
-        M, N, x.dtype, "bwd", device, is_rms=is_rms, has_weight=has_weight,
-        has_bias=has_bias, weight_dtype=weight.dtype if has_weight else None,
-        has_dresidual=has_dresidual, dy_dtype=dy.dtype, dx_dtype=dx.dtype)
-    whole_row = plan.path == "fused"
-    groups, rpp = plan.partial_rows, plan.rows_per_program
     per_example = rows_per_example > 0
     if (M == 0 or N == 0) and not per_example:  # nothing to launch: zero weight gradients
         return (dx, weight.new_zeros(N) if has_weight else None,
                 bias.new_zeros(N) if has_bias else None, None)
+    bwd = _BWD_SPECS[M, N, x.dtype, device, is_rms, weight.dtype if has_weight else None,
+                     has_bias, has_dresidual, dy.dtype, dx.dtype, round_xhat, round_dx_terms,
+                     per_example]
+    plan = bwd.plan
+    partial_dtype = acc_dtype(x.dtype)
+    groups, rpp = plan.partial_rows, plan.rows_per_program
     # Every partial row is written before it is read (the whole-row and column-chunked kernels
     # store their row; the persistent rows kernel zeroes its own first), so no fill launch;
     # with nothing to launch (per-example mode on an empty input) they must be zeros.
@@ -991,71 +1004,103 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     dw_partial = alloc((groups, N) if has_weight else (0,), dtype=partial_dtype, device=device)
     db_partial = alloc((groups, N) if has_bias else (0,), dtype=partial_dtype, device=device)
     rpe = max(rows_per_example, 1)
-    slots = triton.cdiv(rpp, rpe) + 1 if per_example else 0  # examples rpp rows can touch
+    slots = cdiv(rpp, rpe) + 1 if per_example else 0  # examples rpp rows can touch
     # Slot rows per row group of the whole call (row chunks accumulate into `groups` dW/dB
     # partial rows, but every row group has its own slots).
-    slot_groups = max(groups, triton.cdiv(M, rpp))
+    slot_groups = max(groups, cdiv(M, rpp))
     pe_dw = pe_db = rstd  # placeholders, written only with PER_EXAMPLE
     if per_example:
         pe_dw = torch.zeros((slot_groups * slots + 1, N) if has_weight else (0,),
-                            dtype=partial_dtype, device=x.device)
+                            dtype=partial_dtype, device=device)
         pe_db = torch.zeros((slot_groups * slots + 1, N) if has_bias else (0,),
-                            dtype=partial_dtype, device=x.device)
+                            dtype=partial_dtype, device=device)
     pe_dw_arg = pe_dw if per_example and has_weight else rstd
     pe_db_arg = pe_db if per_example and has_bias else rstd
+    w = weight if has_weight else rstd
+    mean_arg = rstd if is_rms else mean
+    dw_arg = dw_partial if has_weight else rstd
+    db_arg = db_partial if has_bias else rstd
+    dres_arg = dresidual if has_dresidual else rstd
+    stride_dres = dresidual.stride(0) if has_dresidual else 0
     if M > 0 and N > 0 and plan.path == "rows":
-        launch(_layer_norm_bwd_rows_kernel, plan.grid,
-            x, weight if has_weight else rstd, dy, dx, rstd if is_rms else mean, rstd,
-            dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-            dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg, M, N, x.stride(0),
-            dy.stride(0), dx.stride(0), dresidual.stride(0) if has_dresidual else 0,
-            rpp, rpe, slots,
-            IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-            HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat, ROUND_DX_TERMS=round_dx_terms,
-            PER_EXAMPLE=per_example, ACC=tl_acc_dtype(x.dtype), BLOCK_N=plan.block_n,
-            num_warps=plan.num_warps)
+        run(bwd.main[0], x, w, dy, dx, mean_arg, rstd, dw_arg, db_arg, dres_arg, pe_dw_arg,
+            pe_db_arg, M, N, x.stride(0), dy.stride(0), dx.stride(0), stride_dres, rpp, rpe,
+            slots)
     elif M > 0 and N > 0:
-        flags = dict(IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-                     ACC=tl_acc_dtype(x.dtype))
-        w = weight if has_weight else rstd
-        mean_arg = rstd if is_rms else mean
         c1 = c2 = rstd  # placeholders, read only when the row stats come from a first kernel
-        if not whole_row:
-            c1 = torch.empty(M, dtype=partial_dtype, device=x.device)
-            c2 = c1 if is_rms else torch.empty(M, dtype=partial_dtype, device=x.device)
+        if plan.path != "fused":
+            c1 = torch.empty(M, dtype=partial_dtype, device=device)
+            c2 = c1 if is_rms else torch.empty(M, dtype=partial_dtype, device=device)
         # One launch pair per row chunk (plan.launches lists them in this order), the chunks'
         # dx kernels adding into the same partial rows in chunk order; whole rows: one launch.
-        chunks = [(0, M)] if whole_row else LayerNormPlan.row_chunks(M, plan.chunk_rows)
-        for i, (r0, r1) in enumerate(chunks):
-            if not whole_row:
-                stats_launch = plan.launches[2 * i]
+        for i, (r0, r1) in enumerate(bwd.chunks):
+            if bwd.stats:
                 # Views of the chunk's rows: the kernel indexes by row only.
-                launch(_layer_norm_bwd_row_stats_kernel, stats_launch.grid,
-                    x[r0:r1], w, dy[r0:r1], mean_arg if is_rms else mean_arg[r0:r1],
-                    rstd[r0:r1], c1[r0:r1], c2[r0:r1], N, x.stride(0), dy.stride(0),
-                    IS_RMS=is_rms, HAS_WEIGHT=has_weight, ROUND_XHAT=round_xhat,
-                    ACC=flags["ACC"], BLOCK_N=plan.block_n, num_warps=stats_launch.num_warps)
-            grid = plan.grid if len(chunks) == 1 else (plan.grid[0], triton.cdiv(r1 - r0, rpp))
+                run(bwd.stats[i], x[r0:r1], w, dy[r0:r1],
+                    mean_arg if is_rms else mean_arg[r0:r1], rstd[r0:r1], c1[r0:r1],
+                    c2[r0:r1], N, x.stride(0), dy.stride(0))
             # Full tensors and the chunk's first row group: row groups, slot rows and program
             # boundaries are those of the whole call.
-            launch(_layer_norm_bwd_kernel, grid,
-                x, w, dy, dx, mean_arg, rstd, c1, c2,
-                dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-                dresidual if has_dresidual else rstd, pe_dw_arg, pe_db_arg,
-                M, N, x.stride(0), dy.stride(0), dx.stride(0),
-                dresidual.stride(0) if has_dresidual else 0, rpp, rpe, slots, r0 // rpp,
-                **flags, HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat,
-                ROUND_DX_TERMS=round_dx_terms, ROW_STATS_IN_TILE=whole_row,
-                PER_EXAMPLE=per_example, ACCUMULATE=i > 0,
-                BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+            run(bwd.main[i], x, w, dy, dx, mean_arg, rstd, c1, c2, dw_arg, db_arg, dres_arg,
+                pe_dw_arg, pe_db_arg, M, N, x.stride(0), dy.stride(0), dx.stride(0),
+                stride_dres, rpp, rpe, slots, r0 // rpp)
     dweight, dbias = column_sums(dw_partial if has_weight else None,
                                  weight.dtype if has_weight else None,
                                  db_partial if has_bias else None,
                                  bias.dtype if has_bias else None)
     pe = None
     if per_example:
-        pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, slot_groups, x.device))
+        pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, slot_groups, device))
     return dx, dweight, dbias, pe
+
+
+class _BackwardSpecs(NamedTuple):
+    """A backward's plan and launches: `main` one LaunchSpec per row chunk (one for the
+    whole-row and persistent rows paths), `stats` the row-statistics launch per chunk (the
+    column-chunked path only), `chunks` the [start, stop) rows of each chunk."""
+    plan: LayerNormPlan
+    main: tuple
+    stats: tuple
+    chunks: tuple
+
+
+def _bwd_specs(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms: bool,
+               weight_dtype: Optional[torch.dtype], has_bias: bool, has_dresidual: bool,
+               dy_dtype: torch.dtype, dx_dtype: torch.dtype, round_xhat: bool,
+               round_dx_terms: bool, per_example: bool) -> _BackwardSpecs:
+    has_weight = weight_dtype is not None
+    plan = plan_layer_norm(m, n, dtype, "bwd", device, is_rms=is_rms, has_weight=has_weight,
+                           has_bias=has_bias, weight_dtype=weight_dtype,
+                           has_dresidual=has_dresidual, dy_dtype=dy_dtype, dx_dtype=dx_dtype)
+    flags = dict(IS_RMS=is_rms, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+                 HAS_DRESIDUAL=has_dresidual, ROUND_XHAT=round_xhat,
+                 ROUND_DX_TERMS=round_dx_terms)
+    acc = tl_acc_dtype(dtype)
+    if plan.path == "rows":
+        main = launch_spec(_layer_norm_bwd_rows_kernel, plan.grid, **flags,
+                           PER_EXAMPLE=per_example, ACC=acc, BLOCK_N=plan.block_n,
+                           num_warps=plan.num_warps)
+        return _BackwardSpecs(plan, (main,), (), ((0, m),))
+    whole_row = plan.path == "fused"
+    chunks = ((0, m),) if whole_row else tuple(LayerNormPlan.row_chunks(m, plan.chunk_rows))
+    main, stats = [], []
+    for i, (r0, r1) in enumerate(chunks):
+        if not whole_row:
+            launch = plan.launches[2 * i]
+            stats.append(launch_spec(_layer_norm_bwd_row_stats_kernel, launch.grid,
+                                     IS_RMS=is_rms, HAS_WEIGHT=has_weight,
+                                     ROUND_XHAT=round_xhat, ACC=acc, BLOCK_N=plan.block_n,
+                                     num_warps=launch.num_warps))
+        grid = plan.grid if len(chunks) == 1 else \
+            (plan.grid[0], cdiv(r1 - r0, plan.rows_per_program))
+        main.append(launch_spec(_layer_norm_bwd_kernel, grid, **flags, ACC=acc,
+                                ROW_STATS_IN_TILE=whole_row, PER_EXAMPLE=per_example,
+                                ACCUMULATE=i > 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+                                num_warps=plan.num_warps))
+    return _BackwardSpecs(plan, tuple(main), tuple(stats), chunks)
+
+
+_BWD_SPECS = SpecCache(_bwd_specs)
 
 
 def layer_norm_bwd_per_example(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -1092,7 +1137,7 @@ def _example_slots(examples: int, rpe: int, rpp: int, slots: int, groups: int,
     """[E, K] indices into the flattened slot rows: example e's slot in each program p its rows
     [e*rpe, (e+1)*rpe) reach (p = e*rpe // rpp ... ((e+1)*rpe - 1) // rpp), padded with the
     last (all-zero) slot row."""
-    k = triton.cdiv(rpe, rpp) + 1
+    k = cdiv(rpe, rpp) + 1
     e = torch.arange(examples, device=device)
     p_lo = e * rpe // rpp
     p_hi = ((e + 1) * rpe - 1) // rpp
