@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -194,6 +195,64 @@ def measure(device: str, calls: int, repeats: int,
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def _routes() -> dict[str, Callable]:
+    """The op registered each way (once per process: a registration cannot be repeated)."""
+    lib = torch.library.Library("fastnorm_bench", "FRAGMENT")
+    _routes.lib = lib  # keep the registrations alive
+    lib.define("clone_defined(Tensor x) -> Tensor")
+    lib.impl("clone_defined", lambda x: x.clone(), "CompositeExplicitAutograd")
+    defined = torch.ops.fastnorm_bench.clone_defined
+
+    @torch.library.custom_op("fastnorm_bench::clone_custom", mutates_args=())
+    def custom(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    custom.register_autograd(lambda ctx, g: g)
+
+    class Outside(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return defined(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    eager_apply = vars(torch._C._FunctionBase)["apply"].__get__(None, Eager)
+    return {"direct (the body)": lambda x: x.clone(),
+            "custom_op + register_autograd": custom,
+            "define + impl, Function outside": lambda x: Outside.apply(x),
+            "eager route (Function, no dispatcher)": eager_apply}
+
+
+def registration_routes(calls: int, repeats: int) -> list[dict]:
+    """What each way of exposing an op costs per call, for an op whose body is one clone of a
+    4x64 CPU tensor, with and without autograd: torch.library.custom_op with register_autograd
+    (what fastnorm's registered ops are), torch.library.define + impl with autograd in an
+    autograd.Function outside the op, and the eager route (an autograd.Function calling the
+    implementation directly; no dispatcher). The body itself is timed as "direct"."""
+    rows = []
+    for grad in (False, True):
+        x = torch.randn(4, 64, requires_grad=grad)
+        for name, fn in _routes().items():
+            call = (lambda fn=fn: fn(x))
+            for _ in range(10):
+                call()
+            best = min(_timer(call, calls, lambda: None) for _ in range(repeats))
+            rows.append({"route": name, "requires_grad": grad, "us": best})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (case, mode), a column per provider (us per call), and fastnorm's
     ratio to torch for each fastnorm provider."""
@@ -249,10 +308,18 @@ def main() -> None:
     md = f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; " \
          f"{meta['timer']}\n\n" + table(rows)
     print(md)
+    routes = registration_routes(args.calls, args.repeats) if args.device == "cpu" else []
+    if routes:
+        md += "\n\nRegistration routes (one clone of a 4x64 CPU tensor; us per call):\n\n" \
+              "| route | no grad | requires grad |\n|---|---|---|\n"
+        for name in dict.fromkeys(r["route"] for r in routes):
+            us = {r["requires_grad"]: r["us"] for r in routes if r["route"] == name}
+            md += f"| {name} | {us[False]:.1f} | {us[True]:.1f} |\n"
+        print(md[md.index("Registration routes"):])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                            indent=1))
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"meta": meta, "rows": rows, "registration_routes": routes}, indent=1))
         args.out.with_suffix(".md").write_text(md + "\n")
 
 

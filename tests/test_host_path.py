@@ -327,3 +327,13 @@ def test_bench_overhead_runs():
             "op-layer"} <= providers
     assert all(r["us"] > 0 for r in rows if r["provider"] != "op-layer")
     assert "| layer_norm 4x64 | fwd |" in bench_overhead.table(rows)
+
+
+def test_bench_overhead_registration_routes():
+    sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
+    try:
+        import bench_overhead
+    finally:
+        sys.path.pop(0)
+    rows = bench_overhead.registration_routes(calls=2, repeats=1)
+    assert len(rows) == 8 and all(r["us"] > 0 for r in rows)
