@@ -40,12 +40,12 @@ def _cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-def _version() -> str:
-    """fastnorm/_version.py is the single source (read as text: setup.py must not import torch
-    through the package)."""
+def _version(name: str = "__version__") -> str:
+    """fastnorm/_version.py is the single source of the version and of the oldest supported
+    torch (read as text: setup.py must not import torch through the package)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastnorm", "_version.py")
     with open(path) as f:
-        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+        return re.search(rf'^{name} = "([^"]+)"', f.read(), re.M).group(1)
 
 
 ext_modules, cmdclass = _cuda_extensions()
@@ -61,7 +61,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.5",
+        f"torch>={_version('MIN_TORCH')}",
         "triton>=3.1; platform_system=='Linux'",
         "numpy",
     ],

@@ -9,6 +9,16 @@
     fastnorm.explain(x, "layer_norm")        # which backend would run, and why
     with fastnorm.use_backend("torch"): ...  # also "auto", "triton", "cuda", "reference"
 """
+import torch as _torch
+
+from ._version import MIN_TORCH as _MIN_TORCH
+
+# The op layer registers its autocast rules at import; on an older torch that would end in an
+# AttributeError from deep inside it, so say which torch is needed instead.
+if not hasattr(_torch.library, "register_autocast"):
+    raise ImportError(f"fastnorm needs torch >= {_MIN_TORCH} (torch.library.register_autocast); "
+                      f"found torch {_torch.__version__}")
+
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .functional import batch_norm, fused_add_rms_norm_, group_norm, layer_norm, rms_norm

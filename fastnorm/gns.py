@@ -88,6 +88,15 @@ class GNSEstimator:
         return self.updates > 0
 
     @property
+    def measured(self) -> bool:
+        """True once the |G|^2 average is positive, i.e. grad_sq and b_simple are estimates.
+        Before that (no update yet, or early steps whose noise outweighs the signal: the unbiased
+        |G|^2 estimate can average to <= 0) grad_sq reads as the clamp and b_simple as
+        tr(Sigma) / 1e-30, which the batch-size controller takes as "very large" but which is
+        no measurement to report."""
+        return self.ready and self._grad_sq / self._weight > _TINY
+
+    @property
     def grad_sq(self) -> float:
         """|G|^2, clamped to a tiny positive number; nan before the first update."""
         if not self.ready:

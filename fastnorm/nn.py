@@ -4,9 +4,15 @@ only, so constructor arguments, defaults, parameters and state_dict keys are tor
 
 TorchScript: `torch.jit.script` works on these modules (and on models holding them), but a
 scripted module computes with torch's own ops — TorchScript cannot call Triton kernels or
-fastnorm's Python dispatch. Eager mode and torch.compile run fastnorm's kernels."""
+fastnorm's Python dispatch. Eager mode and torch.compile run fastnorm's kernels.
+
+`bias=False` works on every supported torch: torch 2.12 added that keyword to BatchNorm*,
+SyncBatchNorm and GroupNorm; on older releases these modules build torch's module and then drop
+its bias, which gives what torch >= 2.12 builds (no `bias` Parameter, no "bias" state_dict key).
+"""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -45,6 +51,44 @@ class RMSNorm(nn.RMSNorm):
         return F_fast.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
+# --- bias=False on torch < 2.12 ------------------------------------------------------------------
+
+def _takes_bias(cls: type) -> bool:
+    """Whether `cls.__init__` has a `bias` keyword (torch >= 2.12's BatchNorm*, SyncBatchNorm and
+    GroupNorm; older releases have none and raise TypeError on it)."""
+    return "bias" in inspect.signature(cls.__init__).parameters
+
+
+# The torch bases whose __init__ these modules call, checked once at import.
+_TAKES_BIAS = {base: _takes_bias(base) for base in
+               (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.GroupNorm)}
+
+
+def _bias_kwarg(base: type, bias: bool) -> dict[str, bool]:
+    """The `bias` keyword for `base.__init__`: passed where torch takes it; otherwise nothing
+    (the module is built with a bias, and `_drop_bias` removes it after construction)."""
+    return {"bias": bias} if _TAKES_BIAS[base] else {}
+
+
+def _drop_bias(module: nn.Module, bias: bool) -> None:
+    """bias=False on a torch without the keyword: the bias becomes None, as torch >= 2.12 makes
+    it (the kernels take bias=None; the state_dict has no "bias" key)."""
+    if not bias and module.bias is not None:
+        module.register_parameter("bias", None)
+
+
+class _ResetWithoutBias:
+    """reset_parameters() that also works on a module whose bias was dropped: torch < 2.12's
+    resets zero `self.bias` unconditionally when affine, which fails on None."""
+
+    def reset_parameters(self) -> None:
+        if not (self.affine and self.bias is None):
+            return super().reset_parameters()
+        if isinstance(self, nn.modules.batchnorm._NormBase):
+            self.reset_running_stats()
+        nn.init.ones_(self.weight)
+
+
 # --- BatchNorm -----------------------------------------------------------------------------------
 
 def _batch_norm_args(module: nn.modules.batchnorm._BatchNorm
@@ -65,8 +109,16 @@ def _batch_norm_args(module: nn.modules.batchnorm._BatchNorm
             module.running_var if use_buffers else None, bn_training, factor)
 
 
-class _BatchNormForward:
-    """forward() shared by the BatchNorm{1,2,3}d subclasses (the input-rank check is torch's)."""
+class _BatchNormForward(_ResetWithoutBias):
+    """__init__ (torch's signature; `bias=` on every torch) and forward() shared by the
+    BatchNorm{1,2,3}d subclasses (the input-rank check is torch's)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **_bias_kwarg(nn.modules.batchnorm._BatchNorm, bias))
+        _drop_bias(self, bias)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -106,11 +158,19 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """`torch.nn.BatchNorm3d` computed by fastnorm's kernels (see `fastnorm.batch_norm`)."""
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(_ResetWithoutBias, nn.SyncBatchNorm):
     """`torch.nn.SyncBatchNorm` with fastnorm's kernels and one collective per direction (see
     `fastnorm.sync_batch_norm.sync_batch_norm`). Unlike torch's, it also runs on CPU tensors with a
     gloo process group, and a synchronized step never synchronizes the host with the device
     (momentum=None included)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: Optional[Any] = None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
+                         device, dtype, **_bias_kwarg(nn.SyncBatchNorm, bias))
+        _drop_bias(self, bias)
 
     def forward(self, input: Tensor) -> Tensor:
         from . import sync_batch_norm as sbn
@@ -128,7 +188,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
                                            self.bias, factor, self.eps, group)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(_ResetWithoutBias, nn.GroupNorm):
     """`torch.nn.GroupNorm` computed by fastnorm's kernels (see `fastnorm.group_norm`), with an
     optional fused activation: `GroupNorm(32, 320, activation="silu")` computes
     `silu(group_norm(x))` in one kernel. Same parameters and state_dict as torch's."""
@@ -144,9 +204,9 @@ class GroupNorm(nn.GroupNorm):
         if activation not in (None, "silu"):
             raise ValueError(f"fastnorm.nn.GroupNorm: unknown activation {activation!r}; "
                              "expected None or 'silu'")
-        # torch releases without GroupNorm(bias=...) still work when it is left at its default.
-        extra = {} if bias else {"bias": False}
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **extra)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype,
+                         **_bias_kwarg(nn.GroupNorm, bias))
+        _drop_bias(self, bias)
         self.activation = activation
 
     def forward(self, input: Tensor) -> Tensor:

@@ -189,15 +189,17 @@ def test_reference_backend_matches_torch(device):
 # --- modules -------------------------------------------------------------------------------------
 
 def _module_pair(cls, fast_cls, *args, device, **kwargs):
+    """(torch's module, fastnorm's) with the same state. Built as fastnorm's class, which takes
+    `bias=` on every torch (torch < 2.12's classes do not); the copy becomes torch's class."""
     torch.manual_seed(0)
-    ref = cls(*args, **kwargs).to(device)
+    ours = fast_cls(*args, **kwargs).to(device)
     with torch.no_grad():
-        if ref.weight is not None:
-            ref.weight.uniform_(0.5, 1.5)
-        if ref.bias is not None:
-            ref.bias.normal_()
-    ours = copy.deepcopy(ref)
-    ours.__class__ = fast_cls
+        if ours.weight is not None:
+            ours.weight.uniform_(0.5, 1.5)
+        if ours.bias is not None:
+            ours.bias.normal_()
+    ref = copy.deepcopy(ours)
+    ref.__class__ = cls
     return ref, ours
 
 

@@ -66,13 +66,23 @@ def test_decay_is_per_sample_and_bias_corrected():
 
 def test_clamped_only_when_read_and_nan_before_first_update():
     est = GNSEstimator()
-    assert math.isnan(est.b_simple) and not est.ready
+    assert math.isnan(est.b_simple) and not est.ready and not est.measured
     est.update(1.0, 2.0, 4, 32)        # the big norm exceeds the small one: S < 0, |G|^2 > 0
-    assert est.trace_sigma == 0.0 and est.b_simple == 0.0
+    assert est.trace_sigma == 0.0 and est.b_simple == 0.0 and est.measured
     raw = est.state_dict()["trace_sigma"]
     assert raw < 0                     # stored unclamped: later updates can average it out
     est.update(100.0, 1.0, 4, 32)      # |G|^2 per step < 0, clamped to tiny when read
     assert est.grad_sq > 0 and math.isfinite(est.b_simple)
+
+
+def test_measured_only_once_the_grad_sq_average_is_positive():
+    """A first step whose |G|^2 estimate is <= 0 leaves b_simple = tr(Sigma) / 1e-30: the
+    controller reads it as "very large", but it is not measured (the trainer logs null)."""
+    est = GNSEstimator()
+    est.update(8.0, 1.0, 4, 32)        # |G|^2 = (32 * 1 - 4 * 8) / 28 = 0
+    assert est.ready and not est.measured and est.b_simple > 1e30
+    est.update(2.0, 1.0, 4, 32)        # a positive estimate brings the average above 0
+    assert est.measured and 0 < est.b_simple < 100
 
 
 def test_non_finite_is_skipped_and_state_dict_round_trips():

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastnorm.train.sampler import StratifiedBatchSampler, imbalance_indices, parse_class_map
+import fastnorm.train
+from fastnorm.train import StratifiedBatchSampler  # the public path, as for the other classes
+from fastnorm.train.sampler import imbalance_indices, parse_class_map
 
 # 10 classes; 3 and 8 rare (12 and 7 samples), the other 8 classes make a filler pool of 300.
 SIZES = [40, 35, 45, 12, 30, 40, 35, 40, 7, 35]
@@ -292,3 +294,9 @@ def test_parse_class_map_and_imbalance():
     np.testing.assert_array_equal(keep, imbalance_indices(labels, {3: 0.05, 8: 0.05}, seed=0))
     with pytest.raises(ValueError, match="class 3 would need 900 samples"):
         imbalance_indices(labels, {3: 0.5})
+
+
+def test_exported_from_the_trainer_package():
+    assert StratifiedBatchSampler is fastnorm.train.sampler.StratifiedBatchSampler
+    assert "StratifiedBatchSampler" in fastnorm.train.__all__
+    assert all(hasattr(fastnorm.train, name) for name in fastnorm.train.__all__)

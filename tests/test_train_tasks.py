@@ -85,9 +85,8 @@ def _final_model(run_dir: str) -> dict:
 @pytest.mark.parametrize("flags", [
     ["--stratify", "3:4,8:4", "--importance-weights", "on", "--batch-size", "32",
      "--micro-batch", "8", "--max-batch-size", "128", "--batch-cooldown", "3"],
-    ["--task", "simclr", "--adaptive-batch", "off", "--batch-size", "32", "--micro-batch",
-     "32", "--max-batch-size", "32", "--virtual-devices", "4", "--leak-every", "5",
-     "--optimizer", "adamw", "--lr", "0.003"],
+    ["--task", "simclr", "--batch-size", "32", "--max-batch-size", "32", "--virtual-devices",
+     "4", "--leak-every", "5", "--optimizer", "adamw", "--lr", "0.003"],  # simclr's defaults
 ], ids=["stratify", "simclr"])
 def test_resume_continues_identically(tmp_path, monkeypatch, flags):
     common = [*flags, "--max-steps", "24", "--ckpt-every", "6"]
@@ -155,7 +154,7 @@ def test_two_ranks_stratified_and_simclr_every_norm(tmp_path):
     (["--imbalance", "3:0.6,8:0.6"], "sum below 1"),
     (["--virtual-devices", "4", "--norm", "gn"], "needs --norm bn"),
     (["--virtual-devices", "3"], "must divide --micro-batch"),
-    (["--task", "simclr"], "needs --adaptive-batch off"),
+    (["--task", "simclr", "--adaptive-batch", "gns"], "needs --adaptive-batch off"),
     (["--task", "simclr", "--adaptive-batch", "off", "--stratify", "3:2"],
      "apply to --task classify"),
 ])
@@ -169,8 +168,9 @@ def test_config_errors(flags, match):
     (["--stratify", "3:10,8:6", "--stratify-scope", "local", "--batch-size", "32",
       "--micro-batch", "8"], 2, "per rank"),
     (["--batch-size", "48", "--micro-batch", "16"], 2, "multiple of world size"),
-    (["--task", "simclr", "--adaptive-batch", "off", "--batch-size", "32"], 1,
+    (["--task", "simclr", "--batch-size", "32", "--micro-batch", "16"], 1,
      "one micro-batch per step"),
+    (["--task", "simclr", "--batch-size", "33"], 2, "multiple of the world size 2"),
     (["--task", "simclr", "--adaptive-batch", "off", "--batch-size", "32", "--micro-batch",
       "16", "--norm", "bn", "--virtual-devices", "8", "--max-batch-size", "32"], 1,
      "one micro-batch per step"),
@@ -178,6 +178,22 @@ def test_config_errors(flags, match):
 def test_world_config_errors(flags, world, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(*flags).validate_world(world)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_simclr_defaults_to_one_micro_batch_per_rank_and_a_fixed_batch(world):
+    """`--task simclr --batch-size 64` runs as given: its loss couples all samples, so the
+    micro-batch it was not given is the whole per-rank batch and the batch stays fixed; an
+    explicit conflicting value is still refused (test_world_config_errors)."""
+    cfg = _cfg("--task", "simclr", "--batch-size", "64")
+    assert cfg.adaptive_batch == "off"
+    cfg.validate_world(world)
+    assert cfg.micro_batch == 64 // world
+    cfg = _cfg("--task", "simclr", "--batch-size", "64", "--micro-batch", str(64 // world))
+    cfg.validate_world(world)
+    classify = _cfg("--batch-size", "64")   # classify keeps its own defaults
+    classify.validate_world(world)
+    assert (classify.micro_batch, classify.adaptive_batch) == (16, "gns")
 
 
 def test_class_absent_from_labels_is_a_config_error():

@@ -12,6 +12,8 @@ from .controller import BatchSizeController
 from .data import DistributedBatchSampler, make_batch_sampler
 from .dist import GNSHook
 from .loop import train
+from .sampler import StratifiedBatchSampler
 
 __all__ = ["TrainConfig", "ConfigError", "parse_args", "BatchSizeController", "GNSEstimator",
-           "GNSHook", "DistributedBatchSampler", "make_batch_sampler", "train"]
+           "GNSHook", "DistributedBatchSampler", "StratifiedBatchSampler", "make_batch_sampler",
+           "train"]

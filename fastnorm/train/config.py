@@ -33,11 +33,12 @@ class TrainConfig:
     max_steps: int = _f(1200, "run length in scale-invariant steps (optimizer steps at the "
                              "initial batch size; a step at a larger batch counts its LR gain)")
     batch_size: int = _f(32, "initial global batch size B0")
-    micro_batch: int = _f(16, "per-rank micro-batch; a step accumulates local_batch/micro_batch")
+    micro_batch: int = _f(0, "per-rank micro-batch; a step accumulates local_batch/micro_batch "
+                             "(0: 16; --task simclr: the whole per-rank batch, batch / world)")
     min_batch_size: int = _f(0, "smallest global batch the controller may choose (0: batch_size)")
     max_batch_size: int = _f(512, "largest global batch the controller may choose")
-    adaptive_batch: str = _f("gns", "gns: batch follows target_snr * b_simple; off: fixed",
-                             ("gns", "off"))
+    adaptive_batch: str = _f("auto", "gns: batch follows target_snr * b_simple; off: fixed; "
+                                     "auto: gns (--task simclr: off)", ("auto", "gns", "off"))
     gns_source: str = _f("model", "where the controller's noise scale comes from: model (the "
                                   "whole model's gradient: the DDP all-reduce on several ranks, "
                                   ">= 2 micro-batches on one process) or norm-layers (per-example "
@@ -90,6 +91,16 @@ class TrainConfig:
                           "GradScaler), off", ("auto", "bf16", "fp16", "off"))
     plots: bool = _f(True, "write PNG plots and report.md at the end")
 
+    def __post_init__(self) -> None:
+        # Defaults that follow the task. simclr's loss couples all samples of a step: it cannot
+        # be accumulated over micro-batches, so it takes the whole per-rank batch (known once
+        # the world size is: validate_world) and a fixed batch. Explicit values are kept and
+        # checked by validate / validate_world.
+        if self.adaptive_batch == "auto":
+            self.adaptive_batch = "off" if self.task == "simclr" else "gns"
+        if self.micro_batch == 0 and self.task != "simclr":
+            self.micro_batch = 16
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -101,15 +112,15 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{_flag(f.name)}: expected one of {list(choices)}, "
                                   f"got {value!r}")
-        positive = ("max_steps", "batch_size", "micro_batch", "max_batch_size", "target_snr",
+        positive = ("max_steps", "batch_size", "max_batch_size", "target_snr",
                     "gns_memory", "lr", "width", "virtual_devices", "temperature", "embed_dim")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
-        non_negative = ("min_batch_size", "batch_threshold", "batch_cooldown", "weight_decay",
-                        "warmup_steps", "min_lr_ratio", "grad_clip", "eval_every", "log_every",
-                        "threads",
-                        "ckpt_every", "momentum", "leak_every")
+        non_negative = ("micro_batch", "min_batch_size", "batch_threshold", "batch_cooldown",
+                        "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
+                        "eval_every", "log_every", "threads", "ckpt_every", "momentum",
+                        "leak_every")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)}")
@@ -121,7 +132,7 @@ class TrainConfig:
         if not lo <= self.batch_size <= self.max_batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} is outside [--min-batch-size "
                               f"{lo}, --max-batch-size {self.max_batch_size}]")
-        if self.batch_size % self.micro_batch:
+        if self.micro_batch and self.batch_size % self.micro_batch:
             raise ConfigError(f"--micro-batch {self.micro_batch} does not divide --batch-size "
                               f"{self.batch_size}")
         if self.momentum >= 1:
@@ -167,7 +178,7 @@ class TrainConfig:
                                   f"LayerNorm / GroupNorm layers: use --norm ln or gn (got "
                                   f"--norm {self.norm}; BatchNorm couples the examples of a "
                                   f"batch, so it has no per-example gradient)")
-            if self.micro_batch < 2:
+            if 0 < self.micro_batch < 2:
                 raise ConfigError("--gns-source norm-layers compares one example with the "
                                   "micro-batch: --micro-batch must be >= 2 (got "
                                   f"{self.micro_batch})")
@@ -176,16 +187,21 @@ class TrainConfig:
                 raise ConfigError("--stratify, --imbalance and --importance-weights apply to "
                                   "--task classify, not simclr")
             if self.adaptive_batch != "off":
-                raise ConfigError("--task simclr needs --adaptive-batch off: its negatives do "
-                                  "not split into micro-batches, so the batch cannot be "
-                                  "accumulated and the one-process noise-scale estimate is "
-                                  "unavailable")
+                raise ConfigError("--task simclr needs --adaptive-batch off (its default): its "
+                                  "negatives do not split into micro-batches, so the batch "
+                                  "cannot be accumulated and the one-process noise-scale "
+                                  "estimate is unavailable")
         elif self.micro_batch % self.virtual_devices:
             raise ConfigError(f"--virtual-devices {self.virtual_devices} must divide "
                               f"--micro-batch {self.micro_batch} (each forward is split)")
 
     def validate_world(self, world: int) -> None:
-        """Checks that depend on the number of ranks."""
+        """Checks that depend on the number of ranks; sets simclr's default micro-batch."""
+        if self.micro_batch == 0:   # --task simclr without --micro-batch: one per rank and step
+            if self.batch_size % world:
+                raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of the "
+                                  f"world size {world} (--task simclr: batch / world per rank)")
+            self.micro_batch = self.batch_size // world
         unit = world * self.micro_batch
         if self.batch_size % unit:
             raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of world size "
@@ -207,8 +223,8 @@ class TrainConfig:
                 raise ConfigError(f"--task simclr takes one micro-batch per step (no "
                                   f"accumulation: the loss couples all samples): set "
                                   f"--micro-batch to --batch-size / world = "
-                                  f"{self.batch_size} / {world} = {local} (got "
-                                  f"{self.micro_batch})")
+                                  f"{self.batch_size} / {world} = {local}, or leave it out "
+                                  f"(got {self.micro_batch})")
             if local % self.virtual_devices:
                 raise ConfigError(f"--virtual-devices {self.virtual_devices} must divide the "
                                   f"images per rank ({local}), so every virtual device holds "

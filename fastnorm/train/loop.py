@@ -129,6 +129,13 @@ def _recall(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: l
     return {str(c): (pred[y == c] == c).float().mean().item() for c in classes}
 
 
+def _reported(est: GNSEstimator, value: float) -> float:
+    """`value` (est.grad_sq or est.b_simple) as logged and reported: nan, written as null in
+    metrics.jsonl, until the estimator has measured |G|^2 (GNSEstimator.measured); before that
+    the two are the clamp 1e-30 and tr(Sigma) / 1e-30 (~1e32), no measurements."""
+    return value if est.measured else math.nan
+
+
 def _forward(model: torch.nn.Module, x: torch.Tensor, autocast: Any) -> torch.Tensor:
     with autocast():
         return model(x).float()
@@ -394,14 +401,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 log.write({"kind": "step", "step": step, "samples": samples,
                            "global_batch": batch, "micro_batch": cfg.micro_batch,
                            "accum": k, "lr": lr, "gain": gain,
-                           "grad_sq": driver.grad_sq, "trace_sigma": driver.trace_sigma,
-                           "b_simple": driver.b_simple, "b_simple_model": estimator.b_simple,
-                           **({"b_simple_norm": norm_estimator.b_simple}
+                           "grad_sq": _reported(driver, driver.grad_sq),
+                           "trace_sigma": driver.trace_sigma,
+                           "b_simple": _reported(driver, driver.b_simple),
+                           "b_simple_model": _reported(estimator, estimator.b_simple),
+                           **({"b_simple_norm": _reported(norm_estimator,
+                                                          norm_estimator.b_simple)}
                               if norm_estimator is not None else {}),
                            "loss": loss_v, **extra,
                            "samples_per_s": batch / dt, "step_seconds": dt,
                            "progress": progress, "epoch": epoch})
-                bar.update(gain, step, {"B": batch, "b_simple": round(driver.b_simple, 1),
+                bar.update(gain, step, {"B": batch,
+                                        "b_simple": round(_reported(driver, driver.b_simple), 1),
                                         "loss": loss_v, "lr": lr})
                 if not simclr and cfg.eval_every and step % cfg.eval_every == 0:
                     test_loss, test_acc = evaluate()
@@ -450,10 +461,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    **extra_summary, "steps": step,
                    "samples": samples, "epochs": samples / len(x_tr),
                    "final_global_batch": controller.batch_size,
-                   "batch_changes": controller.changes, "b_simple": driver.b_simple,
+                   "batch_changes": controller.changes,
+                   "b_simple": _reported(driver, driver.b_simple),
                    "gns_source": cfg.gns_source if gns_on else "off",
-                   **({"b_simple_model": estimator.b_simple,
-                       "b_simple_norm": norm_estimator.b_simple}
+                   **({"b_simple_model": _reported(estimator, estimator.b_simple),
+                       "b_simple_norm": _reported(norm_estimator, norm_estimator.b_simple)}
                       if norm_estimator is not None else {}),
                    "target_snr": cfg.target_snr, "world_size": env.world, "device": str(dev),
                    "norm": cfg.norm, "virtual_devices": cfg.virtual_devices,
@@ -469,7 +481,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         print(f"done: {step} steps, {samples} samples ({summary['epochs']:.1f} epochs) in "
               f"{train_seconds:.1f} s; global batch {cfg.batch_size} -> "
               f"{controller.batch_size} ({controller.changes} changes), b_simple "
-              f"{driver.b_simple:.1f}", flush=True)
+              f"{summary['b_simple']:.1f}", flush=True)
         if simclr:
             print(f"leak gap {summary['leak_gap']:+.4f}; kNN accuracy "
                   f"{summary['knn_accuracy']:.4f}, linear probe "

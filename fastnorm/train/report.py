@@ -137,7 +137,8 @@ def write_report(run_dir: str, summary: dict[str, Any]) -> list[str]:
         if snr != 1.0:
             ax.plot(x, [snr * v for v in b], lw=0.8, ls="--", label=f"{snr} x b_simple")
     ax.set_yscale("log")
-    # b_simple is huge where the |G|^2 average is <= 0 (clamped to tiny when read): cap the view.
+    # b_simple is null until |G|^2 is measured, then can start orders of magnitude above B (a
+    # barely positive |G|^2 average): cap the view.
     top = max([r["global_batch"] for r in steps] or [1])
     ax.set_ylim(bottom=1, top=100 * top)
     ax.set_xlabel("samples seen")
