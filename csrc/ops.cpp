@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -142,6 +143,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_fwd(const Tensor& x_in, const OptTensor&
   Tensor y = at::empty({m, n}, x.options());
   Tensor mean = at::empty({is_rms ? 0 : m}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({m}, x.options().dtype(at::kFloat));
+  if (m == 0 || n == 0) {  // nothing to launch (a zero-sized grid is an invalid launch)
+    if (n == 0) {  // as torch: no features, NaN statistics
+      mean.fill_(std::numeric_limits<float>::quiet_NaN());
+      rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    }
+    return {y, mean, rstd};
+  }
   LayerNormFwdArgs a;
   a.dtype = to_dtype(x, op, "x");
   a.param_dtype = p.dtype;
@@ -165,6 +173,11 @@ std::tuple<Tensor, Tensor, Tensor> norm_fwd(const Tensor& x_in, const OptTensor&
 // mode (dweight_sq / dbias_sq [M / rows_per_example] fp32, empty where there is no weight /
 // bias), 0 the plain op (both empty).
 using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Params& p, const OptTensor& weight,
+                     const OptTensor& bias, const OptTensor& mean, const Tensor& rstd,
+                     bool is_rms, int64_t rows_per_example, Tensor& dx, Tensor& dw, Tensor& db,
+                     Tensor& dw_sq, Tensor& db_sq, const char* op);
 
 Grads5 norm_bwd(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight,
                 const OptTensor& bias, const OptTensor& mean, const Tensor& rstd, bool is_rms,
@@ -193,6 +206,31 @@ Grads5 norm_bwd(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor dw_sq = at::empty({pe && weight.has_value() ? examples : 0}, f32);
   Tensor db_sq = at::empty({pe && !is_rms && bias.has_value() ? examples : 0}, f32);
+  if (m == 0 || n == 0) {  // nothing to launch: zero parameter gradients and norms, as torch
+    dw.zero_();
+    db.zero_();
+    dw_sq.zero_();
+    db_sq.zero_();
+  } else {
+    launch_norm_bwd(dy, x, p, weight, bias, mean, rstd, is_rms, rows_per_example, dx, dw, db,
+                    dw_sq, db_sq, op);
+  }
+  // Gradients in the parameters' own dtypes (the public contract), whatever the kernel used.
+  if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
+    dw = dw.to(weight->scalar_type());
+  }
+  if (!is_rms && bias.has_value() && db.scalar_type() != bias->scalar_type()) {
+    db = db.to(bias->scalar_type());
+  }
+  return {dx, dw, db, dw_sq, db_sq};
+}
+
+void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Params& p, const OptTensor& weight,
+                     const OptTensor& bias, const OptTensor& mean, const Tensor& rstd,
+                     bool is_rms, int64_t rows_per_example, Tensor& dx, Tensor& dw, Tensor& db,
+                     Tensor& dw_sq, Tensor& db_sq, const char* op) {
+  const int64_t m = x.size(0), n = x.size(1);
+  const bool pe = rows_per_example > 0;
   LayerNormBwdArgs a;
   a.dtype = to_dtype(x, op, "x");
   a.param_dtype = p.dtype;
@@ -214,14 +252,6 @@ Grads5 norm_bwd(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight
   a.dweight_sq = dw_sq.numel() > 0 ? dw_sq.data_ptr<float>() : nullptr;
   a.dbias_sq = db_sq.numel() > 0 ? db_sq.data_ptr<float>() : nullptr;
   launch_with_workspace(a, layer_norm_bwd_workspace_bytes, launch_layer_norm_bwd, x, op);
-  // Gradients in the parameters' own dtypes (the public contract), whatever the kernel used.
-  if (weight.has_value() && dw.scalar_type() != weight->scalar_type()) {
-    dw = dw.to(weight->scalar_type());
-  }
-  if (!is_rms && bias.has_value() && db.scalar_type() != bias->scalar_type()) {
-    db = db.to(bias->scalar_type());
-  }
-  return {dx, dw, db, dw_sq, db_sq};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& weight,

@@ -28,4 +28,21 @@ def unavailable_reason() -> Optional[str]:
     if not hasattr(torch.ops, "fastnorm_C") or not hasattr(torch.ops.fastnorm_C,
                                                            "layer_norm_fwd"):
         return "fastnorm._C loaded but registered no torch.ops.fastnorm_C ops"
+    _register_fakes()
     return None
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels for the private ops: each is the public op's, whose schema the
+    private op shares (tests/test_cuda_binding.py checks), so a private op met under fake
+    tensors (torch.compile's tracing, opcheck) gets the public op's shapes, dtypes and argument
+    checks."""
+    import importlib
+
+    from .ops import _router
+
+    for op in _router.OPS:
+        if not hasattr(torch.ops.fastnorm_C, op):
+            continue
+        public = getattr(importlib.import_module(f"fastnorm.ops.{_router.family(op)}"), op)
+        torch.library.register_fake(f"fastnorm_C::{op}", public._abstract_fn)

@@ -47,3 +47,28 @@ def test_private_ops_opcheck_on_gpu():
     for op in DEFS:
         for args in sample_inputs(op, torch.device("cuda"), torch.float32):
             torch.library.opcheck(getattr(torch.ops.fastnorm_C, op).default, args)
+
+
+def test_private_ops_get_the_public_fakes():
+    """fastnorm.cuda registers each private op's fake as the public op's (so torch.compile and
+    opcheck can trace a private op). Checked on a stand-in private library with the public
+    schema where fastnorm._C is not loaded; on a GPU with it built, opcheck above covers it."""
+    from fastnorm import cuda
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if hasattr(torch.ops, "fastnorm_C") and hasattr(torch.ops.fastnorm_C, "layer_norm_fwd"):
+        pytest.skip("the real fastnorm._C is loaded: test_private_ops_opcheck_on_gpu covers it")
+    lib = torch.library.Library("fastnorm_C", "DEF")
+    try:
+        schema = str(torch.ops.fastnorm.layer_norm_fwd.default._schema)
+        lib.define(schema.split("::", 1)[1])
+        cuda._register_fakes()
+        with FakeTensorMode():
+            x = torch.empty(6, 32, dtype=torch.bfloat16)
+            y, mean, rstd = torch.ops.fastnorm_C.layer_norm_fwd(x, None, None, 1e-5)
+            assert y.shape == (6, 32) and y.dtype == torch.bfloat16
+            assert mean.shape == rstd.shape == (6,) and rstd.dtype == torch.float32
+            with pytest.raises(RuntimeError, match="expected x to be 2-D"):
+                torch.ops.fastnorm_C.layer_norm_fwd(torch.empty(2, 3, 4), None, None, 1e-5)
+    finally:
+        lib._destroy()

@@ -47,7 +47,16 @@ def _check(kind, shape, normalized_shape, dtype, device, affine=True, bias=True,
 
     got = run(ours, dtype)
     want = run(ref, torch.float64, **eps_kw)
-    base = run(ref, dtype, **eps_kw) if dtype != torch.float64 else None
+    base = None
+    if dtype != torch.float64:
+        try:
+            base = run(ref, dtype, **eps_kw)
+        except RuntimeError:
+            # torch's own op lacks this dtype mix here (e.g. torch 2.11's CUDA layer_norm with
+            # a bf16 input and fp32 weight): the float64 reference and the dtype's tolerance
+            # alone judge ours.
+            if param_dtype == dtype:
+                raise
     for name, g, r, t in zip(("y", "dx", "dw", "db"), got, want, base or [None] * 4):
         if r is None:
             assert g is None

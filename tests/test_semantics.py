@@ -258,8 +258,13 @@ def test_cpu_autocast_dtypes_match_torch(backend, xd, fast):
 def test_cuda_autocast_rule_registered():
     """CUDA autocast runs torch's layer_norm / rms_norm / group_norm in float32; the fastnorm
     ops carry the same rule (checked numerically by the CUDA test below on a GPU)."""
-    for op in ("layer_norm_fwd", "rms_norm_fwd", "group_norm_fwd"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", "AutocastCUDA")
+    for op, aten in (("layer_norm_fwd", "layer_norm"), ("rms_norm_fwd", "rms_norm"),
+                     ("group_norm_fwd", "group_norm")):
+        # torch's rule, whatever the release (rms_norm joined the float32 list later)
+        torch_casts = torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{aten}",
+                                                                     "AutocastCUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}",
+                                                              "AutocastCUDA") == torch_casts
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastnorm::batch_norm_fwd",
                                                               "AutocastCUDA")
 

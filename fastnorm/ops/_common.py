@@ -23,13 +23,22 @@ def torch_grads(fn: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
     return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs))
 
 
-def register_fp32_autocast(op) -> None:
-    """Autocast as torch's for layer_norm / rms_norm / group_norm: under CUDA autocast torch runs
-    them in float32 (float16/bfloat16 inputs and parameters cast up, float64 left alone) and
-    returns float32. CPU autocast leaves torch's norms alone, so fastnorm's too.
+def torch_autocasts(aten_op: str) -> bool:
+    """Does this torch's CUDA autocast cast `aten::<aten_op>` (to float32: the norms are on its
+    float32 list)? Read from the dispatcher, not assumed: rms_norm joined the list in a later
+    release than layer_norm and group_norm."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{aten_op}", "AutocastCUDA")
+
+
+def register_fp32_autocast(op, aten_op: str) -> None:
+    """Autocast as torch's for layer_norm / rms_norm / group_norm: where torch's CUDA autocast
+    runs `aten_op` in float32 (float16/bfloat16 inputs and parameters cast up, float64 left
+    alone, float32 returned), so does the fastnorm op; where it does not, neither does the op.
+    CPU autocast leaves torch's norms alone, so fastnorm's too.
     (The cast is a separate pass over x; reading low precision and writing fp32 inside the kernel
     would save it.)"""
-    torch.library.register_autocast(op, "cuda", torch.float32)
+    if torch_autocasts(aten_op):
+        torch.library.register_autocast(op, "cuda", torch.float32)
 
 
 # --- the eager fast path -------------------------------------------------------------------------
@@ -73,9 +82,10 @@ def needs_grad(tensors: tuple) -> bool:
     return False
 
 
-def cuda_autocast_fp32(x: Tensor) -> bool:
-    """Does CUDA autocast apply to an op registered with `register_fp32_autocast` on x?"""
-    return x.is_cuda and torch.is_autocast_enabled("cuda")
+def cuda_autocast_fp32(x: Tensor, applies: bool = True) -> bool:
+    """Does CUDA autocast cast a call on x up to float32 (`applies`: torch autocasts the op,
+    see `torch_autocasts`)?"""
+    return applies and x.is_cuda and torch.is_autocast_enabled("cuda")
 
 
 def to_fp32(t: Optional[Tensor]) -> Optional[Tensor]:

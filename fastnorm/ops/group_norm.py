@@ -29,8 +29,10 @@ from .._dtypes import stats_dtype
 from .._layout import GROUP_NORM_ACTIVATIONS, canonical
 from . import _checks
 from ._common import (autograd_function, cuda_autocast_fp32, eager, needs_grad,
-                      register_fp32_autocast, to_fp32, torch_grads)
+                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
 from ._router import kernel
+
+_GN_AUTOCAST = torch_autocasts("group_norm")  # torch's CUDA autocast runs it in float32
 
 
 def _output_like(x: Tensor) -> Tensor:
@@ -127,7 +129,7 @@ def _group_norm_backward(ctx, dy, _dmean, _drstd):
 
 
 group_norm_fwd.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
-register_fp32_autocast(group_norm_fwd)
+register_fp32_autocast(group_norm_fwd, "group_norm")
 _group_norm_apply = autograd_function("GroupNormFunction", _group_norm_fwd,
                                       _group_norm_setup_context, _group_norm_backward)
 
@@ -138,7 +140,7 @@ def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_
     x canonical)."""
     if not eager((x, weight, bias)):
         return group_norm_fwd(x, weight, bias, num_groups, eps, activation)
-    if cuda_autocast_fp32(x):
+    if cuda_autocast_fp32(x, _GN_AUTOCAST):
         x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
     if needs_grad((x, weight, bias)):
         return _group_norm_apply(x, weight, bias, num_groups, eps, activation)
@@ -237,7 +239,7 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
 
 
 group_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)
-register_fp32_autocast(group_norm_fwd_gns)
+register_fp32_autocast(group_norm_fwd_gns, "group_norm")
 _group_norm_gns_apply = autograd_function("GroupNormGNSFunction", _group_norm_fwd_gns,
                                           _gns_setup_context, _gns_backward)
 
@@ -247,7 +249,7 @@ def group_norm_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     """fastnorm::group_norm_fwd_gns with autograd, from the functional layer."""
     if not eager((x, weight, bias, sink)):
         return group_norm_fwd_gns(x, weight, bias, sink, num_groups, eps, activation)
-    if cuda_autocast_fp32(x):
+    if cuda_autocast_fp32(x, _GN_AUTOCAST):
         x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
     if needs_grad((x, weight, bias, sink)):
         return _group_norm_gns_apply(x, weight, bias, sink, num_groups, eps, activation)

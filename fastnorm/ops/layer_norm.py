@@ -31,8 +31,12 @@ from .._dtypes import residual_stream_dtype, stats_dtype
 from ..reference import norm_reference
 from . import _checks
 from ._common import (autograd_function, bump_versions, cuda_autocast_fp32, eager, needs_grad,
-                      register_fp32_autocast, to_fp32, torch_grads)
+                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
 from ._router import kernel
+
+# Whether torch's CUDA autocast runs each norm in float32 (the entries apply the same rule).
+_LN_AUTOCAST = torch_autocasts("layer_norm")
+_RMS_AUTOCAST = torch_autocasts("rms_norm")
 
 
 def _check_rows(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
@@ -122,7 +126,7 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
-register_fp32_autocast(layer_norm_fwd)
+register_fp32_autocast(layer_norm_fwd, "layer_norm")
 _layer_norm_apply = autograd_function("LayerNormFunction", _layer_norm_fwd,
                                       _layer_norm_setup_context, _layer_norm_backward)
 
@@ -132,7 +136,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """fastnorm::layer_norm_fwd with autograd, from the functional layer (arguments checked)."""
     if not eager((x, weight, bias)):
         return layer_norm_fwd(x, weight, bias, eps)
-    if cuda_autocast_fp32(x):
+    if cuda_autocast_fp32(x, _LN_AUTOCAST):
         x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
     if needs_grad((x, weight, bias)):
         return _layer_norm_apply(x, weight, bias, eps)
@@ -254,7 +258,8 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
 
 
 layer_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)
-register_fp32_autocast(layer_norm_fwd_gns)
+# (One rule for both norms: the registered op's LayerNorm one; the eager entry applies RMSNorm's.)
+register_fp32_autocast(layer_norm_fwd_gns, "layer_norm")
 _layer_norm_gns_apply = autograd_function("LayerNormGNSFunction", _layer_norm_fwd_gns,
                                           _gns_setup_context, _gns_backward)
 
@@ -265,7 +270,7 @@ def layer_norm_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     """fastnorm::layer_norm_fwd_gns with autograd, from the functional layer."""
     if not eager((x, weight, bias, sink)):
         return layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)
-    if cuda_autocast_fp32(x):
+    if cuda_autocast_fp32(x, _RMS_AUTOCAST if is_rms else _LN_AUTOCAST):
         x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
     if needs_grad((x, weight, bias, sink)):
         return _layer_norm_gns_apply(x, weight, bias, sink, eps, is_rms, rows_per_example)
@@ -330,7 +335,7 @@ def _rms_norm_backward(ctx, dy, _drstd):
 
 
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
-register_fp32_autocast(rms_norm_fwd)
+register_fp32_autocast(rms_norm_fwd, "rms_norm")
 _rms_norm_apply = autograd_function("RMSNormFunction", _rms_norm_fwd, _rms_norm_setup_context,
                                     _rms_norm_backward)
 
@@ -339,7 +344,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, T
     """fastnorm::rms_norm_fwd with autograd, from the functional layer (arguments checked)."""
     if not eager((x, weight)):
         return rms_norm_fwd(x, weight, eps)
-    if cuda_autocast_fp32(x):
+    if cuda_autocast_fp32(x, _RMS_AUTOCAST):
         x, weight = to_fp32(x), to_fp32(weight)
     if needs_grad((x, weight)):
         return _rms_norm_apply(x, weight, eps)
