@@ -107,7 +107,7 @@ class NormLayerGNS:
     def close(self) -> None:
         """Stop tracking: the layers run their plain backward again."""
         for m in self.layers:
-            if hasattr(m, _ATTR):
+            if _ATTR in vars(m):  # (the classes hold a None default)
                 delattr(m, _ATTR)
 
     def __enter__(self) -> "NormLayerGNS":

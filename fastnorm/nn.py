@@ -28,10 +28,15 @@ __all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "B
 class LayerNorm(nn.LayerNorm):
     """`torch.nn.LayerNorm` computed by fastnorm's kernels (see `fastnorm.layer_norm`)."""
 
+    # The noise-scale sink fastnorm.gns.track sets on a tracked instance; a class default keeps
+    # the per-call lookup a plain attribute read (a missing one costs an exception in
+    # nn.Module.__getattr__).
+    _fastnorm_gns_sink = None
+
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-        sink = getattr(self, "_fastnorm_gns_sink", None)  # set by fastnorm.gns.track
+        sink = self._fastnorm_gns_sink  # set by fastnorm.gns.track
         if sink is not None and torch.is_grad_enabled():
             return F_fast._norm_with_gns(input, self.normalized_shape, self.weight, self.bias,
                                          self.eps, False, sink)
@@ -41,10 +46,12 @@ class LayerNorm(nn.LayerNorm):
 class RMSNorm(nn.RMSNorm):
     """`torch.nn.RMSNorm` computed by fastnorm's kernels (see `fastnorm.rms_norm`)."""
 
+    _fastnorm_gns_sink = None  # (see LayerNorm)
+
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
             return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
-        sink = getattr(self, "_fastnorm_gns_sink", None)  # set by fastnorm.gns.track
+        sink = self._fastnorm_gns_sink  # set by fastnorm.gns.track
         if sink is not None and torch.is_grad_enabled():
             return F_fast._norm_with_gns(input, self.normalized_shape, self.weight, None,
                                          self.eps, True, sink)
@@ -197,6 +204,7 @@ class GroupNorm(_ResetWithoutBias, nn.GroupNorm):
     # constant, so a scripted module keeps its activation.
     __constants__ = [*nn.GroupNorm.__constants__, "activation"]
     activation = None
+    _fastnorm_gns_sink = None  # (see LayerNorm)
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
                  affine: bool = True, device=None, dtype=None, *, bias: bool = True,
@@ -217,7 +225,7 @@ class GroupNorm(_ResetWithoutBias, nn.GroupNorm):
                 if activation == "silu":
                     y = F.silu(y)
             return y
-        sink = getattr(self, "_fastnorm_gns_sink", None)  # set by fastnorm.gns.track
+        sink = self._fastnorm_gns_sink  # set by fastnorm.gns.track
         if sink is not None and torch.is_grad_enabled():
             return F_fast._group_norm_with_gns(input, self.num_groups, self.weight, self.bias,
                                                self.eps, self.activation, sink)
