@@ -5,8 +5,9 @@
 #      a float64 reference, its LN/RMS bandwidth mode, and compute-sanitizer memcheck/racecheck on
 #      its quick set; the torch extension fastnorm._C once csrc/ops.cpp exists
 #   3. the test suite on the GPU (compiled Triton, no interpreter)
-#   4. the bandwidth benchmarks at the anchor shapes of benchmarks/anchors-h100.md, and the
-#      per-call host overhead on CUDA tensors
+#   4. the bandwidth benchmarks at the anchor shapes of benchmarks/anchors-h100.md, the host
+#      cost per call on CUDA tensors (bench_overhead.py) and real models' training steps,
+#      torch norms vs fastnorm.convert, eager (bench_models.py)
 #   5. measured vs predicted ceiling per case (benchmarks/static_report.py --compare), and the
 #      "auto" table the measured fastnorm-triton vs fastnorm-cuda times give ($OUT/_auto_table.json)
 # Writes under $OUT (default ./gpu_check_out): tests.log, bench.log, results.tar.gz (CSV/JSON per
@@ -59,21 +60,31 @@ echo "## tests on the GPU" | tee -a "$OUT/bench.log"
 # The kernel tests, compiled on the GPU (the backend fixture adds "cuda" once fastnorm._C is
 # built). The CPU-side proofs (ahead-of-time compiles, static report, trainer, experiments) ran
 # in CI already and are left out to keep this call short.
-timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 \
+# -n 6: pytest-xdist is installed there (the suite took 82 s on an H200 that way).
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 6")
+timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 $XDIST \
   tests/test_ops.py tests/test_cuda_binding.py tests/test_layer_norm.py tests/test_residual.py \
   tests/test_group_norm.py tests/test_batch_norm.py tests/test_semantics.py tests/test_convert.py \
-  tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py tests/test_host_path.py \
+  tests/test_torch_compat.py tests/test_gns_track.py 2>&1 | tee "$OUT/tests.log" | tail -15
 test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
 
 echo "## benchmarks" | tee -a "$OUT/bench.log"
 for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py; do
   # --max-seconds stops starting cases; timeout is the backstop for a case that hangs.
-  timeout 100 $PY "$bench" --out "$OUT/results" --max-seconds 70 >> "$OUT/bench.log" 2>&1 \
+  timeout 80 $PY "$bench" --out "$OUT/results" --max-seconds 55 >> "$OUT/bench.log" 2>&1 \
     || echo "$bench exited with $?" | tee -a "$OUT/bench.log"
 done
-timeout 60 $PY benchmarks/bench_overhead.py --device cuda >> "$OUT/bench.log" 2>&1 \
+# Host microseconds per call next to torch's (forward, forward + backward, every op, each
+# kernel backend), then one training step of real models, eager (compile is left out here for
+# time: run bench_models.py --compile separately when the lease allows).
+timeout 90 $PY benchmarks/bench_overhead.py --device cuda --repeats 20 \
+  --out "$OUT/results/overhead" >> "$OUT/bench.log" 2>&1 \
   || echo "bench_overhead.py exited with $?" | tee -a "$OUT/bench.log"
+timeout 150 $PY benchmarks/bench_models.py --no-compile --steps 20 --warmup 5 \
+  --out "$OUT/results" >> "$OUT/bench.log" 2>&1 \
+  || echo "bench_models.py exited with $?" | tee -a "$OUT/bench.log"
 # The "auto" table a measured run would give (fastnorm-triton vs fastnorm-cuda); written under
 # $OUT only: commit it to fastnorm/_auto_table.json after reading it (and the self-test log).
 if [ -f csrc/ops.cpp ]; then
@@ -90,7 +101,7 @@ tar -czf "$OUT/results.tar.gz" -C "$OUT" results static && rm -rf "$OUT/results"
   echo "# GPU check summary ($(( $(date +%s) - start )) s); tests exit status $test_status"
   grep -E "exit status|build failed" "$OUT/bench.log"
   tail -n 3 "$OUT/tests.log"
-  grep -E '^(# |op \||--- \||[a-z_]+ \| )|^error:' "$OUT/bench.log"
+  grep -E '^(# |op \||--- \||[a-z_]+ \| |\| [a-z_]+ )|^error:' "$OUT/bench.log"
   cat "$OUT/measured_vs_predicted.md"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"

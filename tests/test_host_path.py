@@ -337,3 +337,28 @@ def test_bench_overhead_registration_routes():
         sys.path.pop(0)
     rows = bench_overhead.registration_routes(calls=2, repeats=1)
     assert len(rows) == 8 and all(r["us"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _launch._DIRECT),
+                    reason="the cached launch path runs on a CUDA device with Triton 3.6")
+@pytest.mark.parametrize("op", sorted(LAUNCHES))
+def test_cached_launches_match_the_jit_on_gpu(op, monkeypatch):
+    """On the GPU: results through the cached compiled kernels are bitwise those of Triton's JIT
+    path, forward and backward, and the cache is what ran (its entries hold these kernels)."""
+    fn = _calls(torch.device("cuda"))[op]
+    leaves = _leaves_of(fn)
+
+    def step():
+        y = fn()
+        return [y, *torch.autograd.grad(y, leaves, torch.ones_like(y))]
+
+    with fastnorm.use_backend("triton"):
+        with monkeypatch.context() as m:
+            m.setattr(_launch, "_DIRECT", False)
+            want = step()
+        step()  # the first call of each key takes the JIT and fills the cache
+        before = dict(_launch._cache)
+        got = step()
+    assert before and before.keys() == _launch._cache.keys()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
