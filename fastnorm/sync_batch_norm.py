@@ -39,6 +39,8 @@ from . import _backend
 from . import ops as _ops  # noqa: F401  (registers the fastnorm:: ops)
 from ._dtypes import stats_dtype
 from ._layout import channel_view
+from .ops import batch_norm as _bn_ops
+from .ops._common import eager
 from .functional import _check_batch_norm_args, _flat, _update_running_stats
 
 _fastnorm = torch.ops.fastnorm
@@ -65,10 +67,16 @@ def check_backend_device(input: Tensor, backend: str) -> None:
 
 
 
+def _op(name: str, x: Tensor):
+    """fastnorm::<name> for a call on x (canonical): its implementation when the call may skip
+    the dispatcher (see fastnorm/ops/_common.py, `eager`), else the registered op."""
+    return getattr(_bn_ops, "_" + name) if eager((x,)) else getattr(_fastnorm, name)
+
+
 def _global_stats(x: Tensor, group: Optional[Any]) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, biased var, count) over the group's whole batch, in fp64; ONE all_reduce (none
     for group=None)."""
-    mean, var = _fastnorm.batch_norm_stats(x)
+    mean, var = _op("batch_norm_stats", x)(x)
     n = x.shape[0] * x.shape[2]
     mean64, var64 = mean.double(), var.double()
     count = torch.full((1,), n, dtype=torch.float64, device=x.device)
@@ -92,7 +100,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         mean, var = mean.to(stats_dtype(x.dtype)), var.to(stats_dtype(x.dtype))
-        y = _fastnorm.batch_norm_apply(x, mean, var, weight, bias, eps, relu)
+        y = _op("batch_norm_apply", x)(x, mean, var, weight, bias, eps, relu)
         ctx.save_for_backward(x, weight, bias, mean, var, count.to(mean.dtype))
         ctx.eps, ctx.group, ctx.relu = eps, group, relu
         return y
@@ -105,8 +113,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 "not supported: its backward all-reduces gradient sums, which are not "
                 "differentiated again")
         x, weight, bias, mean, var, count = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = _fastnorm.batch_norm_backward_reduce(dy, x, mean, var, weight, bias,
-                                                                ctx.eps, ctx.relu)
+        sum_dy, sum_dy_xhat = _op("batch_norm_backward_reduce", x)(dy, x, mean, var, weight,
+                                                                  bias, ctx.eps, ctx.relu)
         # Every rank joins the collective, whatever its batch or its needs_input_grad.
         packed = torch.cat([sum_dy, sum_dy_xhat])
         if ctx.group is not None:
@@ -114,8 +122,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         c = sum_dy.numel()
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _fastnorm.batch_norm_backward_elemt(dy, x, mean, var, weight, bias, packed[:c],
-                                                  packed[c:], count, ctx.eps, ctx.relu)
+            dx = _op("batch_norm_backward_elemt", x)(dy, x, mean, var, weight, bias, packed[:c],
+                                                     packed[c:], count, ctx.eps, ctx.relu)
         dweight = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sum_dy.to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None, None, None, None, None
