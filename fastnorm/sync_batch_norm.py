@@ -1,6 +1,7 @@
 """SyncBatchNorm: BatchNorm statistics over the whole batch of a process group, with one
-collective per direction and no host-device synchronization. Every step is a `fastnorm::` op,
-so it runs whichever kernels the ops' router picks (Triton or CUDA C++ on CUDA tensors, the
+collective per direction and no host-device synchronization. Every step is a `fastnorm::` op
+(its implementation called directly in eager mode, as everywhere: fastnorm/ops/_common.py), so
+it runs whichever kernels the ops' router picks (Triton or CUDA C++ on CUDA tensors, the
 torch reference on CPU tensors, interpreted Triton when "triton" is selected there).
 
 Forward (training):
