@@ -41,7 +41,7 @@ _DIRECT = (not triton_interpreted() and torch.cuda.is_available()
            and os.environ.get("FASTNORM_TRITON_LAUNCH_CACHE", "1") != "0")
 
 # Launches issued through `launch` (cached or not): the deterministic guard of the host path
-# (tests count launches per op call; see fastnorm.ops.count_launches).
+# counts them per op call (tests/test_host_path.py).
 launches = 0
 
 _dry = False  # dry_run(): count launches, run nothing
@@ -120,6 +120,8 @@ def launch_with(kernel: Any, grid: tuple, args: tuple, meta: dict,
     entry = _cache.get(key)
     if entry is None or _hooks_installed():
         compiled = kernel[grid](*args, **meta)
+        if hasattr(compiled, "result"):  # Triton's async-compile mode hands back a future
+            compiled = compiled.result()
         if entry is None and compiled is not None:
             if len(_cache) >= _MAX_ENTRIES:  # shapes that never repeat: start over
                 _cache.clear()
