@@ -18,7 +18,7 @@ benchmark results (benchmarks/bench_*.py JSON, e.g. from benchmarks/gpu_check.sh
 predictions.
 
     python benchmarks/static_report.py [--out DIR] [--ops group_norm,batch_norm,layer_norm]
-        [--targets sm_80,sm_90] [--quick] [--compare RESULTS_DIR]
+        [--targets sm_80,sm_90] [--quick | --cases quick|bench|full] [--compare RESULTS_DIR]
 
 Writes DIR/static_report.{csv,json,md} (default DIR: static_report/).
 """
@@ -135,11 +135,19 @@ def _bench_module(name: str):
     return module
 
 
-def group_norm_cases(quick: bool) -> list[dict]:
+# Case scopes: "quick" (CI's representative subset: the first bench shape and one edge shape
+# per op, the variants with the most live values), "bench" (every benchmark shape, every
+# variant: what tests/test_launch_configs.py compiles), "full" (bench shapes and edge shapes).
+SCOPES = ("quick", "bench", "full")
+
+
+def group_norm_cases(scope: str) -> list[dict]:
     shapes = list(_bench_module("bench_group_norm").SHAPES)
     edges = [((16, 256, 16, 16), 32), ((4, 96, 7, 7), 32), ((1, 64, 96, 96), 1)]
+    quick = scope == "quick"
     out = []
-    for shape, groups in (shapes[:1] + edges[:1] if quick else shapes + edges):
+    for shape, groups in {"quick": shapes[:1] + edges[:1], "bench": shapes,
+                          "full": shapes + edges}[scope]:
         for dtype in DTYPES:
             for layout in ("NCHW", "NHWC"):
                 # --quick: SiLU only, the variant with the most live values per element.
@@ -151,11 +159,13 @@ def group_norm_cases(quick: bool) -> list[dict]:
     return out
 
 
-def batch_norm_cases(quick: bool) -> list[dict]:
+def batch_norm_cases(scope: str) -> list[dict]:
     shapes = list(_bench_module("bench_batch_norm").GPU_SHAPES)
     edges = [(32, 3, 224, 224), (8, 2048, 7, 7), (1024, 512)]
+    quick = scope == "quick"
     out = []
-    for shape in (shapes[:1] + edges[-1:] if quick else shapes + edges):
+    for shape in {"quick": shapes[:1] + edges[-1:], "bench": shapes,
+                  "full": shapes + edges}[scope]:
         for dtype in DTYPES:
             for layout in (("NCHW", "NHWC") if len(shape) == 4 else ("NC",)):
                 for relu in ((True,) if quick else (False, True)):
@@ -171,15 +181,16 @@ LAYER_NORM_EDGES = [("layer_norm", 4096, 8193), ("rms_norm", 4096, 8193),
                     ("layer_norm", 7, 65537)]
 
 
-def layer_norm_cases(quick: bool) -> list[dict]:
-    """Bench shapes and edges in every dtype; the fused residual (add + norm) cases of the
-    benchmark with the residual stream in x's dtype, and for bf16 in fp32 too."""
+def layer_norm_cases(scope: str) -> list[dict]:
+    """Bench shapes (and, scope "full", edges) in every dtype; the fused residual (add + norm)
+    cases of the benchmark with the residual stream in x's dtype, and for bf16 in fp32 too."""
     bench = _bench_module("bench_layer_norm")
     shapes = [(k, m, n) for k, m, n, _ in bench.GPU_CASES]
+    quick = scope == "quick"
     if quick:
         # One fused shape, the long-row shape (chunked forward, chunked backward), one edge.
         shapes = [shapes[0], ("rms_norm", 1024, 65536), ("layer_norm", 4096, 8193)]
-    else:
+    elif scope == "full":
         shapes += LAYER_NORM_EDGES
     out = []
     seen = set()
@@ -198,7 +209,7 @@ def layer_norm_cases(quick: bool) -> list[dict]:
     return out
 
 
-CASES: dict[str, Callable[[bool], list[dict]]] = {
+CASES: dict[str, Callable[[str], list[dict]]] = {
     "group_norm": group_norm_cases, "batch_norm": batch_norm_cases,
     "layer_norm": layer_norm_cases}
 
@@ -413,17 +424,18 @@ def blocks_per_sm(regs: int, num_warps: int, shared: int, target: Target) -> int
 
 # --- the report --------------------------------------------------------------------------------
 
-def build(ops: list[str], targets: list[str], quick: bool = False,
+def build(ops: list[str], targets: list[str], scope: str = "full",
           compile_kernels: bool = True) -> dict[str, Any]:
-    """Trace, compile and model every case; returns {"launches": rows, "cases": rows}.
-    Without `compile_kernels` only the byte model runs (register columns are None)."""
+    """Trace, compile and model every case of `scope` (SCOPES); returns {"launches": rows,
+    "cases": rows}. Each distinct launch configuration is compiled once per target. Without
+    `compile_kernels` only the byte model runs (register columns are None)."""
     from fastnorm.triton._common import L2_REUSE_FRACTION, modeled_hbm_bytes
 
     traced = []  # (target, case, mode, path, [(spec, grid, cost)])
     for tname in targets:
         target = TARGETS[tname]
         for op in ops:
-            for case in CASES[op](quick):
+            for case in CASES[op](scope):
                 for mode in _modes(case):
                     rec, plan, path, slot_bytes = _run_case(case, mode, target)
                     names = [s[1] for s, _ in rec]
@@ -468,6 +480,8 @@ def build(ops: list[str], targets: list[str], quick: bool = False,
                        layout=case["layout"], mode=mode, path=path, kernel=spec[1],
                        constexprs=json.dumps({k: v for k, v in spec[3].items()
                                               if k.isupper()}, sort_keys=True),
+                       arg_dtypes=json.dumps({k: v for k, v in spec[2].items()
+                                              if v.startswith("*")}),
                        grid=programs, num_warps=spec[4], regs=st["regs"],
                        spill_bytes=st["spill_stores"] + st["spill_loads"], shared=st["shared"],
                        blocks_per_sm=bps,
@@ -486,6 +500,7 @@ def build(ops: list[str], targets: list[str], quick: bool = False,
         case_rows.append(dict(
             gpu=target.name, op=case["op"], case=case["case"], dtype=case["dtype"],
             layout=case["layout"], mode=mode, path=path, launches=len(rec),
+            torch_ops=sum(1 for p in plan if p.kernel.startswith("torch.")),
             max_regs=max_regs, spill_bytes=spills, min_blocks_per_sm=worst_blocks,
             ideal_bytes=ideal, modeled_bytes=modeled,
             traffic_vs_ideal=round(modeled / ideal, 4),
@@ -653,7 +668,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="static_report")
     p.add_argument("--ops", default="group_norm,batch_norm,layer_norm")
     p.add_argument("--targets", default="sm_80,sm_90")
-    p.add_argument("--quick", action="store_true", help="a representative subset of cases")
+    p.add_argument("--quick", action="store_true", help="a representative subset of cases "
+                   "(= --cases quick)")
+    p.add_argument("--cases", choices=SCOPES, default="full",
+                   help="quick: a representative subset; bench: every benchmark shape; full "
+                        "(default): the benchmark shapes and edge shapes")
     p.add_argument("--compare", default="", help="folder of bench_*.py JSON results")
     p.add_argument("--no-compile", action="store_true",
                    help="byte model only (seconds): no registers, spills or occupancy")
@@ -663,7 +682,8 @@ def main(argv: list[str] | None = None) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or
                                    sys.argv[1:])], env)
-    report = build(args.ops.split(","), args.targets.split(","), args.quick,
+    report = build(args.ops.split(","), args.targets.split(","),
+                   "quick" if args.quick else args.cases,
                    compile_kernels=not args.no_compile)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "static_report.json"), "w") as f:
