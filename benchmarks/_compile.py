@@ -16,6 +16,8 @@ behaviour (`max.NaN.f32` propagates NaN; plain `max.f32` returns the other opera
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -45,6 +47,10 @@ def _ptxas_stats(ptx: str, cc: int) -> dict[str, int]:
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed: {log[-1000:]}")
+    return _parse_ptxas_log(log)
+
+
+def _parse_ptxas_log(log: str) -> dict[str, int]:
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     stack = re.search(r"(\d+) bytes stack frame", log)
@@ -83,13 +89,20 @@ def compile_one(spec: list, cc: int, stats: bool) -> dict[str, Any]:
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     out: dict[str, Any] = {"error": None}
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": num_warps})
+        # With TRITON_DUMP_PTXAS_LOG (set by run_specs) Triton prints the log of its own
+        # `ptxas -v` run: the statistics without a second ptxas run, unless the compile came
+        # from Triton's cache.
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts,
+                                                attrs=attrs),
+                                      target=GPUTarget("cuda", cc, 32),
+                                      options={"num_warps": num_warps})
         assert compiled.asm.get("cubin"), "no cubin produced"
         if stats:
             ptx = compiled.asm["ptx"]
-            out.update(_ptxas_stats(ptx, cc))
+            logged = "Used " in log.getvalue() and "registers" in log.getvalue()
+            out.update(_parse_ptxas_log(log.getvalue()) if logged else _ptxas_stats(ptx, cc))
             out["shared"] = int(compiled.metadata.shared)
             out["minmax"] = ptx_minmax_counts(ptx)
             out["f64_params"] = len(re.findall(r"\.param \.f64", ptx))
@@ -104,6 +117,8 @@ def run_specs(specs: list, cc: int, stats: bool = False, timeout: float = 1200,
     without TRITON_INTERPRET; one result per spec, in order."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    if stats:
+        env["TRITON_DUMP_PTXAS_LOG"] = "1"
     jobs = max(1, min(jobs or min(os.cpu_count() or 1, 4), len(specs)))
     chunks = [specs[i::jobs] for i in range(jobs)]
     paths, procs = [], []

@@ -18,7 +18,9 @@ number the host path is judged by there. "fastnorm-auto" on CPU is torch's op be
 Python frame. On CUDA, "fastnorm-triton" / "fastnorm-cuda" are the kernel backends.
 
 Next to each time: kernel launches per call issued through fastnorm's Triton launcher (a
-deterministic count; the C++ kernels and torch's own ops are not counted).
+deterministic count; the C++ kernels and torch's own ops are not counted). On CUDA also
+`launch_us`: the host cost of one launch alone, through the same launcher, of a kernel that does
+nothing (benchmarks/static_report.py --compare prices an eager call's launches with it).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastnorm  # noqa: E402
@@ -195,6 +199,27 @@ def measure(device: str, calls: int, repeats: int,
     return rows
 
 
+@triton.jit
+def _noop_kernel(P0, P1, P2, P3, P4, P5, P6, P7, n0, n1, n2, n3, n4, n5, n6, n7,
+                 BLOCK: tl.constexpr):
+    """Does nothing: 8 pointers, 8 ints and a constexpr, about the argument count of fastnorm's
+    kernels (the launcher packs every argument, so the count matters to the host cost)."""
+    pass
+
+
+def launch_cost(calls: int, repeats: int) -> float:
+    """Host microseconds of one launch of _noop_kernel through fastnorm's launcher (its cached
+    compiled handle, fastnorm/triton/_launch.py), back to back, no sync inside the loop."""
+    x = torch.empty(64, device="cuda")
+    args = (x,) * 8 + (64,) * 8
+
+    def call():
+        _launch.launch(_noop_kernel, (1,), *args, BLOCK=64)
+    for _ in range(3):  # the first call compiles and caches the handle
+        call()
+    return min(_timer(call, calls, torch.cuda.synchronize) for _ in range(repeats))
+
+
 @functools.lru_cache(maxsize=None)
 def _routes() -> dict[str, Callable]:
     """The op registered each way (once per process: a registration cannot be repeated)."""
@@ -308,6 +333,11 @@ def main() -> None:
     md = f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; " \
          f"{meta['timer']}\n\n" + table(rows)
     print(md)
+    launch_us = launch_cost(args.calls, args.repeats) if args.device == "cuda" else None
+    if launch_us is not None:
+        md += f"\n\nOne launch alone (a kernel that does nothing, fastnorm's launcher): " \
+              f"{launch_us:.1f} us"
+        print(md[md.index("One launch alone"):])
     routes = registration_routes(args.calls, args.repeats) if args.device == "cpu" else []
     if routes:
         md += "\n\nRegistration routes (one clone of a 4x64 CPU tensor; us per call):\n\n" \
@@ -319,7 +349,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(
-            {"meta": meta, "rows": rows, "registration_routes": routes}, indent=1))
+            {"meta": meta, "rows": rows, "launch_us": launch_us,
+             "registration_routes": routes}, indent=1))
         args.out.with_suffix(".md").write_text(md + "\n")
 
 

@@ -8,7 +8,9 @@
 #   4. the bandwidth benchmarks at the anchor shapes of benchmarks/anchors-h100.md, the host
 #      cost per call on CUDA tensors (bench_overhead.py) and real models' training steps,
 #      torch norms vs fastnorm.convert, eager (bench_models.py)
-#   5. measured vs predicted ceiling per case (benchmarks/static_report.py --compare), and the
+#   5. measured vs predicted per case (benchmarks/static_report.py --compare): the kernel-only
+#      times (CUDA-graph replay) vs the byte model's ceiling, and the eager times vs
+#      max(device, host) with the host cost per launch that bench_overhead.py measured; and the
 #      "auto" table the measured fastnorm-triton vs fastnorm-cuda times give ($OUT/_auto_table.json)
 # Writes under $OUT (default ./gpu_check_out): tests.log, bench.log, results.tar.gz (CSV/JSON per
 # op family), summary.md (printed last). Usage from the repo root:  bash benchmarks/gpu_check.sh
@@ -91,7 +93,7 @@ if [ -f csrc/ops.cpp ]; then
   timeout 30 $PY benchmarks/write_auto_table.py "$OUT"/results/*.json --out "$OUT/_auto_table.json" \
     >> "$OUT/bench.log" 2>&1 || echo "write_auto_table.py exited with $?" | tee -a "$OUT/bench.log"
 fi
-echo "## measured vs predicted ceiling (static report byte model, H100 parameters)" | tee -a "$OUT/bench.log"
+echo "## measured vs predicted (static report byte model, H100 parameters; host term from overhead.json)" | tee -a "$OUT/bench.log"
 # Byte model only (seconds); the registers/spills half of the report needs no GPU and runs in CI.
 timeout 120 $PY benchmarks/static_report.py --no-compile --targets sm_90 --out "$OUT/static" \
   --compare "$OUT/results" 2>&1 | sed -n '/^## Measured vs predicted/,$p' | tee "$OUT/measured_vs_predicted.md" >> "$OUT/bench.log"

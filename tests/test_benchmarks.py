@@ -42,10 +42,46 @@ def test_bench_script_writes_results(path, tmp_path):
     ran = {r["provider"] for r in rows}
     assert "torch" in ran and "fastnorm-triton" in ran and ran <= set(PROVIDERS), ran
     assert all(r["gbs"] > 0 and not r["error"] for r in rows), [r["error"] for r in rows]
+    # Kernel-only times (CUDA-graph replay, profiled kernel sum): CUDA only; a failed capture
+    # says why.
+    import torch
+
+    for r in rows:
+        if torch.cuda.is_available():
+            assert r["graph_ms"] or r["graph_error"], r
+            assert r["kernel_ms"] > 0, r
+        else:
+            assert (r["graph_ms"], r["graph_pct_copy"], r["kernel_ms"]) == (None, None, None), r
     assert (tmp_path / f"{name}.csv").read_text().startswith("op,case,mode,provider")
     pngs = _load(os.path.join(BENCH_DIR, "plot.py")).plot(str(tmp_path / f"{name}.json"),
                                                           str(tmp_path))
     assert pngs and all(os.path.getsize(p) > 0 for p in pngs)
+
+
+def test_backward_only_reset_runs_the_forward_again():
+    """graph_time_ms resets a backward-only closure so that its forward runs on the capture
+    stream: after reset() the next call is a forward again, the calls after it backwards."""
+    import torch
+
+    import _harness
+
+    x = torch.ones(3, requires_grad=True)
+    forwards = []
+
+    def forward():
+        forwards.append(1)
+        return x * 2
+    run = _harness.backward_only(forward, torch.ones(3))
+    run()
+    run()
+    run()
+    assert len(forwards) == 1 and x.grad.tolist() == [4.0] * 3
+    run.reset()
+    x.grad = None
+    run()
+    assert len(forwards) == 2 and x.grad is None
+    run()
+    assert x.grad.tolist() == [2.0] * 3
 
 
 def test_time_budget_records_skipped_cases(tmp_path):

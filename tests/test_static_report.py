@@ -6,12 +6,14 @@ grid and warps as it traces), and the modeled HBM traffic is within 10 % of the 
 bytes except where the design needs more (the report's DESIGN_EXCEPTIONS table, each with its
 reason); the per-example backward (mode bwd_pe) adds no pass over x or dy.
 
-CI runs the report's --quick subset (compiling is ~1 s per kernel variant on a 2-core machine,
-the full report ~600 variants per target): the first benchmark shape of each op plus one edge
+This file runs the report's --quick subset: the first benchmark shape of each op plus one edge
 shape (GroupNorm's fused path, BatchNorm's 2-D (N, C) input; for LayerNorm/RMSNorm 32768x1024,
 the long-row 1024x65536 and the edge 4096x8193, plus a fused-residual case), every dtype and
-layout, SiLU / ReLU on (the variants with the most live values), all modes, sm_90. The full report
-(`python benchmarks/static_report.py`) covers every bench shape, both activations and sm_80 too.
+layout, SiLU / ReLU on (the variants with the most live values), all modes, sm_90. Every launch
+configuration of every benchmark shape is compiled by tests/test_launch_configs.py (the report's
+"bench" scope); the full report (`python benchmarks/static_report.py`, ~725 configurations per
+target) adds the edge shapes and sm_80. The end of the file checks --compare, measured against
+predicted, on synthetic results.
 """
 import os
 import sys
@@ -330,3 +332,171 @@ def test_modeled_bytes_with_an_l2_window():
     assert modeled_hbm_bytes((half,), l2) == 150
     whole_pass = LaunchCost("k", (1,), 4, reads=2 * l2, writes=0, l2_reread=l2)
     assert modeled_hbm_bytes((whole_pass,), l2) == 2 * l2 - l2 // 2
+
+
+# --- measured vs predicted (--compare): kernel-only and eager -------------------------------
+
+def _case(case, mode, ideal, modeled, launches, torch_ops=0, op="layer_norm"):
+    """A case row of the report, as build() writes it (the fields compare reads)."""
+    return dict(gpu="H100", op=op, case=case, dtype="bfloat16", layout="rows", mode=mode,
+                ideal_bytes=ideal, modeled_bytes=modeled, launches=launches, torch_ops=torch_ops,
+                predicted_ceiling_pct=round(100 * ideal / modeled, 1))
+
+
+def _result(case, mode, ideal, ms, copy_gbs, provider="fastnorm-triton", graph_ms=None,
+            kernel_ms=None, launches=None):
+    """A bench result row, with the GB/s and % of copy the harness derives from the times."""
+    def pct(t):
+        return None if t is None else 100 * ideal / (t * 1e-3) / 1e9 / copy_gbs
+    return dict(op="layer_norm", case=case, mode=mode, provider=provider, dtype="bfloat16",
+                layout="", ms=ms, gbs=ideal / (ms * 1e-3) / 1e9, pct_copy=pct(ms),
+                ideal_bytes=ideal, launches=launches, error="", graph_ms=graph_ms,
+                graph_gbs=None if graph_ms is None else ideal / (graph_ms * 1e-3) / 1e9,
+                graph_pct_copy=pct(graph_ms), graph_error="" if graph_ms else "capture failed",
+                kernel_ms=kernel_ms)
+
+
+def _write_results(path, rows, copy_gbs, device="NVIDIA H200"):
+    import json
+
+    path.write_text(json.dumps({"meta": {"device": device, "copy_gbs": copy_gbs},
+                                "results": rows}))
+
+
+def test_compare_checks_kernel_only_times_and_the_eager_bound(tmp_path):
+    """A big case is device bound (eager = modeled bytes at copy speed), a tiny one host bound
+    (eager = per-call overhead + launches x launch cost); the kernel-only column is the CUDA-
+    graph replay where there is one, else the profiled kernels' sum."""
+    import static_report
+
+    copy = 4000.0
+    big, tiny = 16384 * 4096 * 2, 1024 * 1024 * 2  # bytes of x (bf16)
+    report = {"cases": [
+        _case("16384x4096", "fwd", 2 * big, int(2.04 * big), 1),
+        _case("16384x4096", "bwd", 3 * big, int(3.3 * big), 2),
+        _case("16384x4096", "bwd_pe", 3 * big, int(3.6 * big), 2, torch_ops=2),
+        _case("1024x1024", "fwd", 2 * tiny, int(2.1 * tiny), 1),
+        _case("1024x1024", "bwd", 3 * tiny, int(3.3 * tiny), 2)]}
+    _write_results(tmp_path / "layer_norm.json", [
+        _result("16384x4096", "fwd", 2 * big, 0.100, copy, graph_ms=0.075, launches=1),
+        _result("16384x4096", "fwdbwd", 5 * big, 0.400, copy, kernel_ms=0.210, launches=3),
+        _result("16384x4096", "bwd", 3 * big, 0.300, copy, provider="fastnorm-triton-gns",
+                graph_ms=0.200),
+        _result("1024x1024", "fwd", 2 * tiny, 0.030, copy, graph_ms=0.002),
+        _result("1024x1024", "fwd", 2 * tiny, 0.010, copy, provider="torch", graph_ms=0.001),
+    ], copy)
+    host = static_report.host_model(str(tmp_path))
+    assert (host.launch_us, host.call_us) == (static_report.DEFAULT_LAUNCH_US, {})
+    rows = static_report.compare(report, str(tmp_path), host)
+    at = {(r["case"], r["mode"]): r for r in rows}
+    assert set(at) == {("16384x4096", "fwd"), ("16384x4096", "fwdbwd"),
+                       ("16384x4096", "bwd_pe"), ("1024x1024", "fwd")}  # torch: not ours
+
+    fwd = at["16384x4096", "fwd"]
+    assert fwd["kernel_source"] == "graph"
+    kernel_pct = 100 * 2 * big / 0.075e-3 / 1e9 / copy
+    assert fwd["measured_kernel_pct_copy"] == round(kernel_pct, 1)
+    assert fwd["kernel_over_predicted"] == round(kernel_pct / fwd["predicted_ceiling_pct"], 3)
+    assert fwd["device_us"] == round(int(2.04 * big) / (copy * 1e3), 1)  # ~68 us
+    assert fwd["host_us"] == 20.0 + 1 * 5.0 and fwd["bound"] == "device"
+    assert fwd["predicted_eager_us"] == fwd["device_us"]
+    assert fwd["eager_over_predicted"] == round(100.0 / (int(2.04 * big) / (copy * 1e3)), 3)
+
+    both = at["16384x4096", "fwdbwd"]  # capture failed: the profiler's kernel sum
+    assert both["kernel_source"] == "profiler"
+    assert both["measured_kernel_pct_copy"] == round(100 * 5 * big / 0.210e-3 / 1e9 / copy, 1)
+    assert both["launches_plan"] == 3 and both["launches_measured"] == 3
+    assert both["host_us"] == 20.0 + 40.0 + 3 * 5.0
+    assert both["predicted_ceiling_pct"] == round(100 * 5 * big / (int(2.04 * big)
+                                                                   + int(3.3 * big)), 1)
+
+    pe = at["16384x4096", "bwd_pe"]  # the -gns provider's bwd; torch ops count as launches
+    assert pe["launches_plan"] == 4 and pe["host_us"] == 40.0 + 4 * 5.0
+
+    small = at["1024x1024", "fwd"]
+    assert small["bound"] == "host" and small["predicted_eager_us"] == 25.0
+    assert small["eager_over_predicted"] == round(30.0 / 25.0, 3)
+
+    md = static_report.compare_markdown(rows, host)
+    assert md.startswith("## Measured vs predicted: kernel-only")
+    assert "## Measured vs predicted: eager = max(device, host)" in md
+    assert "assumed (DEFAULT_LAUNCH_US)" in md
+
+
+def test_host_model_from_bench_overhead(tmp_path):
+    """A GPU run of bench_overhead.py in the results folder sets the launch cost (its
+    launch_us) and the per-call overhead per op (fastnorm-triton's host time less its
+    launches; the backward is fwd+bwd less fwd); a CPU run is not the GPU host's; explicit
+    parameters win."""
+    import json
+
+    import static_report
+
+    def row(case, mode, us, launches, provider="fastnorm-triton"):
+        return dict(case=case, mode=mode, provider=provider, us=us, launches=launches)
+
+    rows = [row("layer_norm 4096x1024", "fwd", 30.0, 1),
+            row("layer_norm 4096x1024", "fwd+bwd", 90.0, 3),
+            row("layer_norm 4096x1024", "fwd", 14.0, None, provider="torch"),
+            row("batch_norm train 32x256x14x14 NHWC", "fwd", 40.0, 2),
+            row("batch_norm eval 32x256x14x14 NHWC", "fwd", 21.0, 1)]
+    (tmp_path / "overhead.json").write_text(json.dumps(
+        {"meta": {"device": "NVIDIA H200", "date": "2026-12-05"}, "rows": rows,
+         "launch_us": 4.0}))
+    host = static_report.host_model(str(tmp_path))
+    assert host.launch_us == 4.0 and host.launch_source.startswith("measured, overhead.json")
+    assert host.call("layer_norm", "fwd") == 30.0 - 4.0
+    assert host.call("layer_norm", "bwd") == (90.0 - 12.0) - (30.0 - 4.0)
+    assert host.call("layer_norm", "fwdbwd") == 90.0 - 12.0
+    assert host.call("batch_norm", "fwd") == 40.0 - 8.0
+    assert host.call("batch_norm", "eval") == 21.0 - 4.0
+    # Not measured: the default (rms_norm here; batch_norm's backward).
+    assert host.call("rms_norm", "fwd") == static_report.DEFAULT_CALL_US["fwd"]
+    assert host.call("batch_norm", "bwd") == static_report.DEFAULT_CALL_US["bwd"]
+    assert host.host_us("layer_norm", "fwd", 3) == 26.0 + 3 * 4.0
+
+    given = static_report.host_model(str(tmp_path), launch_us=2.0, call_us={"fwd": 5.0,
+                                                                          "bwd": 7.0})
+    assert given.host_us("layer_norm", "fwdbwd", 3) == 12.0 + 6.0
+
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    (cpu / "overhead.json").write_text(json.dumps(
+        {"meta": {"device": "CPU (x86_64, 2 cores)"}, "rows": rows, "launch_us": None}))
+    host = static_report.host_model(str(cpu))
+    assert host.launch_us == static_report.DEFAULT_LAUNCH_US and host.call_us == {}
+
+
+def test_compare_from_the_command_line(tmp_path):
+    """static_report.py --compare on the traced plans (--no-compile, a few seconds): both
+    tables printed, one row per measured fastnorm case, launches from the plan."""
+    import csv
+    import subprocess
+
+    m, n = 32768, 1024  # the --quick LayerNorm shape
+    ideal = 2 * m * n * 2
+    results = tmp_path / "results"
+    results.mkdir()
+    _write_results(results / "layer_norm.json", [
+        _result(f"{m}x{n}", "fwd", ideal, 0.5, 4000.0, graph_ms=0.04, launches=1),
+        _result(f"{m}x{n}", "fwdbwd", 5 * m * n * 2, 1.5, 4000.0, graph_ms=0.12)], 4000.0)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "static_report.py"),
+                           "--quick", "--no-compile", "--targets", "sm_90", "--ops",
+                           "layer_norm", "--out", str(tmp_path / "out"), "--compare",
+                           str(results), "--launch-us", "3"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "## Measured vs predicted: kernel-only" in proc.stdout
+    assert "launches x 3 us (launch cost: given (--launch-us)" in proc.stdout
+    with open(tmp_path / "out" / "measured_vs_predicted.csv") as f:
+        rows = {r["mode"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"fwd", "fwdbwd"}
+    # The plan's launches (forward 1; forward + backward more), priced at 3 us each, and the
+    # eager time far above both terms: host bound by neither, the ratio says so.
+    assert int(rows["fwd"]["launches_plan"]) == 1
+    assert int(rows["fwdbwd"]["launches_plan"]) > 1
+    assert float(rows["fwd"]["host_us"]) == 20.0 + 3.0
+    assert rows["fwd"]["bound"] == "device" and float(rows["fwd"]["eager_over_predicted"]) > 1
