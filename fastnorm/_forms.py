@@ -7,7 +7,7 @@ The attribute names used here are role names (`weight`, `eps`, ...): a match bin
 matched class's own attribute (`eps` -> `variance_epsilon`), in order of first use.
 
 These are written to compute what the libraries' layers compute, in the shape their code has
-(transformers 5.x, timm 0.9-1.0, diffusers 0.3x, torchvision); they are never run. A library
+(transformers 5.x, timm 0.9-1.0, diffusers 0.3x-0.42, torchvision); they are never run. A library
 release that changes a layer's code changes its fingerprint, and the layer is then left alone
 (with the reason) until a form for the new code is added here.
 """
@@ -163,6 +163,31 @@ class DiffusersRMSNorm:  # diffusers.models.normalization.RMSNorm: optional weig
             if self.weight is not None:
                 if self.weight.dtype in [torch.float16, torch.bfloat16]:
                     x = x.to(self.weight.dtype)
+            x = torch_npu.npu_rms_norm(x, self.weight, epsilon=self.eps)[0]
+            if self.bias is not None:
+                x = x + self.bias
+        else:
+            dtype = x.dtype
+            mean_square = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            x = x * torch.rsqrt(mean_square + self.eps)
+            if self.weight is not None:
+                if self.weight.dtype in [torch.float16, torch.bfloat16]:
+                    x = x.to(self.weight.dtype)
+                x = x * self.weight
+                if self.bias is not None:
+                    x = x + self.bias
+            else:
+                x = x.to(dtype)
+        return x
+
+
+class DiffusersRMSNormNpuWeighted:  # diffusers 0.42: the NPU kernel only with a weight
+    def forward(self, x):
+        if is_torch_npu_available() and self.weight is not None:
+            import torch_npu
+
+            if self.weight.dtype in [torch.float16, torch.bfloat16]:
+                x = x.to(self.weight.dtype)
             x = torch_npu.npu_rms_norm(x, self.weight, epsilon=self.eps)[0]
             if self.bias is not None:
                 x = x + self.bias
@@ -366,6 +391,7 @@ FORMS: tuple[Form, ...] = (
     Form(UnweightedRMSNorm, "fp32_weight"),
     Form(T5LayerNorm, "t5"),
     Form(DiffusersRMSNorm, "t5", optional=_AFFINE),
+    Form(DiffusersRMSNormNpuWeighted, "t5", optional=_AFFINE),
     Form(OlmoLayerNorm, "fp32_layer_norm", eps=1e-5),
     Form(CohereLayerNorm, "fp32_layer_norm"),
     Form(FP32LayerNorm, "fp32_layer_norm", optional=_AFFINE),
