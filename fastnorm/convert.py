@@ -506,7 +506,7 @@ class ConvertReport:
     run fastnorm's kernels, and `families` says as what (module name -> e.g. "RMSNorm family A
     (Llama-style)"); `left_alone` lists (module name, class, reason) of the norm-like modules
     (torch.nn norm classes and their subclasses, recognized library classes, and any class with
-    "Norm" in its name) that do not."""
+    "Norm" in its name that holds no norm itself) that do not."""
 
     converted: list[tuple[str, str]] = field(default_factory=list)
     left_alone: list[tuple[str, str, str]] = field(default_factory=list)
@@ -558,6 +558,11 @@ def _left_alone_reason(module: nn.Module) -> Optional[str]:
                     "form); " + (match if isinstance(match, str) else _REGISTER_HINT))
         return f"fastnorm has no kernel for this norm ({_REGISTER_HINT} with your own)"
     if _NORM_NAME.search(cls.__name__):
+        # A block that holds norms ("NormMlpClassifierHead", "ConvNormAct") is not one: its
+        # norms are reported themselves.
+        if any(isinstance(child, _TORCH_NORM_BASES) or _NORM_NAME.search(type(child).__name__)
+               for child in module.children()):
+            return None
         if cls.__module__.startswith("torch."):
             return f"fastnorm has no kernel for this module ({_REGISTER_HINT} with your own)"
         match = _class_match(cls)

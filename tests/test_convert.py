@@ -103,6 +103,26 @@ def test_torch_subclass_keeping_torch_forward_is_swapped(make, device):
     assert type(loaded) is type(module) and type(copy.deepcopy(module)) is type(module)
 
 
+def test_block_holding_norms_is_not_reported_as_one():
+    class ConvNormAct(nn.Module):  # "Norm" in the name, but a block: its LayerNorm is the norm
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(8, 8, 1)
+            self.norm = _OwnForwardLayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(self.conv(x).transpose(1, 2))
+
+    class PixelNorm(nn.Module):  # a norm fastnorm does not know: reported
+        def forward(self, x):
+            return x / x.pow(2).mean(1, keepdim=True).sqrt()
+
+    model = nn.Sequential(ConvNormAct(), PixelNorm())
+    fastnorm.convert(model)
+    why = {name: reason for name, _cls, reason in fastnorm.convert_report(model).left_alone}
+    assert set(why) == {"0.norm", "1"} and "none of the forms" in why["1"]
+
+
 def test_forward_set_on_the_instance_is_left_alone():
     # accelerate's hooks and kernels' kernelize replace forward on the instance, where a class
     # swap changes nothing: such a module is reported, not counted as converted
