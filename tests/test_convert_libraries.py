@@ -191,7 +191,8 @@ def _channels_first_models():
     return _randomize(model)
 
 
-def test_channels_first_layer_norms_wait_for_their_kernel():
+def test_channels_first_layer_norms_wait_for_their_kernel(monkeypatch):
+    monkeypatch.delitem(_adapters.CHANNELS_FIRST_KERNELS, "layer_norm_2d", raising=False)
     model = _channels_first_models()
     fastnorm.convert(model)
     report = fastnorm.convert_report(model)
@@ -219,6 +220,7 @@ def test_channels_first_kernel_registration_converts_them(monkeypatch):
 
 def test_transformers_convnext_layer_norm_per_data_format(monkeypatch):
     modeling = pytest.importorskip("transformers.models.convnext.modeling_convnext")
+    monkeypatch.delitem(_adapters.CHANNELS_FIRST_KERNELS, "layer_norm_2d", raising=False)
     last = modeling.ConvNextLayerNorm(8, eps=1e-6, data_format="channels_last")
     first = modeling.ConvNextLayerNorm(8, eps=1e-6, data_format="channels_first")
     model = nn.Sequential(last, first)
@@ -437,7 +439,8 @@ def test_real_diffusers_layers():
 @pytest.mark.parametrize("name,kwargs,converted", [
     # timm's LayerNorm in the blocks, as convnext_tiny; LayerNorm2d elsewhere, reported
     ("convnext_atto", dict(conv_mlp=False), {"fastnorm.LayerNorm"}),
-    ("convnext_atto", {}, set()),       # LayerNorm2d everywhere: reported, not converted
+    # LayerNorm2d everywhere: reported, or converted once a channels-first kernel exists
+    ("convnext_atto", {}, set()),
     ("vit_tiny_patch16_224", {}, {"fastnorm.LayerNorm"}),
     ("mobilenetv3_small_100", {}, {"fastnorm.BatchNormAct2d"}),  # ReLU (fused), hard-swish
     ("efficientnet_b0", {}, {"fastnorm.BatchNormAct2d"}),        # SiLU
@@ -462,6 +465,8 @@ def test_real_timm_models(name, kwargs, converted):
     fastnorm.convert(model)
     report = fastnorm.convert_report(model)
     print(f"timm {timm.__version__} {name} {kwargs}: {report.summary()}")
+    if "layer_norm_2d" in _adapters.CHANNELS_FIRST_KERNELS and name.startswith("convnext"):
+        converted = converted | {"fastnorm.LayerNorm2d"}
     assert {cls for _name, cls in report.converted} == converted, str(report)
     norm_like = [n for n, m in ref.named_modules() if "Norm" in type(m).__name__
                  and not any("Norm" in type(c).__name__ for c in m.children())]  # (not blocks)
