@@ -11,17 +11,27 @@ Models (`--models`, default all):
   gn_stack  diffusers' UNet2DModel when installed, else a stack of residual blocks
             (GroupNorm(32, C) -> SiLU -> Conv2d 3x3, twice, plus the skip).
   llama     transformers' LlamaForCausalLM from a LlamaConfig (RMSNorm; no download).
+  qwen2     transformers' Qwen2ForCausalLM from a Qwen2Config (RMSNorm family A, recognized by
+            its forward's code, as Llama's).
+  gemma     transformers' GemmaForCausalLM from a GemmaConfig (RMSNorm family B, 1 + w in fp32).
   vit       transformers' ViTForImageClassification from a ViTConfig (LayerNorm; no download).
+  convnext  timm's convnext_tiny (timm's LayerNorm in the blocks; its channels-first LayerNorm2d
+            in the stem, downsampling and head, left alone until fastnorm has a channels-first
+            kernel); pretrained=False, no download.
+  timm_vit  timm's vit_base_patch16_224 (timm's LayerNorm).
 A model whose library is missing falls back (resnet50, gn_stack) or is skipped with the reason.
+Each row also counts the norm-like modules `convert` left alone (`fastnorm.convert_report`).
 
 Sizes: on CUDA ResNet-50 batch 128 at 224, the GN stack 8x320x64x64 with 8 blocks (the UNet:
-8x4x64x64 latents, block widths 320/640/1280/1280), Llama 4 layers of hidden 2048 on 8x1024
-tokens, ViT-B/16 batch 64 at 224. `--tiny` (the default on a CPU) shrinks every model so the
+8x4x64x64 latents, block widths 320/640/1280/1280), Llama, Qwen2 and Gemma 4 layers of hidden
+2048 on 8x1024 tokens (vocabulary 32000), ViT-B/16 (transformers' and timm's) and ConvNeXt-T
+batch 64 at 224. `--tiny` (the default on a CPU) shrinks every model so the
 script runs in seconds (the ResNet is then the built-in one: torchvision's ResNet-50 has no
 small configuration); its times mean nothing, it only proves the script runs.
-Precision on CUDA: bf16 autocast (ResNet, GN stack, ViT); Llama holds bf16 parameters (no
-autocast), as HF language models are commonly trained, so its RMSNorms read bf16 (under
-autocast the fp32 residual stream would make every RMSNorm input fp32). On a CPU all is fp32.
+Precision on CUDA: bf16 autocast (ResNet, GN stack, ViTs, ConvNeXt); the language models hold
+bf16 parameters (no autocast), as HF language models are commonly trained, so their RMSNorms
+read bf16 (under autocast the fp32 residual stream would make every RMSNorm input fp32). On a
+CPU all is fp32.
 
 Timing: `--warmup` steps, then `--steps` steps of torch and fastnorm alternating (a load change
 on a shared machine hits both), each step timed with perf_counter between two device
@@ -73,7 +83,11 @@ import _harness  # noqa: E402
 
 import fastnorm  # noqa: E402
 
-MODELS = ("resnet50", "gn_stack", "llama", "vit")
+# fastnorm's recognizer (`fastnorm.convert` itself is the function): the float64 reference
+# computes the library norms it recognizes in float64.
+_recognizer = importlib.import_module("fastnorm.convert")
+
+MODELS = ("resnet50", "gn_stack", "llama", "qwen2", "gemma", "vit", "convnext", "timm_vit")
 Batch = tuple  # positional model inputs followed by the target
 
 
@@ -264,18 +278,37 @@ def _gn_case(tiny: bool) -> Case:
                 build, make_batch, _denoise_loss, n, autocast=True)
 
 
-def _llama_case(tiny: bool) -> Union[Case, str]:
+_LM = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+       "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+       # (Gemma's own head_dim is 256 and vocabulary 256000: sized like the others here)
+       "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 128})}
+
+
+def _language_model_case(name: str, tiny: bool) -> Union[Case, str]:
+    """A transformers causal LM from its config (no download): Llama, Qwen2 or Gemma."""
     if importlib.util.find_spec("transformers") is None:
         return "skipped: transformers is not installed"
     import transformers
 
+    config_name, model_name, extra = _LM[name]
     kw: dict[str, Any] = (
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256) if tiny else
         dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
              num_attention_heads=16, num_key_value_heads=4, vocab_size=32000))
+    if extra and not tiny:
+        kw.update(extra)
     n, seq = (2, 32) if tiny else (8, 1024)
-    cfg = transformers.LlamaConfig(max_position_embeddings=seq, **kw)
+    cfg = getattr(transformers, config_name)(max_position_embeddings=seq, pad_token_id=0, **kw)
+
+    def build() -> nn.Module:
+        model = getattr(transformers, model_name)(cfg)
+        if name == "gemma":  # Gemma's norm weights start at 0 (1 + w = 1): make w matter
+            with torch.no_grad():
+                for module in model.modules():
+                    if type(module).__name__ == "GemmaRMSNorm":
+                        module.weight.normal_(0.0, 0.5)
+        return model
 
     def make_batch(b: int, g: torch.Generator) -> Batch:
         ids = torch.randint(0, cfg.vocab_size, (b, seq), generator=g)
@@ -286,9 +319,9 @@ def _llama_case(tiny: bool) -> Union[Case, str]:
         ids, labels = batch
         logits = model(input_ids=ids).logits
         return F.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten())
-    return Case("llama", f"transformers {transformers.__version__} LlamaForCausalLM",
-                dict(kw, seq=seq), lambda: transformers.LlamaForCausalLM(cfg), make_batch, loss,
-                n, bf16_params=True, optimizer="adamw")
+    return Case(name, f"transformers {transformers.__version__} {model_name}",
+                dict(kw, seq=seq), build, make_batch, loss, n, bf16_params=True,
+                optimizer="adamw")
 
 
 def _vit_case(tiny: bool) -> Union[Case, str]:
@@ -315,8 +348,42 @@ def _vit_case(tiny: bool) -> Union[Case, str]:
                 2 if tiny else 64, autocast=True, optimizer="adamw")
 
 
+def _timm_case(name: str, tiny: bool) -> Union[Case, str]:
+    """timm's ConvNeXt-T or ViT-B/16 (pretrained=False); tiny: convnext_atto (with ConvNeXt-T's
+    block layout) and vit_tiny at 32x32 on 10 classes."""
+    if importlib.util.find_spec("timm") is None:
+        return "skipped: timm is not installed"
+    try:
+        import timm
+    except Exception as exc:  # noqa: BLE001 - e.g. a torchvision that does not match torch
+        return f"skipped: timm import failed: {_error_text(exc)}"
+
+    arch = {("convnext", False): "convnext_tiny", ("convnext", True): "convnext_atto",
+            ("timm_vit", False): "vit_base_patch16_224",
+            ("timm_vit", True): "vit_tiny_patch16_224"}[name, tiny]
+    size, classes = (32, 10) if tiny else (224, 1000)
+    kw: dict[str, Any] = dict(pretrained=False, num_classes=classes)
+    if name == "timm_vit":
+        kw["img_size"] = size
+    elif tiny:  # (atto's default puts channels-first LayerNorm2d in the blocks too: not tiny's)
+        kw["conv_mlp"] = False
+
+    def make_batch(b: int, g: torch.Generator) -> Batch:
+        return (torch.randn(b, 3, size, size, generator=g),
+                torch.randint(0, classes, (b,), generator=g))
+    return Case(name, f"timm {timm.__version__} {arch}", dict(arch=arch, image=size, **kw),
+                lambda: timm.create_model(arch, **kw), make_batch, _classify_loss,
+                2 if tiny else 64, autocast=True, optimizer="adamw")
+
+
 _CASES: dict[str, Callable[[bool], Union[Case, str]]] = {
-    "resnet50": _resnet_case, "gn_stack": _gn_case, "llama": _llama_case, "vit": _vit_case}
+    "resnet50": _resnet_case, "gn_stack": _gn_case,
+    "llama": lambda tiny: _language_model_case("llama", tiny),
+    "qwen2": lambda tiny: _language_model_case("qwen2", tiny),
+    "gemma": lambda tiny: _language_model_case("gemma", tiny),
+    "vit": _vit_case,
+    "convnext": lambda tiny: _timm_case("convnext", tiny),
+    "timm_vit": lambda tiny: _timm_case("timm_vit", tiny)}
 
 
 # --- one model's measurements ----------------------------------------------------------------
@@ -334,6 +401,7 @@ class Row:
     precision: str = ""
     converted: int = 0
     left_alone: int = 0
+    left_alone_why: dict[str, str] = field(default_factory=dict)   # class -> convert's reason
     eager_torch_ms: Optional[float] = None
     eager_fastnorm_ms: Optional[float] = None
     eager_speedup: Optional[float] = None
@@ -372,19 +440,44 @@ def _to(batch: Batch, device: torch.device, dtype: Optional[torch.dtype] = None,
     return tuple(out)
 
 
-def _rms_norm_float64(self: nn.Module, hidden_states: Tensor) -> Tensor:
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+def _float64_forward(family: str, roles: dict[str, Any]) -> Optional[Callable]:
+    """The computation of a recognized norm family in its input's dtype (the libraries' own code
+    computes float64 input in fp32), or None for the families whose code keeps float64."""
+    def role(module: nn.Module, name: str) -> Any:
+        attr = roles.get(name)
+        return attr if attr is None or isinstance(attr, float) else getattr(module, attr, None)
+
+    def rms(module: nn.Module, x: Tensor) -> Tensor:
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + role(module, "eps"))
+        w = role(module, "weight")
+        if "with_scale" in roles and not role(module, "with_scale"):
+            w = None
+        if w is not None:
+            y = y * ((1.0 + w) if family == "gemma" else w)
+        b = role(module, "bias")
+        return y if b is None else y + b
+
+    def layer_norm(module: nn.Module, x: Tensor) -> Tensor:
+        w, b = role(module, "weight"), role(module, "bias")
+        shape = role(module, "normalized_shape") or (w.shape[-1],)
+        return F.layer_norm(x, tuple(shape), w, b, float(role(module, "eps")))
+
+    if family in ("llama", "gemma", "fp32_weight", "t5"):
+        return rms
+    return layer_norm if family == "fp32_layer_norm" else None
 
 
 def _exact_float64(model: nn.Module) -> None:
-    """transformers' Llama-style RMSNorm computes in fp32 whatever its input's dtype, which
-    would put fp32 rounding into the float64 reference: compute it in the input's dtype."""
+    """The library norms that compute in fp32 whatever their input's dtype (transformers'
+    RMSNorm families, fp32 LayerNorms) would put fp32 rounding into the float64 reference:
+    compute them in the input's dtype. They are found as fastnorm.convert finds them."""
     for module in model.modules():
-        cls = type(module)
-        if (cls.__module__.startswith("transformers.") and cls.__name__.endswith("RMSNorm")
-                and hasattr(module, "variance_epsilon")):
-            module.forward = types.MethodType(_rms_norm_float64, module)
+        match = _recognizer._class_match(type(module))
+        if isinstance(match, str):
+            continue
+        forward = _float64_forward(match.form.family, match.roles)
+        if forward is not None:
+            module.forward = types.MethodType(forward, module)
 
 
 @contextlib.contextmanager
@@ -527,6 +620,7 @@ def bench_model(case: Case, args: argparse.Namespace, device: torch.device) -> R
     del base
     report = fastnorm.convert_report(fast_model)
     row.converted, row.left_alone = len(report.converted), len(report.left_alone)
+    row.left_alone_why = {cls: why for _name, cls, why in report.left_alone}
     batch = _to(case.make_batch(case.batch, gen), device, dtype, case.channels_last)
     opts = {"torch": _optimizer(case, ref_model), "fastnorm": _optimizer(case, fast_model)}
     models = {"torch": ref_model, "fastnorm": fast_model}
@@ -571,10 +665,10 @@ def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    """Markdown: per model the converted count, torch and fastnorm ms side by side with the
-    speedup, eager then compiled, and the two gradient errors."""
-    header = ["model", "converted", "eager torch ms", "eager fastnorm ms", "eager speedup",
-              "compiled torch ms", "compiled fastnorm ms", "compiled speedup",
+    """Markdown: per model the converted and left-alone counts, torch and fastnorm ms side by
+    side with the speedup, eager then compiled, and the two gradient errors."""
+    header = ["model", "converted", "left alone", "eager torch ms", "eager fastnorm ms",
+              "eager speedup", "compiled torch ms", "compiled fastnorm ms", "compiled speedup",
               "grad err torch", "grad err fastnorm"]
     lines = ["| " + " | ".join(header) + " |",
              "|---|" + "---:|" * (len(header) - 1)]
@@ -588,7 +682,7 @@ def format_table(rows: list[Row]) -> str:
                     else _fmt(r.compiled_fastnorm_ms, ".4g"),
                     _fmt(r.compiled_speedup, ".2f", "x")]
         lines.append("| " + " | ".join([
-            r.model, str(r.converted), _fmt(r.eager_torch_ms, ".4g"),
+            r.model, str(r.converted), str(r.left_alone), _fmt(r.eager_torch_ms, ".4g"),
             _fmt(r.eager_fastnorm_ms, ".4g"), _fmt(r.eager_speedup, ".2f", "x"), *compiled,
             _fmt(r.grad_err_torch, ".3g"), _fmt(r.grad_err_fastnorm, ".3g")]) + " |")
     return "\n".join(lines)
@@ -607,7 +701,8 @@ def write_results(rows: list[Row], meta: dict[str, Any], out_dir: str) -> tuple[
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=1)
     details = [f"- {r.model}: {r.source}, batch {r.batch}, {r.precision}, "
-               f"config {json.dumps(r.config)}; {r.left_alone} norm-like module(s) left alone; "
+               f"config {json.dumps(r.config)}; {r.left_alone} norm-like module(s) left alone"
+               + "".join(f" ({cls}: {why})" for cls, why in r.left_alone_why.items()) + "; "
                f"gradient check on batch {r.check_batch} over {r.grad_params} parameters"
                + (f"; first compiled step (the compilation) torch {r.compile_torch_s:.1f} s, "
                   f"fastnorm {r.compile_fastnorm_s:.1f} s"

@@ -4,7 +4,8 @@
 #   2. the CUDA C++ kernels: the torch-free self-test (csrc/selftest) built with nvcc, run against
 #      a float64 reference, its LN/RMS bandwidth mode, and compute-sanitizer memcheck/racecheck on
 #      its quick set; the torch extension fastnorm._C once csrc/ops.cpp exists
-#   3. the test suite on the GPU (compiled Triton, no interpreter)
+#   3. the test suite on the GPU (compiled Triton, no interpreter), with convert on the real timm
+#      models, and which timm norm classes convert (benchmarks/convert_coverage.py)
 #   4. the bandwidth benchmarks at the anchor shapes of benchmarks/anchors-h100.md, the host
 #      cost per call on CUDA tensors (bench_overhead.py) and real models' training steps,
 #      torch norms vs fastnorm.convert, eager (bench_models.py)
@@ -68,9 +69,16 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 $XDIST \
   tests/test_ops.py tests/test_cuda_binding.py tests/test_layer_norm.py tests/test_residual.py \
   tests/test_group_norm.py tests/test_batch_norm.py tests/test_semantics.py tests/test_convert.py \
   tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py tests/test_host_path.py \
-  tests/test_torch_compat.py tests/test_gns_track.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  tests/test_torch_compat.py tests/test_gns_track.py tests/test_convert_libraries.py \
+  2>&1 | tee "$OUT/tests.log" | tail -15
 test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
+# timm is installed there (not in CI): which of its norm classes convert, and why the others
+# do not (test_convert_libraries.py above ran its real models against a float64 run).
+timeout 60 $PY benchmarks/convert_coverage.py --library timm --pattern Norm \
+  > "$OUT/convert_coverage_timm.txt" 2>&1 || echo "convert_coverage.py exited with $?" \
+  | tee -a "$OUT/bench.log"
+head -n 20 "$OUT/convert_coverage_timm.txt" | sed 's/^/coverage: /' >> "$OUT/bench.log"
 
 echo "## benchmarks" | tee -a "$OUT/bench.log"
 for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py; do
@@ -103,7 +111,7 @@ tar -czf "$OUT/results.tar.gz" -C "$OUT" results static && rm -rf "$OUT/results"
   echo "# GPU check summary ($(( $(date +%s) - start )) s); tests exit status $test_status"
   grep -E "exit status|build failed" "$OUT/bench.log"
   tail -n 3 "$OUT/tests.log"
-  grep -E '^(# |op \||--- \||[a-z_]+ \| |\| [a-z_]+ )|^error:' "$OUT/bench.log"
+  grep -E '^(# |op \||--- \||[a-z_]+ \| |\| [a-z_]+ |coverage: )|^error:' "$OUT/bench.log"
   cat "$OUT/measured_vs_predicted.md"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
