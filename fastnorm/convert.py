@@ -3,6 +3,9 @@
 Recognized out of the box:
 - torch.nn LayerNorm, RMSNorm, GroupNorm, BatchNorm1d/2d/3d, SyncBatchNorm (exact types) ->
   the fastnorm.nn subclasses;
+- channels-first LayerNorms (timm's and torchvision's `LayerNorm2d`, transformers'
+  `ConvNextLayerNorm(data_format="channels_first")` and its copies) -> adapters running
+  `fastnorm.layer_norm_2d` (see "channels-first LayerNorm" below);
 - transformers' RMSNorm classes, each with its own numerics reproduced:
   Llama-style (`weight * x_hat.to(input_dtype)`: Llama, Mistral, Mixtral, Qwen2/3, Phi-3, ...)
   and T5LayerNorm run the RMSNorm kernel with x_hat rounded to the input dtype before the weight
@@ -51,7 +54,7 @@ _SWAPS: dict[type, type] = {
     nn.BatchNorm1d: fnn.BatchNorm1d, nn.BatchNorm2d: fnn.BatchNorm2d,
     nn.BatchNorm3d: fnn.BatchNorm3d, nn.SyncBatchNorm: fnn.SyncBatchNorm,
 }
-_FASTNORM_CLASSES = tuple(_SWAPS.values())
+_FASTNORM_CLASSES = tuple(_SWAPS.values()) + (fnn.LayerNorm2d, fnn.RMSNorm2d)
 
 _REGISTRY: dict[type, Factory] = {}       # register_convert: exact class -> factory
 _declined: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -209,6 +212,125 @@ def _adapter_class(cls: type) -> type:
     return new_cls
 
 
+# --- channels-first LayerNorm (timm / torchvision LayerNorm2d, transformers ConvNextLayerNorm) ----
+# Each computes F.layer_norm over dim 1 of an (N, C, H, W) input (permute, layer_norm, permute;
+# old transformers releases spell the same formula out with mean and var). Recognized by module
+# and class name, then per module by its attributes, and once per class (and affine variant) by
+# running its own forward on a small fp32 probe against the formula. The adapter subclass runs
+# fastnorm.layer_norm_2d on 4-D inputs and the class's own forward on anything else (whose
+# behaviour, errors included, is the model's). Output values are the model's; the memory format
+# is the input's (the permute formulation returns channels-last strides for an NCHW input).
+
+def _channels_first_kind(cls: type) -> Optional[str]:
+    module, name = cls.__module__, cls.__name__
+    if module == "timm.layers.norm" and name == "LayerNorm2d":
+        return "timm"
+    if module == "torchvision.models.convnext" and name == "LayerNorm2d":
+        return "torchvision"
+    if module.startswith("transformers.models.") and name.endswith("LayerNorm") and \
+            "data_format" in getattr(cls.__init__, "__code__", _NO_CODE).co_varnames:
+        return "transformers"  # ConvNextLayerNorm and its copies (ConvNextV2, SAM, SegGpt...)
+    return None
+
+
+_NO_CODE = (lambda: None).__code__
+_cf_adapter_classes: dict[type, type] = {}
+_cf_probe_results: dict[tuple, Optional[str]] = {}
+
+
+class _ChannelsFirstLayerNormForward:
+    """forward of the adapters: fastnorm.layer_norm_2d over dim 1 of a 4-D input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            return super().forward(x)
+        return F_fast.layer_norm_2d(x, self.weight, self.bias, self.eps)
+
+
+def _cf_probe(module: nn.Module) -> Optional[str]:
+    """None when the class's forward equals layer_norm over dim 1 on a small fp32 CPU input
+    (checked once per class and affine variant), else why not."""
+    cls = type(module)
+    key = (cls, module.weight is None, module.bias is None)
+    if key not in _cf_probe_results:
+        c = module.normalized_shape[0]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, c, 3, 5, generator=g, device="cpu") * 2 + 1
+        w = None if module.weight is None else torch.randn(c, generator=g, device="cpu")
+        b = None if module.bias is None else torch.randn(c, generator=g, device="cpu")
+        probe = cls.__new__(cls)
+        nn.Module.__init__(probe)
+        probe.__dict__.update({k: v for k, v in module.__dict__.items()
+                               if k not in ("_parameters", "_buffers", "_modules")})
+        probe.weight = None if w is None else nn.Parameter(w, requires_grad=False)
+        probe.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+        want = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (c,), w, b,
+                                              module.eps).permute(0, 3, 1, 2)
+        try:
+            with torch.no_grad():
+                got = cls.forward(probe, x)
+            ok = isinstance(got, Tensor) and got.shape == x.shape and \
+                torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+            _cf_probe_results[key] = None if ok else (
+                "its forward differs from layer_norm over the channels (dim 1), the formula "
+                "fastnorm.layer_norm_2d computes (a changed release?)")
+        except Exception as exc:  # a forward we cannot run on the probe is not recognized
+            _cf_probe_results[key] = f"probing its forward failed ({type(exc).__name__}: {exc})"
+    return _cf_probe_results[key]
+
+
+def _convert_channels_first(module: nn.Module) -> Union[nn.Module, str]:
+    kind = _channels_first_kind(type(module))
+    if kind == "timm" and getattr(module, "_fast_norm", False):
+        return ("timm's fast norm is on (timm.layers.set_fast_norm): its forward runs APEX or a "
+                "low-precision layer_norm under autocast, not the formula fastnorm reproduces")
+    if kind == "transformers" and getattr(module, "data_format", None) != "channels_first":
+        return (f"data_format={getattr(module, 'data_format', None)!r}: a LayerNorm over the "
+                "last dim, not over the channels (only channels_first is converted)")
+    shape = getattr(module, "normalized_shape", None)
+    eps = getattr(module, "eps", None)
+    if not (isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int)):
+        return "expected a one-element `normalized_shape` tuple (the channel count)"
+    if not isinstance(eps, (float, int)):
+        return "expected a float `eps` attribute"
+    for what in ("weight", "bias"):
+        p = getattr(module, what, None)
+        if p is not None and not (isinstance(p, nn.Parameter) and p.shape == shape):
+            return f"expected `{what}` to be None or a Parameter of shape {list(shape)}"
+    if set(dict(module.named_parameters(recurse=False))) - {"weight", "bias"} or \
+            list(module.named_buffers(recurse=False)) or list(module.children()):
+        return "expected `weight` and `bias` as its only Parameters and no buffers or submodules"
+    reason = _cf_probe(module)
+    if reason is not None:
+        return reason
+    module.__class__ = _cf_adapter_class(type(module), kind)
+    return module
+
+
+def _new_cf_adapter(source_cls: type, kind: str) -> nn.Module:
+    cls = _cf_adapter_class(source_cls, kind)
+    return cls.__new__(cls)
+
+
+def _cf_adapter_reduce_ex(self, protocol):
+    # Made at run time, so pickle cannot find the class by name: rebuild from the source class.
+    return (_new_cf_adapter, (self._fastnorm_source, self._fastnorm_kind), self.__dict__)
+
+
+def _cf_adapter_class(cls: type, kind: str) -> type:
+    """The subclass of `cls` whose forward runs fastnorm.layer_norm_2d (made once)."""
+    new_cls = _cf_adapter_classes.get(cls)
+    if new_cls is None:
+        new_cls = type(cls.__name__, (_ChannelsFirstLayerNormForward, cls),
+                       {"__module__": __name__, "__qualname__": cls.__qualname__,
+                        "__doc__": f"{cls.__name__} computed by fastnorm.layer_norm_2d; a "
+                                   f"subclass of {cls.__module__}.{cls.__qualname__}.",
+                        "_get_name": _fastnorm_adapter_name, "_fastnorm_source": cls,
+                        "_fastnorm_kind": kind, "__reduce_ex__": _cf_adapter_reduce_ex})
+        _cf_adapter_classes[cls] = new_cls
+    return new_cls
+
+
 # --- convert -------------------------------------------------------------------------------------
 
 def _handler(cls: type) -> Optional[Factory]:
@@ -223,12 +345,14 @@ def _handler(cls: type) -> Optional[Factory]:
         return swap
     if _hf_kind(cls) is not None:
         return _convert_hf_norm
+    if _channels_first_kind(cls) is not None:
+        return _convert_channels_first
     return None
 
 
 def _is_fastnorm(module: nn.Module) -> bool:
     return (isinstance(module, _FASTNORM_CLASSES) or type(module) in _adapter_classes.values()
-            or module in _converted)
+            or type(module) in _cf_adapter_classes.values() or module in _converted)
 
 
 def _convert_tree(module: nn.Module) -> nn.Module:
@@ -254,7 +378,8 @@ def convert(module: nn.Module, sync_batchnorm: bool = False,
     fastnorm one, in place, and return `module`. Idempotent.
 
     Converted: torch.nn LayerNorm, RMSNorm, GroupNorm, BatchNorm1d/2d/3d, SyncBatchNorm (exact
-    types); transformers' Llama/Mistral/Qwen2/Phi-3/Gemma-style RMSNorm and T5LayerNorm (module
+    types); timm/torchvision LayerNorm2d and transformers' channels-first ConvNextLayerNorm;
+    transformers' Llama/Mistral/Qwen2/Phi-3/Gemma-style RMSNorm and T5LayerNorm (module
     docstring); classes added with `register_convert`. `convert_report(model)` says what was
     converted and what norm-like modules were left alone and why; a summary is logged at INFO
     level on the "fastnorm" logger.
