@@ -62,12 +62,14 @@ echo "## tests on the GPU" | tee -a "$OUT/bench.log"
 timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 \
   tests/test_ops.py tests/test_cuda_binding.py tests/test_layer_norm.py tests/test_residual.py \
   tests/test_group_norm.py tests/test_batch_norm.py tests/test_semantics.py tests/test_convert.py \
-  tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py tests/test_layer_norm_2d.py \
+  tests/test_convert_channels_first.py 2>&1 | tee "$OUT/tests.log" | tail -15
 test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
 
 echo "## benchmarks" | tee -a "$OUT/bench.log"
-for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py; do
+for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py \
+    benchmarks/bench_layer_norm_2d.py; do
   # --max-seconds stops starting cases; timeout is the backstop for a case that hangs.
   timeout 100 $PY "$bench" --out "$OUT/results" --max-seconds 70 >> "$OUT/bench.log" 2>&1 \
     || echo "$bench exited with $?" | tee -a "$OUT/bench.log"

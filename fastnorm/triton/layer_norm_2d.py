@@ -22,8 +22,9 @@ NCHW forward (`_layer_norm_2d_fwd_kernel`, one program per tile, 2 HBM passes: x
   32-byte run: 768 bf16 channels x 16 = 24 KB), from L1/L2, not HBM.
 NCHW backward (`_layer_norm_2d_bwd_kernel`, 3 HBM passes: x, dy in, dx out): dx = rstd * (w*dy
 - (x_hat * c1 + c2)), c1 = mean over C of x_hat * w*dy, c2 = mean of w*dy (0 for RMSNorm), per
-column of the tile. A persistent grid (2 programs per SM) walks consecutive tiles; each program
-keeps its dW = sum dy * x_hat and dB = sum dy over its tiles as one fp32 partial row [C] (in
+column of the tile. A persistent grid (1-2 programs per SM, as the row backward: a second one
+per SM only with >= 64 positions each) walks consecutive tiles; each program keeps its
+dW = sum dy * x_hat and dB = sum dy over its tiles as one fp32 partial row [C] (in
 registers on the whole-C path: padded C up to 512 bf16 / 256 fp32 channels and at most
 MAX_TILE_BWD = 8192 elements of x and dy; in the program's own partial row in memory,
 read-add-store per chunk, on the chunked path: wider C, e.g. ConvNeXt's 768), and
@@ -52,7 +53,8 @@ from .._layout import channels_last_strides
 from . import layer_norm as _rows
 from ._common import (LaunchCost, LaunchSpec, SpecCache, acc_dtype, as_acc, cached_plan, cdiv,
                       column_sums, elem_size, launch_spec, load_affine, min_fill_programs,
-                      next_power_of_2, num_warps_for, run, tl_acc_dtype)
+                      next_power_of_2, num_parallel_programs, num_warps_for, run,
+                      tl_acc_dtype)
 
 # Most elements of a whole-C tile: x in the forward, x and dy in the backward (the limits of the
 # row kernels' whole-row tiles, which ptxas compiles without spills; the static compile test
@@ -382,7 +384,11 @@ def plan_layer_norm_2d(n: int, c: int, s: int, dtype: torch.dtype, mode: str,
                             l2_reread=walk2, l2_window=in_flight * c * block_s * es)
         return LayerNorm2dPlan("fwd", path, block_c, block_s, warps, grid, s_blocks, 1, 0,
                                (launch,))
-    programs = max(1, min(num_tiles, min_fill_programs(device)))
+    # One program per SM, two where each gets enough positions that its dW/dB partial rows
+    # (read again by the column sums) stay small next to its x, dy and dx (as the row plan).
+    programs = max(1, min(num_tiles, max(num_parallel_programs(device),
+                                         min(min_fill_programs(device),
+                                             n * s // _rows.MIN_ROWS_PER_PARTIAL))))
     tiles_per_program = cdiv(num_tiles, programs)
     programs = cdiv(num_tiles, tiles_per_program) if num_tiles else 1
     grid = (programs,)
@@ -394,7 +400,7 @@ def plan_layer_norm_2d(n: int, c: int, s: int, dtype: torch.dtype, mode: str,
     updates = 0 if whole else num_tiles * c * acc * params
     launch = LaunchCost("_layer_norm_2d_bwd_kernel", grid, warps,
                         reads=inputs + walk2 + stats + c * w_es * int(has_weight) + updates,
-                        writes=data + partials + updates,
+                        writes=data + (updates if updates else partials),
                         l2_reread=walk2 + (2 * updates - partials if updates else 0),
                         l2_window=programs * (c * block_s * 2 * es + c * acc * params))
     launches = (launch,) + tuple(_rows._column_sums(c, programs, acc, w_es, has_weight,
