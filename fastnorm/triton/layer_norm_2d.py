@@ -27,13 +27,13 @@ per SM only with >= 64 positions each) walks consecutive tiles; each program kee
 dW = sum dy * x_hat and dB = sum dy over its tiles as one fp32 partial row [C] (in
 registers on the whole-C path: padded C up to 512 bf16 / 256 fp32 channels and at most
 MAX_TILE_BWD = 8192 elements of x and dy; in the program's own partial row in memory,
-read-add-store per chunk, on the chunked path: wider C, e.g. ConvNeXt's 768), and
-`column_sums` adds
-the partial rows in a fixed order: deterministic, no atomics. Forward + backward: 5 passes.
+read-add-store per chunk, with a barrier per tile, on the chunked path: wider C, e.g.
+ConvNeXt's 768), and `column_sums` adds the partial rows in a fixed order: deterministic, no
+atomics. Forward + backward: 5 passes (the chunked path's second walk from L1/L2).
 
 Tiles: BLOCK_S is as wide as 128 bytes of a channel row allows within the tile limit, then
-halved (down to one 32-byte sector) while N * ceil(S / BLOCK_S) programs would not fill the device
-(2 per SM): 64x768x7x7 bf16 runs [1024, 16] tiles, 4 per sample. Padding C to a power of two
+halved (down to one 32-byte sector) while N * ceil(S / BLOCK_S) programs would not fill the
+device (2 per SM): 64x768x7x7 bf16 runs [1024, 16] forward tiles, 4 per sample. Padding C to a power of two
 costs lanes, not bandwidth (ConvNeXt's 96..768 channels: 25 % of the lanes masked).
 Statistics (mean, rstd: [N, S]) are fp32, fp64 for fp64 input; eps arrives as fp64. A NaN or
 Inf stays in its column (its (n, s) position): every reduction is over C.
