@@ -70,6 +70,7 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 $XDIST \
   tests/test_group_norm.py tests/test_batch_norm.py tests/test_semantics.py tests/test_convert.py \
   tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py tests/test_host_path.py \
   tests/test_torch_compat.py tests/test_gns_track.py tests/test_convert_libraries.py \
+  tests/test_layer_norm_2d.py tests/test_convert_channels_first.py \
   2>&1 | tee "$OUT/tests.log" | tail -15
 test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
@@ -81,7 +82,8 @@ timeout 60 $PY benchmarks/convert_coverage.py --library timm --pattern Norm \
 head -n 20 "$OUT/convert_coverage_timm.txt" | sed 's/^/coverage: /' >> "$OUT/bench.log"
 
 echo "## benchmarks" | tee -a "$OUT/bench.log"
-for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py; do
+for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py \
+    benchmarks/bench_layer_norm_2d.py; do
   # --max-seconds stops starting cases; timeout is the backstop for a case that hangs.
   timeout 80 $PY "$bench" --out "$OUT/results" --max-seconds 55 >> "$OUT/bench.log" 2>&1 \
     || echo "$bench exited with $?" | tee -a "$OUT/bench.log"

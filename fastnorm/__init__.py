@@ -3,6 +3,7 @@
     import fastnorm
     y = fastnorm.layer_norm(x, (x.shape[-1],), weight, bias)
     y = fastnorm.group_norm(x, 32, weight, bias, activation="silu")
+    y = fastnorm.layer_norm_2d(img, weight, bias)  # over C of (N, C, H, W): timm's LayerNorm2d
     model = fastnorm.convert(model)          # swaps norm layers in place (torch.nn, transformers)
     print(fastnorm.convert_report(model))    # what was converted, what was left alone and why
     y, h = fastnorm.rms_norm(x, (n,), w, residual=r, prenorm=True)  # fused add: h = x + r
@@ -21,12 +22,14 @@ if not hasattr(_torch.library, "register_autocast"):
 
 from . import nn
 from ._backend import available_backends, get_backend, set_backend, use_backend
-from .functional import batch_norm, fused_add_rms_norm_, group_norm, layer_norm, rms_norm
+from .functional import (batch_norm, fused_add_rms_norm_, group_norm, layer_norm, layer_norm_2d,
+                         rms_norm, rms_norm_2d)
 from ._explain import explain
 from ._version import __version__
 from .convert import ConvertReport, convert_report, register_convert
 from .nn import convert
 
-__all__ = ["layer_norm", "rms_norm", "fused_add_rms_norm_", "group_norm", "batch_norm", "nn",
-           "convert", "register_convert", "convert_report", "ConvertReport", "explain",
-           "set_backend", "get_backend", "use_backend", "available_backends", "__version__"]
+__all__ = ["layer_norm", "rms_norm", "layer_norm_2d", "rms_norm_2d", "fused_add_rms_norm_",
+           "group_norm", "batch_norm", "nn", "convert", "register_convert", "convert_report",
+           "ConvertReport", "explain", "set_backend", "get_backend", "use_backend",
+           "available_backends", "__version__"]

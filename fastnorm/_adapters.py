@@ -38,6 +38,7 @@ from .nn import _batch_norm_args
 # "rms_norm_2d" -> f(input, weight, eps), normalizing dim 1 of (N, C, *). The channels-first
 # families are recognized without them and left alone (with the reason) until they are here.
 CHANNELS_FIRST_KERNELS: dict[str, Callable[..., Tensor]] = {}
+CHANNELS_FIRST_KERNELS.update(layer_norm_2d=F_fast.layer_norm_2d, rms_norm_2d=F_fast.rms_norm_2d)
 
 
 def _role(module: nn.Module, role: str):

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import _backend
 
-OPS = ("layer_norm", "rms_norm", "group_norm", "batch_norm")
+OPS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "layer_norm_2d", "rms_norm_2d")
 
 
 def explain(x: Tensor, op: str = "layer_norm") -> dict[str, Union[str, dict[str, str]]]:

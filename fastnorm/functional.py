@@ -18,6 +18,7 @@ from . import ops as _ops  # noqa: F401  (registers the fastnorm:: ops; needs on
 from .ops import batch_norm as _bn_ops
 from .ops import group_norm as _gn_ops
 from .ops import layer_norm as _ln_ops
+from .ops import layer_norm_2d as _ln2d_ops
 from ._dtypes import residual_stream_dtype, stats_dtype
 from ._layout import batch_norm_relu, channel_view, group_norm_activation
 from .reference import norm_reference
@@ -216,6 +217,74 @@ def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor]
     if _backend.resolve(input, "rms_norm") == "torch":
         return F.rms_norm(input, shape, weight, eps)
     y, _rstd = _ln_ops.rms_norm(_rows_view(input, shape, n), _flat(weight), float(eps))
+    return _shaped(y, input)
+
+
+# --- Channels-first LayerNorm / RMSNorm ----------------------------------------------------------
+
+def _check_channels_first(name: str, input: Tensor, params: dict) -> None:
+    """The checks of the permute formulation (`F.layer_norm(x.permute(0, 2, 3, 1), (C,), ...)`),
+    with its messages: a floating (N, C, *) input, parameters of shape [C]."""
+    _check_float_input(name, input)
+    if input.dim() < 2:
+        raise RuntimeError(f"fastnorm.{name}: expected an input of shape (N, C, *) with at least "
+                           f"2 dimensions, but got {input.dim()}-D input of shape "
+                           f"{list(input.shape)}")
+    for what, param in params.items():
+        _check_param(name, what, param, input, (input.shape[1],), "normalized_shape")
+
+
+def _layer_norm_2d_torch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float) -> Tensor:
+    # torch's own ops: the permute formulation of timm's and torchvision's LayerNorm2d.
+    return F.layer_norm(input.movedim(1, -1), (input.shape[1],), weight, bias,
+                        eps).movedim(-1, 1)
+
+
+def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  eps: float = 1e-6) -> Tensor:
+    """Layer normalization over the channels (dim 1) of an (N, C, *) input at every position:
+    what timm's and torchvision's `LayerNorm2d` and transformers' channels-first
+    `ConvNextLayerNorm` compute as `F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, bias,
+    eps).permute(0, 3, 1, 2)`, without the permutes' copies. Any number of spatial dims (none:
+    (N, C)); weight and bias of shape [C]; `eps` defaults to 1e-6 as in those modules.
+
+    NCHW-contiguous and channels-last inputs run without a copy (one read of x, one write of
+    y) and the output keeps the input's memory format; other strides are made contiguous first.
+    (The permute formulation returns channels-last strides whatever the input's; on backend
+    "torch", and "auto" on a CPU, this function is that formulation, strides included.)
+    Statistics are fp32 (fp64 for fp64 input); weight/bias may be fp32 with a low-precision
+    input; dtype rules and CUDA autocast as `F.layer_norm`.
+    """
+    if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
+        return _layer_norm_2d_torch(input, weight, bias, eps)
+    _check_channels_first("layer_norm_2d", input, {"weight": weight, "bias": bias})
+    _check_dtypes("layer_norm_2d", input, {"weight": weight, "bias": bias}, True)
+    if _backend.resolve(input, "layer_norm_2d") == "torch":
+        return _layer_norm_2d_torch(input, weight, bias, eps)
+    y, _mean, _rstd = _ln2d_ops.layer_norm_2d(channel_view(input), _flat(weight), _flat(bias),
+                                              float(eps))
+    return _shaped(y, input)
+
+
+def _rms_norm_2d_torch(input: Tensor, weight: Optional[Tensor], eps: Optional[float]) -> Tensor:
+    return F.rms_norm(input.movedim(1, -1), (input.shape[1],), weight, eps).movedim(-1, 1)
+
+
+def rms_norm_2d(input: Tensor, weight: Optional[Tensor] = None,
+                eps: Optional[float] = None) -> Tensor:
+    """Root-mean-square normalization over the channels (dim 1) of an (N, C, *) input at every
+    position: `F.rms_norm(x.movedim(1, -1), (C,), weight, eps).movedim(-1, 1)` without the
+    copies. `eps=None` is torch's rule (the machine epsilon of the computation type); weight of
+    shape [C], any floating dtype, as `F.rms_norm`. Layouts as `layer_norm_2d`."""
+    if _backend.torch_selected(input) or _backend.transformed(input, weight):
+        return _rms_norm_2d_torch(input, weight, eps)
+    _check_channels_first("rms_norm_2d", input, {"weight": weight})
+    if eps is None:
+        eps = _rms_eps(input.dtype)
+    if _backend.resolve(input, "rms_norm_2d") == "torch":
+        return _rms_norm_2d_torch(input, weight, eps)
+    y, _rstd = _ln2d_ops.rms_norm_2d(channel_view(input), _flat(weight), float(eps))
     return _shaped(y, input)
 
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from . import functional as F_fast
 
-__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-           "SyncBatchNorm", "convert"]
+__all__ = ["LayerNorm", "RMSNorm", "LayerNorm2d", "RMSNorm2d", "GroupNorm", "BatchNorm1d",
+           "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -56,6 +56,44 @@ class RMSNorm(nn.RMSNorm):
             return F_fast._norm_with_gns(input, self.normalized_shape, self.weight, None,
                                          self.eps, True, sink)
         return F_fast.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+# --- channels-first LayerNorm / RMSNorm --------------------------------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels (dim 1) of an (N, C, *) input, as timm's and torchvision's
+    `LayerNorm2d` (the same subclass of `torch.nn.LayerNorm`: parameters `weight` and `bias` of
+    shape [C], the same state_dict keys, eps 1e-6 by default), computed by
+    `fastnorm.layer_norm_2d` without the permutes' copies; the output keeps the input's memory
+    format (NCHW or channels-last)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=elementwise_affine,
+                         bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
+            return F.layer_norm(input.movedim(1, -1), self.normalized_shape, self.weight,
+                                self.bias, self.eps).movedim(-1, 1)
+        return F_fast.layer_norm_2d(input, self.weight, self.bias, self.eps)
+
+
+class RMSNorm2d(nn.RMSNorm):
+    """RMSNorm over the channels (dim 1) of an (N, C, *) input (`torch.nn.RMSNorm`'s
+    parameters and state_dict: `weight` of shape [C]; eps None is torch's rule), computed by
+    `fastnorm.rms_norm_2d`; the output keeps the input's memory format."""
+
+    def __init__(self, num_channels: int, eps: Optional[float] = None,
+                 elementwise_affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=elementwise_affine,
+                         device=device, dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's op
+            return F.rms_norm(input.movedim(1, -1), self.normalized_shape, self.weight,
+                              self.eps).movedim(-1, 1)
+        return F_fast.rms_norm_2d(input, self.weight, self.eps)
 
 
 # --- bias=False on torch < 2.12 ------------------------------------------------------------------
@@ -243,7 +281,8 @@ def _fastnorm_name(self) -> str:
 
 
 # repr shows a module is fastnorm's: "fastnorm.LayerNorm((64,), eps=1e-05, ...)".
-for _cls in (LayerNorm, RMSNorm, GroupNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm):
+for _cls in (LayerNorm, RMSNorm, LayerNorm2d, RMSNorm2d, GroupNorm, BatchNorm1d, BatchNorm2d,
+             BatchNorm3d, SyncBatchNorm):
     _cls._get_name = _fastnorm_name
 
 from .convert import convert  # noqa: E402  (re-export: fastnorm.nn.convert; needs the classes)

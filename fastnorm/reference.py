@@ -11,6 +11,7 @@ backend and a backward by another compose (the saved-tensor contract):
   LayerNorm/RMSNorm  mean, rstd: [M]       (RMSNorm: rstd only; mean empty in the fused op)
   GroupNorm          mean, rstd: [N, G]
   BatchNorm          mean, var:  [C]       var is the biased batch (or running) variance
+  LayerNorm2d/RMS2d  mean, rstd: [N, S]    (over C at each (n, s); RMSNorm: mean empty)
 
 Layout, dtype and empty-input rules: fastnorm/_layout.py.
 """
@@ -30,7 +31,8 @@ __all__ = [
     "add_layer_norm_bwd", "add_layer_norm_inplace", "group_norm_fwd", "group_norm_bwd",
     "batch_norm_stats", "batch_norm_apply", "batch_norm_backward_reduce",
     "batch_norm_backward_elemt", "batch_norm_fwd", "batch_norm_bwd", "batch_norm_stats_update",
-    "batch_norm_train_apply", "norm_reference",
+    "batch_norm_train_apply", "norm_reference", "layer_norm_2d_fwd", "layer_norm_2d_bwd",
+    "rms_norm_2d_fwd", "rms_norm_2d_bwd",
 ]
 
 
@@ -189,6 +191,50 @@ def add_layer_norm_inplace(x: Tensor, residual: Tensor, weight: Optional[Tensor]
                                             "none", True)
     residual.copy_(h)
     x.copy_(y)
+
+
+# --- Channels-first LayerNorm / RMSNorm on (N, C, S): over C at each (n, s) ----------------------
+# The row formulas above applied to the (N*S, C) rows of x; outputs come back in x's layout.
+
+def _channel_rows(t: Tensor) -> Tensor:
+    n, c, s = t.shape
+    return t.transpose(1, 2).reshape(n * s, c)
+
+
+def _from_channel_rows(rows: Tensor, like: Tensor) -> Tensor:
+    n, c, s = like.shape
+    return torch.empty_like(like).copy_(rows.view(n, s, c).transpose(1, 2))
+
+
+def layer_norm_2d_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    x = canonical(x)
+    n, _c, s = x.shape
+    y, mean, rstd = _row_norm(_channel_rows(x), weight, bias, eps, False, None, x.dtype)
+    return _from_channel_rows(y, x), mean.view(n, s), rstd.view(n, s)
+
+
+def layer_norm_2d_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    x = canonical(x)
+    dx, dw, db = _row_norm_bwd(_channel_rows(dy), _channel_rows(x), weight, bias,
+                               mean.reshape(-1), rstd.reshape(-1), False)
+    return _from_channel_rows(dx, x), dw, db
+
+
+def rms_norm_2d_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    x = canonical(x)
+    n, _c, s = x.shape
+    y, _mean, rstd = _row_norm(_channel_rows(x), weight, None, eps, True, None, x.dtype)
+    return _from_channel_rows(y, x), rstd.view(n, s)
+
+
+def rms_norm_2d_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor],
+                    rstd: Tensor) -> tuple[Tensor, Tensor]:
+    x = canonical(x)
+    dx, dw, _db = _row_norm_bwd(_channel_rows(dy), _channel_rows(x), weight, None,
+                                rstd.new_empty(0), rstd.reshape(-1), True)
+    return _from_channel_rows(dx, x), dw
 
 
 # --- GroupNorm on (N, C, HW) -------------------------------------------------------------------

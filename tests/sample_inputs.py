@@ -64,6 +64,23 @@ def sample_inputs(op: str, device, dtype=torch.float64) -> Iterator[tuple]:
                         yield (dy, r, h, w_, b_, mean, rstd, is_rms, rounding)
                 else:
                     yield (x.clone(), r.clone(), w_, None, 1e-6, True)
+    elif op.startswith(("layer_norm_2d", "rms_norm_2d")):
+        for i, (n, c, s) in enumerate(CHANNELS):
+            base = _t(n, c, s, seed=i, **kw)
+            w, b = _t(c, seed=10 + i, **kw), _t(c, seed=20 + i, **kw)
+            dy = _t(n, c, s, seed=30 + i, **kw)
+            for x in (base, _channels_last(base)):
+                for w_, b_ in ((w, b), (None, None)) if i == 0 else ((w, b),):
+                    if op == "layer_norm_2d_fwd":
+                        yield (x, w_, b_, 1e-6)
+                    elif op == "layer_norm_2d_bwd":
+                        _y, mean, rstd = ref.layer_norm_2d_fwd(x, w_, b_, 1e-6)
+                        yield (dy, x, w_, b_, mean, rstd)
+                    elif op == "rms_norm_2d_fwd":
+                        yield (x, w_, 1e-6)
+                    else:
+                        _y, rstd = ref.rms_norm_2d_fwd(x, w_, 1e-6)
+                        yield (dy, x, w_, rstd)
     elif op.startswith("group_norm"):
         for i, (n, c, s) in enumerate(CHANNELS):
             g = GROUPS[c]

@@ -32,7 +32,8 @@ def _dtype(backend: str) -> torch.dtype:
 GRAD_POSITIONS = {"layer_norm_fwd": (0, 1, 2), "rms_norm_fwd": (0, 1),
                   "add_layer_norm_fwd": (0, 1, 2, 3), "group_norm_fwd": (0, 1, 2),
                   "batch_norm_fwd": (0, 1, 2), "batch_norm_apply": (0, 3, 4),
-                  "batch_norm_train_apply": (0, 3, 4)}
+                  "batch_norm_train_apply": (0, 3, 4), "layer_norm_2d_fwd": (0, 1, 2),
+                  "rms_norm_2d_fwd": (0, 1)}
 
 
 def _clone(args):
@@ -84,7 +85,8 @@ def test_matches_reference(op, backend):
 
 @pytest.mark.parametrize("fwd_set,bwd_set", [("reference", "triton"), ("triton", "reference")]
                          if DEVICE.type == "cpu" else [("triton", "cuda"), ("cuda", "triton")])
-@pytest.mark.parametrize("family", ["layer_norm", "rms_norm", "group_norm", "batch_norm"])
+@pytest.mark.parametrize("family", ["layer_norm", "rms_norm", "group_norm", "batch_norm",
+                                    "layer_norm_2d"])
 def test_forward_and_backward_on_different_kernel_sets(family, fwd_set, bwd_set):
     """The saved-tensor contract is one for all kernel sets: a forward by one and the backward
     by the other give the gradients of a forward and backward on one."""
@@ -99,7 +101,8 @@ def test_forward_and_backward_on_different_kernel_sets(family, fwd_set, bwd_set)
              "rms_norm": lambda x, w, b: fastnorm.rms_norm(x.transpose(1, 2), (6,), w, 1e-6),
              "group_norm": lambda x, w, b: fastnorm.group_norm(x, 3, w, b, activation="silu"),
              "batch_norm": lambda x, w, b: fastnorm.batch_norm(x, None, None, w, b, True,
-                                                               activation="relu")}
+                                                               activation="relu"),
+             "layer_norm_2d": lambda x, w, b: fastnorm.layer_norm_2d(x, w, b)}
     fn = calls[family]
 
     def grads(first, second):
@@ -174,6 +177,8 @@ def _bad_calls(device):
         (lambda: ops.batch_norm_apply(x3, stats, stats, None, None, 1e-5, False),
          "expected mean of shape [6]"),
         (lambda: ops.batch_norm_fwd(x, None, None, 1e-5, False), "expected x to be 3-D"),
+        (lambda: ops.layer_norm_2d_bwd(x3, x3, None, None, stats, stats),
+         "expected mean of shape [2, 5]"),
         (lambda: ops.batch_norm_backward_elemt(x3, x3, *[torch.zeros(6, device=device)] * 6,
                                                torch.ones(2, device=device), 1e-5, False),
          "1-element"),

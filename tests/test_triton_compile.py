@@ -210,6 +210,60 @@ def _gn_specs():
 
 SPECS += _gn_specs()
 
+# --- channels-first LayerNorm / RMSNorm (fastnorm/triton/layer_norm_2d.py) ---------------------
+# The NCHW kernels' variants the launchers pick at ConvNeXt shapes (N = 64; C = 96..2048; S =
+# 56^2..7^2) on a 132-SM device, per dtype: (whole C, BLOCK_C, BLOCK_S, num_warps); channels-last
+# inputs run the row LayerNorm kernels (specs above). Stage 1-2 shapes have C and S multiples of
+# 16, so their launches compile with those (and the pointers) divisible by 16.
+LN2D_FWD_TILES = {
+    "bf16": ((True, 128, 64, 16), (True, 256, 64, 16), (True, 512, 32, 16),
+             (True, 1024, 16, 16), (False, 256, 16, 8)),
+    "fp16": ((True, 1024, 16, 16), (False, 256, 16, 8)),
+    "fp32": ((True, 128, 32, 8), (True, 256, 32, 16), (True, 512, 32, 16), (True, 1024, 8, 16),
+             (True, 2048, 8, 16), (False, 512, 8, 8)),
+    "fp64": ((True, 128, 16, 4), (True, 512, 16, 16), (True, 2048, 4, 16), (False, 512, 4, 4)),
+}
+LN2D_BWD_TILES = {
+    "bf16": ((True, 128, 64, 16), (True, 256, 32, 16), (True, 512, 16, 16), (False, 128, 16, 4)),
+    "fp16": ((True, 512, 16, 16), (False, 128, 16, 4)),
+    "fp32": ((True, 128, 32, 8), (True, 256, 32, 16), (False, 256, 8, 4)),
+    "fp64": ((True, 64, 32, 4), (True, 128, 16, 4), (False, 256, 4, 2)),
+}
+
+
+def _layer_norm_2d_specs():
+    specs = []
+    for dt, acc in (("bf16", "float32"), ("fp32", "float32"), ("fp16", "float32"),
+                    ("fp64", "float64")):
+        stat = "fp64" if dt == "fp64" else "fp32"
+        fwd_sig = {"X": f"*{dt}", "Y": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}",
+                   "Mean": f"*{stat}", "Rstd": f"*{stat}", "C": "i32", "S": "i32",
+                   "s_blocks": "i32", "eps": "fp64"}
+        bwd_sig = {"X": f"*{dt}", "W": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}",
+                   "Mean": f"*{stat}", "Rstd": f"*{stat}", "DW_partial": f"*{stat}",
+                   "DB_partial": f"*{stat}", "C": "i32", "S": "i32", "s_blocks": "i32",
+                   "num_tiles": "i32", "tiles_per_program": "i32"}
+        for kernel, sig, tiles in (("_layer_norm_2d_fwd_kernel", fwd_sig, LN2D_FWD_TILES[dt]),
+                                   ("_layer_norm_2d_bwd_kernel", bwd_sig, LN2D_BWD_TILES[dt])):
+            for i, (whole, block_c, block_s, warps) in enumerate(tiles):
+                # LayerNorm with weight and bias on every tile; RMSNorm and no-affine on the
+                # first whole-C tile and the chunked one.
+                variants = [(False, True)]
+                if i == 0 or not whole:
+                    variants += [(True, True), (False, False)]
+                for is_rms, affine in variants:
+                    flags = {"IS_RMS": is_rms, "HAS_WEIGHT": affine,
+                             "HAS_BIAS": affine and not is_rms, "WHOLE_C": whole, "ACC": acc,
+                             "BLOCK_C": block_c, "BLOCK_S": block_s}
+                    divisible = [k for k, v in sig.items() if v.startswith("*")] + ["C", "S"] \
+                        if whole and block_c <= 256 else []
+                    specs.append(("layer_norm_2d", kernel, sig, flags, warps, divisible))
+    return specs
+
+
+SPECS += _layer_norm_2d_specs()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernels_compile_for_gpu(cc):

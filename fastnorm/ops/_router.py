@@ -38,7 +38,8 @@ OPS = ("layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_pe", "rms_norm_fwd", 
        "add_layer_norm_bwd", "add_layer_norm_inplace", "group_norm_fwd", "group_norm_bwd", "group_norm_bwd_pe",
        "batch_norm_stats", "batch_norm_apply", "batch_norm_backward_reduce",
        "batch_norm_backward_elemt", "batch_norm_fwd", "batch_norm_bwd",
-       "batch_norm_stats_update", "batch_norm_train_apply")
+       "batch_norm_stats_update", "batch_norm_train_apply",
+       "layer_norm_2d_fwd", "layer_norm_2d_bwd", "rms_norm_2d_fwd", "rms_norm_2d_bwd")
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 falls back to Triton
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_auto_table.json")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -82,6 +83,8 @@ def _auto_ops() -> frozenset[str]:
 
 
 def family(op: str) -> str:
+    if op.startswith(("layer_norm_2d", "rms_norm_2d")):
+        return "layer_norm_2d"
     if op.startswith(("layer_norm", "rms_norm", "add_layer_norm")):
         return "layer_norm"
     return "group_norm" if op.startswith("group_norm") else "batch_norm"
@@ -90,14 +93,15 @@ def family(op: str) -> str:
 def case_key(op: str, x: Tensor) -> str:
     """The auto table's key for a call: "op:dtype:layout:bucket". layout: "rows" (LayerNorm
     family), "cl"/"cf" (channels-last / channels-first (N, C, S)); bucket: the power of two at
-    or above the normalized size (LayerNorm: N features; GroupNorm: C*S per sample; BatchNorm:
-    N*S per channel)."""
-    if family(op) == "layer_norm":
+    or above the normalized size (LayerNorm: N features; LayerNorm2d: C; GroupNorm: C*S per
+    sample; BatchNorm: N*S per channel)."""
+    fam = family(op)
+    if fam == "layer_norm":
         layout, size = "rows", x.shape[-1]
     else:
         n, c, s = x.shape
         layout = "cl" if is_channels_last(x) else "cf"
-        size = c * s if family(op) == "group_norm" else n * s
+        size = {"layer_norm_2d": c, "group_norm": c * s}.get(fam, n * s)
     bucket = 1 << max(0, int(size) - 1).bit_length()
     return f"{op}:{_DTYPE_NAMES.get(x.dtype, str(x.dtype))}:{layout}:{bucket}"
 

@@ -13,6 +13,7 @@ from .._layout import dy_like, empty_if_none, param_grad
 from ..triton import batch_norm as _bn
 from ..triton import group_norm as _gn
 from ..triton import layer_norm as _ln
+from ..triton import layer_norm_2d as _ln2d
 
 
 # --- LayerNorm / RMSNorm -----------------------------------------------------------------------
@@ -65,6 +66,28 @@ def add_layer_norm_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, rounding):
 def add_layer_norm_inplace(x, residual, weight, bias, eps, is_rms):
     _ln.add_layer_norm_fwd(x, residual, weight, None if is_rms else bias, eps, is_rms,
                            inplace=True)
+
+
+# --- Channels-first LayerNorm / RMSNorm (N, C, S) ------------------------------------------------
+
+def layer_norm_2d_fwd(x, weight, bias, eps):
+    return _ln2d.layer_norm_2d_fwd(x, weight, bias, eps, is_rms=False)
+
+
+def layer_norm_2d_bwd(dy, x, weight, bias, mean, rstd):
+    dx, dw, db = _ln2d.layer_norm_2d_bwd(dy, x, weight, bias, mean, rstd, is_rms=False)
+    return dx, empty_if_none(dw, x), empty_if_none(db, x)
+
+
+def rms_norm_2d_fwd(x, weight, eps):
+    y, _mean, rstd = _ln2d.layer_norm_2d_fwd(x, weight, None, eps, is_rms=True)
+    return y, rstd
+
+
+def rms_norm_2d_bwd(dy, x, weight, rstd):
+    # (rstd stands in for the mean RMSNorm does not have: never read)
+    dx, dw, _db = _ln2d.layer_norm_2d_bwd(dy, x, weight, None, rstd, rstd, is_rms=True)
+    return dx, empty_if_none(dw, x)
 
 
 # --- GroupNorm ---------------------------------------------------------------------------------
