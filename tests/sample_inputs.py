@@ -64,6 +64,15 @@ def sample_inputs(op: str, device, dtype=torch.float64) -> Iterator[tuple]:
                         yield (dy, r, h, w_, b_, mean, rstd, is_rms, rounding)
                 else:
                     yield (x.clone(), r.clone(), w_, None, 1e-6, True)
+    elif op == "gns_sums":
+        # What the per-example backwards return (norms in the statistics dtype, gradients in
+        # the parameters'): both parameters, the weight alone, an empty batch.
+        empty = torch.empty(0, **kw)
+        for i, (e, c) in enumerate(((5, 7), (3, 1), (0, 4))):
+            sq_w, sq_b = _t(e, seed=60 + i, **kw).abs(), _t(e, seed=70 + i, **kw).abs()
+            dw, db = _t(c, seed=80 + i, **kw), _t(c, seed=90 + i, **kw)
+            yield (sq_w, sq_b, dw, db, e)
+            yield (sq_w, empty, dw, empty, e)
     elif op.startswith("group_norm"):
         for i, (n, c, s) in enumerate(CHANNELS):
             g = GROUPS[c]
