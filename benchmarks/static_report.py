@@ -25,8 +25,8 @@ when there is one, else DEFAULT_CALL_US / DEFAULT_LAUNCH_US; --call-us, --launch
 the row says which bound applies.
 
     python benchmarks/static_report.py [--out DIR] [--ops group_norm,batch_norm,layer_norm]
-        [--targets sm_80,sm_90] [--quick | --cases quick|bench|full] [--compare RESULTS_DIR
-        [--launch-us US] [--call-us FWD,BWD]]
+        [--targets sm_80,sm_90] [--quick | --cases quick|bench|full]
+        [--modes fwd,bwd,eval,bwd_pe] [--compare RESULTS_DIR [--launch-us US] [--call-us FWD,BWD]]
 
 Writes DIR/static_report.{csv,json,md} (default DIR: static_report/), and with --compare
 DIR/measured_vs_predicted.csv.
@@ -108,27 +108,29 @@ DESIGN_EXCEPTIONS = {
 PE_EXTRA_LIMIT = 0.10
 PE_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("layer_norm", "fused"): "the slot rows scale with E + programs, not with M: per parameter "
-                             "about 5 x (E + programs) rows of N fp32 (the zero fill of "
-                             "(2 x programs + 1) rows, the E + programs written, the gather of "
-                             "_slot_sq_norms' torch ops); for 16-bit x more than 10 % of x "
-                             "below M ~ 50 x (E + programs) (264 programs, 32 examples: "
-                             "32768x1024 19 %, 8192x8192 43 %); not a pass over x or dy",
+                             "(E + programs) rows of N fp32, written once by the main kernel "
+                             "and read once by _per_example_sq_kernel; with both parameters "
+                             "and 16-bit x more than 10 % of x below M ~ 80 x (E + programs) "
+                             "(264 programs, 32 examples: 16384x4096 12.5 %, 8192x8192 16 %); "
+                             "not a pass over x or dy",
     ("rms_norm", "fused"): "as layer_norm (one parameter: half the bytes)",
     ("layer_norm", "chunked"): "OPEN: with row chunks the chunked backward's programs take a "
-                               "few rows each (1024x65536: 4), so an example of 32 rows spans "
-                               "8 programs and the torch gather of _slot_sq_norms moves ~9 "
-                               "slot rows per example, written and re-read (fp32: ~0.9 x of "
-                               "x). Not a pass over x or dy, but as costly; fix: a Triton slot-"
-                               "sum kernel, or row groups sized to examples. 7x65537: one "
-                               "example of 7 rows, the slot rows are not small next to x",
+                               "few rows each (1024x65536: 4), so an example of 32 rows meets "
+                               "8 of them: 288 slot rows of N fp32 per parameter, written and "
+                               "read once (fp32: 1.0 x of x, 16-bit 2.0 x). Not a pass over x "
+                               "or dy, but as costly; row groups sized to examples would "
+                               "change the plain backward's dW/dB summation (bitwise "
+                               "contract). 7x65537: one example of 7 rows, the slot rows are "
+                               "not small next to x",
     ("rms_norm", "chunked"): "as layer_norm",
     ("layer_norm", "rows"): "as fused, with few rows per program (4096x8193: 31); and OPEN "
                             "(plan, not design) where the persistent rows kernel's L2 window, "
                             "sized without the slot row each program keeps in flight next to "
                             "its partial row, then overflows the usable L2 (4096x16384: 25 + "
-                            "17 MB): the modeled partial and slot row updates miss it (1.6-8.5 "
+                            "17 MB): the modeled partial and slot row updates miss it (1.5-7.3 "
                             "x of x). Fix: count the slot rows in _rows_plan's per-program "
-                            "bytes for the per-example backward",
+                            "bytes for the per-example backward (then the plain backward's "
+                            "program count, which the bitwise contract shares, changes too)",
     ("rms_norm", "rows"): "as layer_norm",
 }
 
@@ -323,7 +325,7 @@ def _run_case(case: dict, mode: str, target: Target) -> tuple[list, tuple, str, 
                                             "fwd" if mode == "fwd" else "bwd", meta,
                                             per_example=mode == "bwd_pe")
             if mode == "bwd_pe":
-                slot_bytes = sum(p.reads for p in plan if p.kernel == "_group_norm_pe_sq_kernel")
+                slot_bytes = sum(p.reads for p in plan if p.kernel == "_per_example_sq_kernel")
         elif case["op"] == "batch_norm":
             n, c = shape[:2]
             s = math.prod(shape[2:])
@@ -434,10 +436,13 @@ def blocks_per_sm(regs: int, num_warps: int, shared: int, target: Target) -> int
 # --- the report --------------------------------------------------------------------------------
 
 def build(ops: list[str], targets: list[str], scope: str = "full",
-          compile_kernels: bool = True) -> dict[str, Any]:
+          compile_kernels: bool = True, modes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Trace, compile and model every case of `scope` (SCOPES); returns {"launches": rows,
     "cases": rows}. Each distinct launch configuration is compiled once per target. Without
-    `compile_kernels` only the byte model runs (register columns are None)."""
+    `compile_kernels` only the byte model runs (register columns are None). `modes`: only these
+    (bwd_pe brings bwd, which it is judged against); empty: all."""
+    if "bwd_pe" in modes:
+        modes = (*modes, "bwd")
     from fastnorm.triton._common import L2_REUSE_FRACTION, modeled_hbm_bytes
 
     traced = []  # (target, case, mode, path, [(spec, grid, cost)])
@@ -446,6 +451,8 @@ def build(ops: list[str], targets: list[str], scope: str = "full",
         for op in ops:
             for case in CASES[op](scope):
                 for mode in _modes(case):
+                    if modes and mode not in modes:
+                        continue
                     rec, plan, path, slot_bytes = _run_case(case, mode, target)
                     names = [s[1] for s, _ in rec]
                     plan_names = [p.kernel for p in _triton_launches(plan)]
@@ -616,8 +623,8 @@ def markdown(report: dict) -> str:
     pe = [r for r in report["cases"] if r["mode"] == "bwd_pe"]
     if pe:
         lines += ["", "## Per-example gradient norms (bwd_pe) vs the plain backward", "",
-                  "extra = modeled bwd_pe bytes - modeled bwd bytes (slot rows, their zero fill "
-                  "and reduction, the per-example reduce kernels); x = one pass over x.", "",
+                  "extra = modeled bwd_pe bytes - modeled bwd bytes (the slot rows and the "
+                  "per-example reduction launch); x = one pass over x.", "",
                   "| gpu | op | case | dtype | layout | path | examples | launches | "
                   "bwd/ideal | bwd_pe/ideal | extra MB | extra / x | exception |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -850,6 +857,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{DEFAULT_CALL_US['fwd']:g},{DEFAULT_CALL_US['bwd']:g})")
     p.add_argument("--no-compile", action="store_true",
                    help="byte model only (seconds): no registers, spills or occupancy")
+    p.add_argument("--modes", default="",
+                   help="only these modes, e.g. bwd_pe (which brings bwd); default: all")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         # Kernels defined under the interpreter cannot be compiled: run without it.
@@ -858,7 +867,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    sys.argv[1:])], env)
     report = build(args.ops.split(","), args.targets.split(","),
                    "quick" if args.quick else args.cases,
-                   compile_kernels=not args.no_compile)
+                   compile_kernels=not args.no_compile,
+                   modes=tuple(m for m in args.modes.split(",") if m))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "static_report.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -31,8 +31,8 @@ __all__ = [
     "add_layer_norm_bwd", "add_layer_norm_inplace", "group_norm_fwd", "group_norm_bwd",
     "batch_norm_stats", "batch_norm_apply", "batch_norm_backward_reduce",
     "batch_norm_backward_elemt", "batch_norm_fwd", "batch_norm_bwd", "batch_norm_stats_update",
-    "batch_norm_train_apply", "norm_reference", "layer_norm_2d_fwd", "layer_norm_2d_bwd",
-    "rms_norm_2d_fwd", "rms_norm_2d_bwd",
+    "batch_norm_train_apply", "norm_reference", "gns_sums", "layer_norm_2d_fwd",
+    "layer_norm_2d_bwd", "rms_norm_2d_fwd", "rms_norm_2d_bwd",
 ]
 
 
@@ -322,6 +322,20 @@ def group_norm_bwd_pe(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
     if bias is not None:
         db_sq = dz.sum(2).square().sum(1)
     return dx, dw, db, dw_sq, db_sq
+
+
+# --- Gradient noise scale --------------------------------------------------------------------
+
+def gns_sums(dweight_sq: Tensor, dbias_sq: Tensor, dweight: Tensor, dbias: Tensor,
+             examples: int) -> Tensor:
+    """The noise-scale sink's gradient, fp32 [sum(dweight_sq) + sum(dbias_sq),
+    |dweight|^2 + |dbias|^2, examples, 1]: the sums in fp32 (fp64 when the per-example norms
+    are fp64), rounded once. Any of the tensors may be empty (an absent parameter)."""
+    acc = torch.float64 if torch.float64 in (dweight_sq.dtype, dbias_sq.dtype) else torch.float32
+    per_example = dweight_sq.to(acc).sum() + dbias_sq.to(acc).sum()
+    batch = dweight.to(acc).square().sum() + dbias.to(acc).square().sum()
+    return torch.stack([per_example, batch, per_example.new_full((), examples),
+                        per_example.new_ones(())]).to(torch.float32)
 
 
 # --- BatchNorm on (N, C, S) --------------------------------------------------------------------

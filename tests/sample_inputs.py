@@ -81,6 +81,15 @@ def sample_inputs(op: str, device, dtype=torch.float64) -> Iterator[tuple]:
                     else:
                         _y, rstd = ref.rms_norm_2d_fwd(x, w_, 1e-6)
                         yield (dy, x, w_, rstd)
+    elif op == "gns_sums":
+        # What the per-example backwards return (norms in the statistics dtype, gradients in
+        # the parameters'): both parameters, the weight alone, an empty batch.
+        empty = torch.empty(0, **kw)
+        for i, (e, c) in enumerate(((5, 7), (3, 1), (0, 4))):
+            sq_w, sq_b = _t(e, seed=60 + i, **kw).abs(), _t(e, seed=70 + i, **kw).abs()
+            dw, db = _t(c, seed=80 + i, **kw), _t(c, seed=90 + i, **kw)
+            yield (sq_w, sq_b, dw, db, e)
+            yield (sq_w, empty, dw, empty, e)
     elif op.startswith("group_norm"):
         for i, (n, c, s) in enumerate(CHANNELS):
             g = GROUPS[c]

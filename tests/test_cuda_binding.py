@@ -19,7 +19,7 @@ DEFS = dict(re.findall(r'm\.def\("(\w+)(\(.*?\) -> .*?)"\);', OPS_CPP))
 IMPLS = re.findall(r'm\.impl\("(\w+)", &\w+\);', OPS_CPP)
 # What the kernels in csrc/ do not implement (the router runs Triton for these).
 NOT_IN_CUDA = {"add_layer_norm_fwd", "add_layer_norm_bwd", "add_layer_norm_inplace",
-               "batch_norm_stats_update", "layer_norm_2d_fwd", "layer_norm_2d_bwd",
+               "batch_norm_stats_update", "gns_sums", "layer_norm_2d_fwd", "layer_norm_2d_bwd",
                "rms_norm_2d_fwd", "rms_norm_2d_bwd"}
 
 

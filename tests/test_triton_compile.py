@@ -84,6 +84,7 @@ def _ln_specs():
                               {**flags, "HAS_DRESIDUAL": residual, "ROUND_XHAT": round_xhat,
                                "ROUND_DX_TERMS": round_xhat,  # T5: with the Llama rounding
                                "ROW_STATS_IN_TILE": in_tile, "PER_EXAMPLE": False,
+                               "PE_IN_SLOT": False,
                                # a later row chunk adds into the partial rows
                                "ACCUMULATE": not in_tile, "BLOCK_M": block_m,
                                "BLOCK_N": block_n}, warps))
@@ -91,13 +92,15 @@ def _ln_specs():
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
                                "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": True,
-                               "PER_EXAMPLE": True, "ACCUMULATE": False, "BLOCK_M": 2,
+                               "PER_EXAMPLE": True, "PE_IN_SLOT": False, "ACCUMULATE": False,
+                               "BLOCK_M": 2,
                                "BLOCK_N": 1024}, 4))
                 # ... on the column-chunked path (row statistics from the first kernel)
                 specs.append(("layer_norm", "_layer_norm_bwd_kernel", bwd_sig,
                               {**flags, "HAS_DRESIDUAL": False, "ROUND_XHAT": False,
                                "ROUND_DX_TERMS": False, "ROW_STATS_IN_TILE": False,
-                               "PER_EXAMPLE": True, "ACCUMULATE": True, "BLOCK_M": 1,
+                               "PER_EXAMPLE": True, "PE_IN_SLOT": False, "ACCUMULATE": True,
+                               "BLOCK_M": 1,
                                "BLOCK_N": 4096 if dt != "fp64" else 2048}, 8))
     for dt in ("fp32", "fp64"):
         for two in (False, True):  # dW alone, or dW and dB in one launch
@@ -179,10 +182,6 @@ def _gn_specs():
         for has_weight in (True, False):
             specs.append(("group_norm", "_group_norm_bwd_combine_kernel", bwd_combine_sig,
                           {"HAS_WEIGHT": has_weight, "ACC": acc, "BLOCK_K": 64}, 4))
-        if dt in ("fp32", "fp64"):  # per_example_sq (fastnorm::group_norm_bwd_pe)
-            specs.append(("group_norm", "_group_norm_pe_sq_kernel",
-                          {"P": f"*{stat}", "Out": f"*{stat}", "C": "i32", "num_splits": "i32"},
-                          {"ACC": acc, "BLOCK_C": 1024}, 4))
         if dt in ("fp32", "bf16"):
             # At run time Triton turns int arguments equal to 1 into constants (G=C, HW=1, one
             # split): every kernel must still build with them.
@@ -262,6 +261,52 @@ def _layer_norm_2d_specs():
 
 
 SPECS += _layer_norm_2d_specs()
+
+
+def _per_example_specs():
+    """The per-example (noise-scale) backward's own launches: the whole-row tile at BLOCK_N 8192
+    (16 warps) summing into its slot rows with both parameters (PE_IN_SLOT) and in registers
+    with one, at 4096 in registers; _per_example_sq_kernel (many narrow examples a program, or
+    one wide one) and the noise-scale sums (_gns_sums_kernel)."""
+    specs = []
+    for dt, acc in (("bf16", "float32"), ("fp32", "float32"), ("fp16", "float32"),
+                    ("fp64", "float64")):
+        stat = "fp64" if dt == "fp64" else "fp32"
+        sig = {"X": f"*{dt}", "W": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "Mean": f"*{stat}",
+               "Rstd": f"*{stat}", "C1": f"*{stat}", "C2": f"*{stat}",
+               "DW_partial": f"*{stat}", "DB_partial": f"*{stat}", "DRES": f"*{dt}",
+               "PE_DW": f"*{stat}", "PE_DB": f"*{stat}", "M": "i32", "N": "i32",
+               "stride_x": "i32", "stride_dy": "i32", "stride_dx": "i32", "stride_dres": "i32",
+               "rows_per_program": "i32", "rows_per_example": "i32",
+               "slots_per_program": "i32", "first_group": "i32"}
+        wide = 4096 if dt == "fp64" else 8192
+        for is_rms, block_n, warps in ((False, wide, 16), (True, wide, 16),
+                                       (False, wide // 2, 8)):
+            specs.append(("layer_norm", "_layer_norm_bwd_kernel", sig,
+                          {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": not is_rms,
+                           "HAS_DRESIDUAL": False, "ROUND_XHAT": False, "ROUND_DX_TERMS": False,
+                           "ROW_STATS_IN_TILE": True, "PER_EXAMPLE": True,
+                           "PE_IN_SLOT": not is_rms and warps == 16, "ACCUMULATE": False,
+                           "ACC": acc, "BLOCK_M": 1, "BLOCK_N": block_n}, warps))
+        if dt in ("fp32", "fp64"):  # the slot rows / partials are in the statistics dtype
+            pe_sig = {"P": f"*{dt}", "P2": f"*{dt}", "Out": f"*{dt}", "Out2": f"*{dt}",
+                      "num_examples": "i32", "N": "i32", "rows_per_program": "i32",
+                      "rows_per_example": "i32", "slots_per_program": "i32",
+                      "max_span": "i32"}
+            for has_p2, block_e, block_n, warps in ((True, 1, 2048, 8), (True, 128, 16, 8),
+                                                    (False, 2, 1024, 8)):
+                specs.append(("_common", "_per_example_sq_kernel", pe_sig,
+                              {"HAS_P": True, "HAS_P2": has_p2, "ACC": acc, "BLOCK_E": block_e,
+                               "BLOCK_N": block_n}, warps))
+            specs.append(("_common", "_gns_sums_kernel",
+                          {"SqW": f"*{dt}", "SqB": f"*{dt}", "DW": "*bf16", "DB": "*bf16",
+                           "Sums": "*fp32", "num_sq_w": "i32", "num_sq_b": "i32",
+                           "num_w": "i32", "num_b": "i32", "examples": "i32"},
+                          {"ACC": acc, "BLOCK": 1024}, 4))
+    return specs
+
+
+SPECS += _per_example_specs()
 
 
 @pytest.mark.slow

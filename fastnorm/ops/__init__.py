@@ -11,6 +11,7 @@ BatchNorm and the channels-first LayerNorm2d/RMSNorm2d: (N, C, S) in NCHW or cha
 strides; fastnorm/_layout.py); the functional
 layer reshapes before calling them, so ranks stay fixed under torch.compile.
 """
+from . import gns  # noqa: F401  (registers fastnorm::gns_sums)
 from . import layer_norm  # noqa: F401  (registers fastnorm::layer_norm_*, rms_norm_*, add_*)
 from . import group_norm  # noqa: F401  (registers fastnorm::group_norm_*)
 from . import batch_norm  # noqa: F401  (registers fastnorm::batch_norm_*)

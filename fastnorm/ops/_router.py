@@ -38,7 +38,7 @@ OPS = ("layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_pe", "rms_norm_fwd", 
        "add_layer_norm_bwd", "add_layer_norm_inplace", "group_norm_fwd", "group_norm_bwd", "group_norm_bwd_pe",
        "batch_norm_stats", "batch_norm_apply", "batch_norm_backward_reduce",
        "batch_norm_backward_elemt", "batch_norm_fwd", "batch_norm_bwd",
-       "batch_norm_stats_update", "batch_norm_train_apply",
+       "batch_norm_stats_update", "batch_norm_train_apply", "gns_sums",
        "layer_norm_2d_fwd", "layer_norm_2d_bwd", "rms_norm_2d_fwd", "rms_norm_2d_bwd")
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 falls back to Triton
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_auto_table.json")

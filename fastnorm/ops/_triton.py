@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._dtypes import residual_stream_dtype
 from .._layout import dy_like, empty_if_none, param_grad
+from ..triton import _common
 from ..triton import batch_norm as _bn
 from ..triton import group_norm as _gn
 from ..triton import layer_norm as _ln
@@ -105,6 +106,13 @@ def group_norm_bwd_pe(dy, x, weight, bias, mean, rstd, num_groups, activation):
     dx, dw, db, dw_sq, db_sq = _gn.group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups,
                                                   activation, per_example=True)
     return dx, empty_if_none(dw, x), empty_if_none(db, x), dw_sq, db_sq
+
+
+# --- Gradient noise scale ----------------------------------------------------------------------
+
+def gns_sums(dweight_sq, dbias_sq, dweight, dbias, examples):
+    return _common.gns_sums(dweight_sq.contiguous(), dbias_sq.contiguous(), dweight.contiguous(),
+                            dbias.contiguous(), examples)
 
 
 # --- BatchNorm ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from . import _checks
 from ._common import (autograd_function, cuda_autocast_fp32, eager, needs_grad,
                       register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
 from ._router import kernel
+from .gns import sink_grad
 
 _GN_AUTOCAST = torch_autocasts("group_norm")  # torch's CUDA autocast runs it in float32
 
@@ -224,18 +225,15 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
             y = F.group_norm(x, ctx.num_groups, w, b, ctx.eps)
             return F.silu(y) if ctx.activation == "silu" else y
         return (*torch_grads(forward, (x, weight, bias), need[:3], dy), None, None, None, None)
-    bwd = _group_norm_bwd_pe if eager((dy, x)) else group_norm_bwd_pe
+    route = eager((dy, x))
+    bwd = _group_norm_bwd_pe if route else group_norm_bwd_pe
     dx, dw, db, dw_sq, db_sq = bwd(dy, canonical(x), weight, bias, mean, rstd, ctx.num_groups,
                                    ctx.activation)
-    f32 = torch.float32
-    per_example = dw_sq.to(f32).sum() + db_sq.to(f32).sum()
-    batch = dw.to(f32).square().sum() + db.to(f32).square().sum()
-    counts = torch.tensor([x.shape[0], 1], dtype=f32, device=x.device)
-    dsink = torch.cat([torch.stack([per_example, batch]), counts])
+    dsink = sink_grad(route, dw_sq, db_sq, dw, db, x.shape[0]) if need[3] else None
     return (dx if need[0] else None,
             dw if weight is not None and need[1] else None,
             db if bias is not None and need[2] else None,
-            dsink if need[3] else None, None, None, None)
+            dsink, None, None, None)
 
 
 group_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)

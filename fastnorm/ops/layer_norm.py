@@ -33,6 +33,7 @@ from . import _checks
 from ._common import (autograd_function, bump_versions, cuda_autocast_fp32, eager, needs_grad,
                       register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
 from ._router import kernel
+from .gns import sink_grad
 
 # Whether torch's CUDA autocast runs each norm in float32 (the entries apply the same rule).
 _LN_AUTOCAST = torch_autocasts("layer_norm")
@@ -185,9 +186,9 @@ def _(dy, x, weight, bias, mean, rstd, is_rms, rows_per_example):
 # The forward of layer_norm_fwd / rms_norm_fwd (is_rms; bias ignored, mean empty) whose backward
 # runs layer_norm_bwd_pe and returns, as the gradient of `sink` (fp32 [4], not read), the step's
 # norm-layer noise-scale sums: [sum over examples of |dW_e|^2 + |dB_e|^2 (each example's
-# contribution), |dW|^2 + |dB|^2 (the batch's), examples, 1]. autograd accumulates them into
-# sink.grad over backward calls: in the graph, no side effects, so torch.compile keeps one graph
-# (used by fastnorm.gns.track).
+# contribution), |dW|^2 + |dB|^2 (the batch's), examples, 1] (fastnorm::gns_sums, one more
+# small launch). autograd accumulates them into sink.grad over backward calls: in the graph, no
+# side effects, so torch.compile keeps one graph (used by fastnorm.gns.track).
 
 def _check_gns_fwd(x, weight, bias, sink, is_rms, rows_per_example) -> None:
     op = "layer_norm_fwd_gns"
@@ -242,19 +243,16 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
               (lambda x, w, b: F.layer_norm(x, x.shape[1:], w, b, ctx.eps)))
         return (*torch_grads(fn, (x, weight, bias), need[:3], dy), None, None, None, None)
     dy = dy.contiguous()
-    bwd = _layer_norm_bwd_pe if eager((dy, x)) else layer_norm_bwd_pe
+    route = eager((dy, x))
+    bwd = _layer_norm_bwd_pe if route else layer_norm_bwd_pe
     dx, dw, db, dw_sq, db_sq = bwd(dy, x, weight, bias, mean, rstd, ctx.is_rms,
                                    ctx.rows_per_example)
-    f32 = torch.float32
-    per_example = dw_sq.to(f32).sum() + db_sq.to(f32).sum()
-    batch = dw.to(f32).square().sum() + db.to(f32).square().sum()
-    examples = x.shape[0] // ctx.rows_per_example
-    counts = torch.tensor([examples, 1], dtype=f32, device=x.device)
-    dsink = torch.cat([torch.stack([per_example, batch]), counts])
+    dsink = sink_grad(route, dw_sq, db_sq, dw, db, x.shape[0] // ctx.rows_per_example) \
+        if need[3] else None
     return (dx if need[0] else None,
             dw if weight is not None and need[1] else None,
             db if bias is not None and need[2] else None,
-            dsink if need[3] else None, None, None, None)
+            dsink, None, None, None)
 
 
 layer_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)

@@ -1,6 +1,8 @@
 """Helpers shared by the Triton launchers: accumulation dtype, launch sizing (one rule for warps
-and one notion of "programs per SM"), the per-launch byte accounting of launch plans, and the
-second-stage column reduction used by every deterministic weight-gradient path."""
+and one notion of "programs per SM"), the per-launch byte accounting of launch plans, the
+second-stage column reduction used by every deterministic weight-gradient path, and the
+per-example backward's last stages (per-example squared norms from per-program slot rows, the
+noise-scale sums)."""
 from __future__ import annotations
 
 import contextlib
@@ -321,3 +323,114 @@ def column_sum(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
            out, num_rows, n, partial.stride(0), 0, TWO=False, BLOCK_P=COLUMN_SUM_BLOCK_P,
            BLOCK_N=COLUMN_SUM_BLOCK_N)
     return out
+
+
+# --- per-example squared gradient norms and the noise-scale sums --------------------------------
+
+@triton.jit
+def _per_example_sq_kernel(P, P2, Out, Out2, num_examples, N, rows_per_program,
+                           rows_per_example, slots_per_program, max_span,
+                           HAS_P: tl.constexpr, HAS_P2: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Examples e of this program's BLOCK_E: Out[e] = sum_n (sum_p P[p * slots_per_program +
+    e - e_first(p), n])^2 (Out2 from P2 likewise, in the same launch), over the programs p of
+    the backward whose rows [p * rows_per_program, (p + 1) * rows_per_program) meet e's rows
+    [e * rows_per_example, (e + 1) * rows_per_example), in program order (at most max_span of
+    them); e_first(p) is the example of p's first row, so P[p * slots_per_program + k] is p's
+    k-th example's slot row. The program range comes from the row ranges: no index tensor.
+    GroupNorm's partial rows (num_splits per sample) are the case rows_per_program =
+    slots_per_program = 1, rows_per_example = num_splits. Fixed order, no atomics."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < num_examples
+    p_lo = e * rows_per_example // rows_per_program
+    p_hi = ((e + 1) * rows_per_example - 1) // rows_per_program
+    sq = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)
+    sq2 = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        g = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)
+        g2 = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)
+        for k in range(0, max_span):
+            p = p_lo + k
+            row = p * slots_per_program + e - p * rows_per_program // rows_per_example
+            offs = row.to(tl.int64)[:, None] * N + cols[None, :]
+            mask = (e_mask & (p <= p_hi))[:, None] & (cols < N)[None, :]
+            if HAS_P:
+                g += tl.load(P + offs, mask=mask, other=0.0)
+            if HAS_P2:
+                g2 += tl.load(P2 + offs, mask=mask, other=0.0)
+        sq += g * g
+        sq2 += g2 * g2
+    if HAS_P:
+        tl.store(Out + e, tl.sum(sq, axis=1), mask=e_mask)
+    if HAS_P2:
+        tl.store(Out2 + e, tl.sum(sq2, axis=1), mask=e_mask)
+
+
+# Elements of a _per_example_sq_kernel tile (examples x columns): wide rows one example a
+# program, narrow rows many.
+PER_EXAMPLE_SQ_TILE = 2048
+
+
+def per_example_sq_spec(examples: int, n: int, has_p: bool, has_p2: bool,
+                        dtype: torch.dtype) -> LaunchSpec:
+    """The launch of _per_example_sq_kernel for `examples` examples of n columns, both
+    parameters' slot rows (`dtype`: theirs, the accumulation dtype) in one launch."""
+    block_n = min(PER_EXAMPLE_SQ_TILE, next_power_of_2(max(n, 1)))
+    block_e = min(next_power_of_2(max(examples, 1)), PER_EXAMPLE_SQ_TILE // block_n)
+    return launch_spec(_per_example_sq_kernel, (cdiv(examples, block_e),), HAS_P=has_p,
+                       HAS_P2=has_p2, ACC=tl_acc_dtype(dtype), BLOCK_E=block_e,
+                       BLOCK_N=block_n, num_warps=num_warps_for(block_e * block_n))
+
+
+def per_example_max_span(rows_per_program: int, rows_per_example: int) -> int:
+    """The most programs of rows_per_program consecutive rows an example of rows_per_example
+    consecutive rows can meet."""
+    return cdiv(rows_per_example - 1, rows_per_program) + 1
+
+
+@triton.jit
+def _gns_sums_kernel(SqW, SqB, DW, DB, Sums, num_sq_w, num_sq_b, num_w, num_b, examples,
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: Sums = [sum(SqW) + sum(SqB), |DW|^2 + |DB|^2, examples, 1] in fp32, every
+    sum in ACC in a fixed order (the noise-scale sink's gradient, see fastnorm.ops.gns)."""
+    offs = tl.arange(0, BLOCK)
+    per_example = tl.zeros([BLOCK], dtype=ACC)
+    batch = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, num_sq_w, BLOCK):
+        per_example += tl.load(SqW + start + offs, mask=start + offs < num_sq_w,
+                               other=0.0).to(ACC)
+    for start in range(0, num_sq_b, BLOCK):
+        per_example += tl.load(SqB + start + offs, mask=start + offs < num_sq_b,
+                               other=0.0).to(ACC)
+    for start in range(0, num_w, BLOCK):
+        g = tl.load(DW + start + offs, mask=start + offs < num_w, other=0.0).to(ACC)
+        batch += g * g
+    for start in range(0, num_b, BLOCK):
+        g = tl.load(DB + start + offs, mask=start + offs < num_b, other=0.0).to(ACC)
+        batch += g * g
+    tl.store(Sums, tl.sum(per_example, axis=0).to(tl.float32))
+    tl.store(Sums + 1, tl.sum(batch, axis=0).to(tl.float32))
+    # (+ 0.0: `examples` arrives as a constant when it is 1)
+    tl.store(Sums + 2, tl.zeros([], dtype=tl.float32) + examples)
+    tl.store(Sums + 3, tl.full([], 1.0, tl.float32))
+
+
+GNS_SUMS_BLOCK = 1024
+
+
+def gns_sums(dweight_sq: torch.Tensor, dbias_sq: torch.Tensor, dweight: torch.Tensor,
+             dbias: torch.Tensor, examples: int) -> torch.Tensor:
+    """fp32 [sum(dweight_sq) + sum(dbias_sq), |dweight|^2 + |dbias|^2, examples, 1] in one
+    launch of one program (any of the tensors may be empty)."""
+    sums = torch.empty(4, dtype=torch.float32, device=dweight_sq.device)
+    acc = tl.float64 if torch.float64 in (dweight_sq.dtype, dbias_sq.dtype) else tl.float32
+    # Empty tensors are never read: the output stands in for them.
+    sq_w = dweight_sq if dweight_sq.numel() else sums
+    sq_b = dbias_sq if dbias_sq.numel() else sums
+    dw = dweight if dweight.numel() else sums
+    db = dbias if dbias.numel() else sums
+    launch(_gns_sums_kernel, (1,), sq_w, sq_b, dw, db, sums, dweight_sq.numel(),
+           dbias_sq.numel(), dweight.numel(), dbias.numel(), int(examples), ACC=acc,
+           BLOCK=GNS_SUMS_BLOCK, num_warps=4)
+    return sums

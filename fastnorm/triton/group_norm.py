@@ -76,12 +76,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (L2_REUSE_FRACTION, LaunchCost, SpecCache, acc_dtype, as_acc,
+from ._common import (L2_REUSE_FRACTION, LaunchCost, LaunchSpec, SpecCache, acc_dtype, as_acc,
                       cached_plan, cdiv, column_sums, elem_size, l2_cache_bytes, launch_spec,
                       load_affine, min_fill_programs, next_power_of_2, num_warps_for,
-                      reduce_programs, run, tl_acc_dtype)
+                      per_example_sq_spec, reduce_programs, run, tl_acc_dtype)
 from .._layout import as_layout, channels_last_strides
-from ._launch import launch
 
 # Elements per tile: 4096 keeps x (and dy in the backward) in registers at 8 warps. fp64 halves it.
 TILE = 4096
@@ -429,33 +428,6 @@ def _group_norm_bwd_fused_kernel(X, DY, DX, W, B, Mean, Rstd, P1, P2, C, HW, G, 
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _group_norm_pe_sq_kernel(P, Out, C, num_splits, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Out[n] = sum_c (sum_split P[n, split, c])^2: example n's squared dweight (P = P1) or
-    dbias (P = P2) norm, from the backward's partials, in a fixed order (no atomics)."""
-    n = tl.program_id(0)
-    row0 = n.to(tl.int64) * num_splits
-    total = tl.zeros([BLOCK_C], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = cols < C
-        g = tl.zeros([BLOCK_C], dtype=ACC)
-        for sp in range(0, num_splits):
-            g += tl.load(P + (row0 + sp) * C + cols, mask=mask, other=0.0)
-        total += g * g
-    tl.store(Out + n, tl.sum(total, axis=0))
-
-
-def per_example_sq(partial: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] squared norms of the per-example sums of `partial` ([n * splits, C], example-major)."""
-    out = torch.empty(n, dtype=partial.dtype, device=partial.device)
-    c = partial.shape[1]
-    launch(_group_norm_pe_sq_kernel, (n,), partial, out, c, partial.shape[0] // n,
-                                   ACC=tl_acc_dtype(partial.dtype),
-                                   BLOCK_C=min(1024, next_power_of_2(c)), num_warps=4)
-    return out
-
-
 # --- launch planning ---------------------------------------------------------------------------
 
 @cached_plan
@@ -566,7 +538,8 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
     chunk of samples, GroupNormPlan.chunks; the elementwise pass re-reads the chunk's x (and dy)
     in the reverse order, `l2_reread`). `per_example` (backward): group_norm_bwd(per_example=True)
     also reduces each sample's partial rows to its squared dweight / dbias norms
-    (_group_norm_pe_sq_kernel, one program per sample, after the column sums)."""
+    (_per_example_sq_kernel, one program per sample, both parameters, after the column
+    sums)."""
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"unknown group_norm plan mode {mode!r}")
     backward = mode == "bwd"
@@ -615,15 +588,15 @@ def plan_group_norm(n: int, c: int, hw: int, num_groups: int, dtype: torch.dtype
         launches.append(LaunchCost("_column_sum_kernel", (cdiv(c, 128),), 4,
                                    reads=params * rows * c * acc,
                                    writes=params * c * _elem_size(dtype)))
-    if backward:
-        if per_example:
-            # Re-reads the partial rows the column sums just read: from L2 while both
-            # parameters' partials fit.
-            part = rows * c * acc
-            both = part * (int(has_weight) + int(has_bias))
-            launches += [LaunchCost("_group_norm_pe_sq_kernel", (n,), 4, reads=part,
-                                    writes=n * acc, l2_reread=part, l2_window=both)
-                         for present in (has_weight, has_bias) if present]
+    if backward and per_example and (has_weight or has_bias):
+        # One launch for both parameters, re-reading the partial rows the column sums just
+        # read: from L2 while they fit.
+        params = int(has_weight) + int(has_bias)
+        both = rows * c * acc * params
+        spec = per_example_sq_spec(n, c, has_weight, has_bias, acc_dtype(dtype))
+        launches.append(LaunchCost("_per_example_sq_kernel", spec.grid, spec.meta["num_warps"],
+                                   reads=both, writes=n * acc * params, l2_reread=both,
+                                   l2_window=both))
     return path, tuple(launches)
 
 
@@ -703,9 +676,11 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 class _Specs(NamedTuple):
     """A group_norm_fwd / _bwd call's launches: `plan` None for the fused path (one launch,
     chunks[0][2]), else the split plan and per chunk of samples (n0, n1, (reduce, combine,
-    elementwise) LaunchSpecs)."""
+    elementwise) LaunchSpecs); backward: `pe_sq`, the per-example reduction of
+    group_norm_bwd(per_example=True)."""
     plan: Optional[GroupNormPlan]
     chunks: tuple
+    pe_sq: Optional[LaunchSpec] = None
 
 
 def _fwd_specs(n: int, c: int, hw: int, g: int, dtype: torch.dtype, channels_last: bool,
@@ -744,13 +719,14 @@ def _bwd_specs(n: int, c: int, hw: int, g: int, dtype: torch.dtype, channels_las
                split_size: Optional[int]) -> _Specs:
     flags = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ACTIVATION=activation,
                  ACC=tl_acc_dtype(dtype))
+    pe_sq = per_example_sq_spec(n, c, has_weight, has_bias, acc_dtype(dtype))
     fused = None if split_size is not None else fused_tile(
         n, c, hw, g, dtype, channels_last, device, MAX_FUSED_BWD)
     if fused is not None:
         block_s, block_c, num_warps = fused
         spec = launch_spec(_group_norm_bwd_fused_kernel, (n * g,), **flags, BLOCK_S=block_s,
                            BLOCK_C=block_c, num_warps=num_warps)
-        return _Specs(None, ((0, n, spec),))
+        return _Specs(None, ((0, n, spec),), pe_sq)
     plan = GroupNormPlan.make(n, c, hw, dtype, channels_last, device, split_size,
                               backward=True)
     block_k = min(COMBINE_BLOCK, next_power_of_2(plan.num_splits * (c // g)))
@@ -765,7 +741,7 @@ def _bwd_specs(n: int, c: int, hw: int, g: int, dtype: torch.dtype, channels_las
                         ACC=flags["ACC"], BLOCK_K=block_k, num_warps=4),
             launch_spec(_group_norm_bwd_dx_kernel, (plan.num_tiles(m),),
                         CHANNELS_LAST=channels_last, **flags, **tile))))
-    return _Specs(plan, tuple(chunks))
+    return _Specs(plan, tuple(chunks), pe_sq)
 
 
 _BWD_SPECS = SpecCache(_bwd_specs)
@@ -829,7 +805,14 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     dweight, dbias = column_sums(p1 if has_weight else None,
                                  weight.dtype if has_weight else None,
                                  p2 if has_bias else None, bias.dtype if has_bias else None)
-    if per_example:
-        return (dx, dweight, dbias, per_example_sq(p1, n) if has_weight else p1.new_empty(0),
-                per_example_sq(p2, n) if has_bias else p2.new_empty(0))
-    return dx, dweight, dbias
+    if not per_example:
+        return dx, dweight, dbias
+    # Sample n's partial rows are rows [n * splits, (n + 1) * splits) of P1 / P2: the slot
+    # layout of _per_example_sq_kernel with one row per program and splits rows per example.
+    splits = 1 if specs.plan is None else specs.plan.num_splits
+    dw_sq = torch.empty(n if has_weight else 0, dtype=partial_dtype, device=x.device)
+    db_sq = torch.empty(n if has_bias else 0, dtype=partial_dtype, device=x.device)
+    if has_weight or has_bias:
+        run(specs.pe_sq, p1, p2, dw_sq if has_weight else p1, db_sq if has_bias else p1, n, c,
+            1, splits, 1, splits)
+    return dx, dweight, dbias, dw_sq, db_sq

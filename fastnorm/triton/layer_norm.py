@@ -70,17 +70,21 @@ bitwise repeatable, no atomics. Paths, by N:
 Per-example dW/dB norms (PER_EXAMPLE, layer_norm_bwd_per_example: examples of rows_per_example
 consecutive rows), on every backward path, in the same pass: |dW_e|^2 = sum_j (sum_{r in e}
 dy_rj x_hat_rj)^2 needs an example's terms summed per column before squaring, so every program
-also adds its rows' terms into per-(program, example) slot rows, PE[p * slots + e - e_first]
-(slots = ceil(rows per program / rows_per_example) + 1 rows of N per program; read, add,
-store, no atomics), which the launcher sums over the programs an example spans in program
-order, squares and sums over the columns. Whole-row: from the tile in registers, a masked sum
-per example in the tile. Persistent rows: the second walk adds each chunk's dW/dB terms into
-the slot row of the row's example next to the partial-row update (the slot row is one more row
-in flight per program, in L2 like the partial row). Column-chunked: a program adds its column
-block's share of each example's terms into its slot row's columns (the squares are separable
-over columns, so column blocks never combine before squaring). The slot rows are
-(E + programs) * N accumulation-dtype values per parameter, written once to HBM at the end
-(plan_layer_norm_per_example models these bytes on top of the plain plan); dx and the dW/dB
+also sums its rows' terms per example into per-(program, example) slot rows,
+PE[p * slots + e - e_first] (slots = ceil(rows per program / rows_per_example) + 1 rows of N
+per program), and one more launch, _per_example_sq_kernel (fastnorm/triton/_common.py), sums
+each example's slot rows over the programs it spans in program order (the range follows from
+the row ranges), squares and sums over the columns, both parameters at once: the plain
+backward's launches + 1. No fill launch: an example's first row (tile) in a program stores its
+slot row. Whole-row and column-chunked tiles keep the current example's sums in registers and
+store each slot row once (nothing read back); where that spills (16 warps, both parameters:
+MAX_PE_REGISTER_WARPS) they read, add and store the slot row per tile, with a barrier before
+the next tile reads it. The persistent rows kernel adds each chunk's terms into the slot row of
+the row's example next to its partial-row update (one more row in flight per program, in L2
+like the partial row; a barrier per row). Column-chunked: a program sums its column block's
+share of each example (the squares are separable over columns, so column blocks never combine
+before squaring). The slot rows are (E + programs) * N accumulation-dtype values per parameter
+(plan_layer_norm_per_example models their bytes on top of the plain plan); dx and the dW/dB
 partials are computed exactly as without the flag, so they are bitwise those of the plain
 backward.
 
@@ -103,7 +107,8 @@ import triton.language as tl
 from ._common import (ELEMS_PER_WARP, L2_REUSE_FRACTION, LaunchCost, LaunchSpec, SpecCache,
                       acc_dtype, cached_plan, cdiv, column_sums, elem_size, l2_cache_bytes,
                       launch_spec, min_fill_programs, modeled_hbm_bytes, next_power_of_2,
-                      num_parallel_programs, num_warps_for, planning_override, rows_per_tile, run,
+                      num_parallel_programs, num_warps_for, per_example_max_span,
+                      per_example_sq_spec, planning_override, rows_per_tile, run,
                       tl_acc_dtype)
 
 # Widest row (in elements) kept whole in registers. Forward holds x only; backward also holds dy
@@ -119,6 +124,13 @@ BWD_TILE = 2048
 # Tile elements per warp: 16 per thread. The backward's tile lives with dy and two accumulators,
 # the forward's with x and y; both had no spills at this density at every benchmark shape.
 ELEMS_PER_WARP_LN = 512
+# Per-example backward, tile paths: each program keeps its current example's dW and dB sums
+# in registers next to the dW/dB accumulators (each slot row written once, nothing read back)
+# up to this many warps a program; with more (BLOCK_N 8192: 16 warps, ptxas's 128 registers a
+# thread) two running sums spilled 120-300 bytes on sm_90 (static report), so there, with both
+# parameters, the sums are added into the slot rows instead (read, add, store per tile: in L2,
+# ~2.7x the tile's HBM bytes through the L2 for 16-bit x, unmodeled). One parameter fits.
+MAX_PE_REGISTER_WARPS = 8
 # Fewest rows per backward program before adding programs (each adds a row of dW/dB partials:
 # N fp32 written and read again, next to ~3 * rows * N * elem_size of x, dy and dx).
 MIN_ROWS_PER_PARTIAL = 64
@@ -391,9 +403,11 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
     _layer_norm_bwd_kernel.
     PER_EXAMPLE: the second walk also adds the same dW (dB) terms into the slot row of the
     row's example, PE_DW[p * slots_per_program + e - e_first] (e = row // rows_per_example,
-    e_first the example of the program's first row; zeroed by the launcher): consecutive rows
-    make an example's rows in one program one slot row, summed over the programs the example
-    spans by the launcher before squaring. dx and the partial rows are computed as without it."""
+    e_first the example of the program's first row): stored by the example's first row in the
+    program (no zero fill), read, added to and stored by its later rows. Consecutive rows make
+    an example's rows in one program one slot row, summed over the programs the example spans
+    by _per_example_sq_kernel before squaring. dx and the partial rows are computed as without
+    it."""
     pid = tl.program_id(0)
     dw_row = DW_partial + pid.to(tl.int64) * N
     db_row = DB_partial + pid.to(tl.int64) * N
@@ -421,6 +435,8 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
                            ROUND_XHAT, ACC, BLOCK_N)
         slot = (pid * slots_per_program + row_i // rows_per_example
                 - row_start // rows_per_example).to(tl.int64) * N
+        # Later rows of the example add into its slot row; its first row in the program stores.
+        pe_add = (row_i != row_start) & (row_i % rows_per_example != 0)
         for i in range(0, num_chunks):
             cols = (num_chunks - 1 - i) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = cols < N
@@ -435,14 +451,66 @@ def _layer_norm_bwd_rows_kernel(X, W, DY, DX, Mean, Rstd, DW_partial, DB_partial
                 dw = tl.load(dw_row + cols, mask=mask, other=0.0)
                 tl.store(dw_row + cols, dw + term, mask=mask)
                 if PER_EXAMPLE:
-                    prev = tl.load(PE_DW + slot + cols, mask=mask, other=0.0)
+                    prev = tl.load(PE_DW + slot + cols, mask=mask & pe_add, other=0.0)
                     tl.store(PE_DW + slot + cols, prev + term, mask=mask)
             if HAS_BIAS:
                 db = tl.load(db_row + cols, mask=mask, other=0.0)
                 tl.store(db_row + cols, db + dy, mask=mask)
                 if PER_EXAMPLE:
-                    prev = tl.load(PE_DB + slot + cols, mask=mask, other=0.0)
+                    prev = tl.load(PE_DB + slot + cols, mask=mask & pe_add, other=0.0)
                     tl.store(PE_DB + slot + cols, prev + dy, mask=mask)
+        if PER_EXAMPLE:
+            # The next row reads the slot row back: make every thread's store visible first
+            # (whichever threads the compiler gives the load and the store).
+            tl.debug_barrier()
+
+
+@triton.jit
+def _example_sums(PE_DW, PE_DB, dw_term, dy, pe_w, pe_b, sel, e, e_first, group,
+                  slots_per_program, rows_per_example, row_start, row_end, first_row, tile_end,
+                  cols, col_mask, N, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  SEGMENTED: tl.constexpr, IN_SLOT: tl.constexpr):
+    """Example e's dW / dB terms in this tile into e's slot row of this program
+    (_example_sum): SEGMENTED, a masked sum over the tile's rows (`sel`), pe_w / pe_b of shape
+    [BLOCK_N]; else the tile is one row of e, taken as it is ([1, BLOCK_N], the tile's own
+    layout: no reduction, no layout conversion)."""
+    # Whether e's first / last row in this program is in this tile.
+    starts = tl.maximum(row_start, e * rows_per_example) >= first_row
+    ends = tl.minimum(row_end, (e + 1) * rows_per_example) <= tile_end
+    slot = (group * slots_per_program + (e - e_first)).to(tl.int64) * N
+    if SEGMENTED:
+        offs = slot + cols
+        mask = col_mask
+    else:
+        offs = slot + cols[None, :]
+        mask = col_mask[None, :]
+    if HAS_WEIGHT:
+        part = dw_term
+        if SEGMENTED:
+            part = tl.sum(tl.where(sel, dw_term, 0.0), axis=0)
+        pe_w = _example_sum(PE_DW + offs, part, pe_w, starts, ends, mask, IN_SLOT)
+    if HAS_BIAS:
+        part = dy
+        if SEGMENTED:
+            part = tl.sum(tl.where(sel, dy, 0.0), axis=0)
+        pe_b = _example_sum(PE_DB + offs, part, pe_b, starts, ends, mask, IN_SLOT)
+    return pe_w, pe_b
+
+
+@triton.jit
+def _example_sum(slot_ptrs, part, pe, starts, ends, mask, IN_SLOT: tl.constexpr):
+    """Adds `part` (an example's terms in this tile) to the example's sum in this program, which
+    starts at its first row in the program (no zero fill) and ends in its slot row: IN_SLOT,
+    read, added to and stored in the slot row by every tile (the caller puts a barrier
+    between tiles); else `pe`, a running sum in registers restarted at the example's first
+    tile and stored once, at its last (no slot traffic but the one write, more registers)."""
+    if IN_SLOT:
+        prev = tl.load(slot_ptrs, mask=mask & (starts == 0), other=0.0)
+        tl.store(slot_ptrs, prev + part, mask=mask)
+    else:
+        pe = tl.where(starts, part, pe + part)
+        tl.store(slot_ptrs, pe, mask=mask & ends)
+    return pe
 
 
 @triton.jit
@@ -452,8 +520,9 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
                            IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_DRESIDUAL: tl.constexpr, ROUND_XHAT: tl.constexpr,
                            ROUND_DX_TERMS: tl.constexpr, ROW_STATS_IN_TILE: tl.constexpr,
-                           PER_EXAMPLE: tl.constexpr, ACCUMULATE: tl.constexpr,
-                           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           PER_EXAMPLE: tl.constexpr, PE_IN_SLOT: tl.constexpr,
+                           ACCUMULATE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
     """Grid (column blocks, row groups). Program (c, j) is row group g = first_group + j: it
     owns rows [g*rows_per_program, ...) of column block c, writes dx there and row j of the
     dW/dB partial sums (ACCUMULATE: adds into it, a row chunk after the first; the launcher
@@ -468,11 +537,13 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     rounded to dx's dtype, as torch's autograd does for T5LayerNorm, whose input enters its two
     uses (the variance in fp32, `x * rsqrt(...)` promoted) separately.
     PER_EXAMPLE: rows are grouped into examples of rows_per_example consecutive rows; the
-    program also adds, from the tile already in registers, each example's dW (dB) terms of its
-    column block into its own slot row PE_DW[group, e - e_first] (slots_per_program rows of N
-    per row group, zeroed by the launcher; column blocks write disjoint columns; read, add,
-    store, no atomics). The launcher sums the slots of an example over the programs it spans. The dW/dB
-    partials and dx are computed exactly as without the flag.
+    program also sums, from the tile already in registers, each example's dW (dB) terms of its
+    column block in registers (_example_sums) and stores the sum once to its own slot row
+    PE_DW[group * slots_per_program + e - e_first] (column blocks write disjoint columns; no
+    zero fill, no atomics, nothing read back); PE_IN_SLOT: adds them into the slot row per
+    tile instead (fewer registers; see MAX_PE_REGISTER_WARPS). _per_example_sq_kernel sums the
+    slots of an example over the programs it spans. The dW/dB partials and dx are computed
+    exactly as without the flag (the weight is then loaded per tile: same values).
     """
     col_block = tl.program_id(0)
     # Row groups from the last: after the row-statistics kernel the last rows are in L2, and
@@ -481,12 +552,20 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
     group = first_group + local
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if HAS_WEIGHT:
+    if HAS_WEIGHT and not PER_EXAMPLE:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     row_start = group * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
+    # PER_EXAMPLE without PE_IN_SLOT: the current example's terms so far (_example_sums)
+    if BLOCK_M == 1:
+        pe_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        pe_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    else:
+        pe_w = tl.zeros([BLOCK_N], dtype=ACC)
+        pe_b = tl.zeros([BLOCK_N], dtype=ACC)
+    e_first = row_start // rows_per_example
     for first_row in range(row_start, row_end, BLOCK_M):
         rows = first_row + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
@@ -502,6 +581,9 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
             mean = tl.load(Mean + rows, mask=row_mask, other=0.0).to(ACC)
             x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_WEIGHT:
+            if PER_EXAMPLE:
+                # Loaded per tile (from L1/L2): the per-example sums take its registers.
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
             wdy = dy * w[None, :]
             if ROUND_XHAT:
                 wdy = wdy.to(DY.dtype.element_ty).to(ACC)
@@ -524,29 +606,35 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, Mean, Rstd, C1, C2, DW_partial, DB_part
                           other=0.0).to(ACC)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
                  mask=mask)
+        dw_term = dy  # (unused without a weight)
         if HAS_WEIGHT:
             dw_term = _dw_term(dy, x_hat, DY, ROUND_XHAT, ACC)
             dw_acc += dw_term
         if HAS_BIAS:
             db_acc += dy
         if PER_EXAMPLE:
-            # Examples this tile touches: a masked segmented sum per example (a tile holds few
-            # examples unless rows_per_example is small).
-            example = rows // rows_per_example
-            e_first = row_start // rows_per_example
-            e_lo = first_row // rows_per_example
-            e_hi = (tl.minimum(first_row + BLOCK_M, row_end) - 1) // rows_per_example
-            for e in range(e_lo, e_hi + 1):
-                sel = (row_mask & (example == e))[:, None]
-                slot = (group * slots_per_program + (e - e_first)).to(tl.int64) * N + cols
-                if HAS_WEIGHT:
-                    part = tl.sum(tl.where(sel, dw_term, 0.0), axis=0)
-                    prev = tl.load(PE_DW + slot, mask=col_mask, other=0.0)
-                    tl.store(PE_DW + slot, prev + part, mask=col_mask)
-                if HAS_BIAS:
-                    part = tl.sum(tl.where(sel, dy, 0.0), axis=0)
-                    prev = tl.load(PE_DB + slot, mask=col_mask, other=0.0)
-                    tl.store(PE_DB + slot, prev + part, mask=col_mask)
+            tile_end = tl.minimum(first_row + BLOCK_M, row_end)
+            if BLOCK_M == 1:  # one row, one example: no segmented sum
+                e = first_row // rows_per_example
+                pe_w, pe_b = _example_sums(PE_DW, PE_DB, dw_term, dy, pe_w, pe_b, row_mask,
+                                           e, e_first, group, slots_per_program,
+                                           rows_per_example, row_start, row_end, first_row,
+                                           tile_end, cols, col_mask, N, HAS_WEIGHT, HAS_BIAS,
+                                           False, PE_IN_SLOT)
+            else:
+                # The examples this tile touches (few unless rows_per_example is small).
+                e_lo = first_row // rows_per_example
+                e_hi = (tile_end - 1) // rows_per_example
+                for e in range(e_lo, e_hi + 1):
+                    sel = (row_mask & (rows // rows_per_example == e))[:, None]
+                    pe_w, pe_b = _example_sums(PE_DW, PE_DB, dw_term, dy, pe_w, pe_b, sel,
+                                               e, e_first, group, slots_per_program,
+                                               rows_per_example, row_start, row_end,
+                                               first_row, tile_end, cols, col_mask, N,
+                                               HAS_WEIGHT, HAS_BIAS, True, PE_IN_SLOT)
+        if PER_EXAMPLE and PE_IN_SLOT:
+            # The next tile reads the slot rows back: every thread's store first.
+            tl.debug_barrier()
     if HAS_WEIGHT:
         dw = tl.sum(dw_acc, axis=0)
         if ACCUMULATE:
@@ -808,23 +896,42 @@ def _rows_plan(m: int, n: int, dtype: torch.dtype, device: torch.device, has_wei
 
 
 
+_MAIN_BWD_KERNELS = ("_layer_norm_bwd_rows_kernel", "_layer_norm_bwd_kernel")
+
+
+def pe_in_slot(plan: LayerNormPlan, has_weight: bool, has_bias: bool) -> bool:
+    """Whether the per-example backward's tile kernel adds into its slot rows (read, add,
+    store per tile) rather than summing each example in registers (see MAX_PE_REGISTER_WARPS;
+    the persistent rows kernel always adds into them)."""
+    return plan.path != "rows" and plan.num_warps > MAX_PE_REGISTER_WARPS and has_weight \
+        and has_bias
+
+
+def slot_pairs(r0: int, r1: int, rows_per_program: int, rows_per_example: int) -> int:
+    """The (row group, example) pairs of rows [r0, r1) cut into row groups of rows_per_program
+    rows from r0: the per-example backward's slot rows (each pair is one)."""
+    return sum((min(a + rows_per_program, r1) - 1) // rows_per_example - a // rows_per_example
+               + 1 for a in range(r0, r1, rows_per_program))
+
+
 @cached_plan
 def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torch.device, *,
                                 rows_per_example: int, is_rms: bool, has_weight: bool = True,
                                 has_bias: bool = True,
                                 weight_dtype: Optional[torch.dtype] = None) -> LayerNormPlan:
     """The plan of one layer_norm_bwd_per_example call: plan_layer_norm's backward plan (same
-    path, grid, partial rows and launches), plus the per-example work. Entries with a "." in
-    their name are bytes only, not Triton launches: "torch.zeros" (the slot rows' zero fill),
-    "<main kernel>.slots" (the main kernel's read-add-store of its slot rows) and
-    "torch.slot_sq_norms" (_slot_sq_norms: gather, sum over programs, square, sum over columns).
-    Per parameter (accumulation dtype, rows of N): (groups * slots + 1) rows zeroed; the kernel
-    updates a slot row once per row (persistent rows path) or per tile and example (tile paths),
-    in L2 while the window (zeroed rows; on the rows path the kernel's rows in flight, partial
-    rows and one slot row per program) fits, so only the at most E + groups rows it touches are
-    written to HBM; the gather reads E * K of them, its intermediates are re-read from L2.
-    The rows path's window grows by the slot rows: the plain plan's program count does not
-    allow for them (the partial-row updates then miss the L2 too: counted here)."""
+    path, grid, partial rows and launches) with, after each main kernel launch, a bytes-only
+    entry "<main kernel>.slots" (its slot-row traffic; a "." in the name: not a launch), and
+    one more launch, _per_example_sq_kernel. Per parameter (accumulation dtype, rows of N):
+    one slot row per (row group, example) pair (`slot_pairs`: E + programs at most). The tile
+    kernels (whole-row, column-chunked) sum an example's terms in registers and write each
+    slot row once, or (`pe_in_slot`) store it at the example's first tile in the program and
+    read, add and store it at every later tile, as the persistent rows kernel does at every
+    later row: in L2 while the window (one slot row per program; on the rows path next to
+    its rows in flight and partial rows, which the plain plan's program count does not allow
+    for, so that the partial-row updates may then miss the L2 too: counted here) fits; only
+    the final slot rows reach HBM. The reduction reads every slot row once (from HBM: the
+    model gives no L2 credit for the main kernel's last writes) and writes E values."""
     plan = plan_layer_norm(m, n, dtype, "bwd", device, is_rms=is_rms, has_weight=has_weight,
                            has_bias=has_bias, weight_dtype=weight_dtype)
     rpe = int(rows_per_example)
@@ -833,46 +940,44 @@ def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torc
                          f"does not divide {m} rows")
     params = int(has_weight) + int(has_bias and not is_rms)
     acc = _elem_size(acc_dtype(dtype))
-    row = n * acc
+    row = n * acc * params  # one slot row of every parameter
     examples = m // rpe
     groups, rpp = plan.partial_rows, plan.rows_per_program
-    slots = cdiv(rpp, rpe) + 1
-    allocated = (groups * slots + 1) * row * params
-    touched = min(groups * slots, examples + groups) * row * params
-    gathered = examples * (cdiv(rpe, rpp) + 1) * row
-    rows_path = plan.path == "rows"
-    # The chunked path runs its dx kernel once per row chunk: the slot updates split over them.
-    mains = sum(launch.kernel in ("_layer_norm_bwd_rows_kernel", "_layer_norm_bwd_kernel")
-                for launch in plan.launches)
-    launches = [LaunchCost("torch.zeros", (), 0, reads=0, writes=allocated)]
+    in_slot = pe_in_slot(plan, has_weight, has_bias and not is_rms)
+    launches = []
+    mains = iter(LayerNormPlan.row_chunks(m, plan.chunk_rows))
     for launch in plan.launches:
-        if launch.kernel in ("_layer_norm_bwd_rows_kernel", "_layer_norm_bwd_kernel"):
-            if rows_path:
-                # One more row per program and parameter in flight: the kernel's own re-reads
-                # see the larger window as well.
-                window = launch.l2_window + groups * row * params
-                launch = LaunchCost(launch.kernel, launch.grid, launch.num_warps, launch.reads,
-                                    launch.writes, launch.l2_reread, window)
-                updates = m * row * params
-                touched_here = touched
-            else:
-                window = allocated
-                updates = (cdiv(m, plan.block_m) * cdiv(n, plan.block_n)
-                           * plan.block_n * acc * params + touched) // mains
-                touched_here = touched // mains
-            launches.append(launch)
-            launches.append(LaunchCost(launch.kernel + ".slots", (), 0, reads=updates,
-                                       writes=updates, l2_reread=2 * updates - touched_here,
-                                       l2_window=window))
+        launches.append(launch)
+        if launch.kernel not in _MAIN_BWD_KERNELS:
+            continue
+        r0, r1 = (0, m) if plan.path == "rows" else next(mains)
+        written = slot_pairs(r0, r1, rpp, rpe) * row
+        if plan.path == "rows":
+            # One more row per program and parameter in flight: the kernel's own re-reads see
+            # the larger window as well.
+            window = launch.l2_window + groups * row
+            launches[-1] = LaunchCost(launch.kernel, launch.grid, launch.num_warps,
+                                      launch.reads, launch.writes, launch.l2_reread, window)
+            updates = m * row
+        elif in_slot:
+            # Every tile reads, adds to and stores its example's slot row: one per program in
+            # flight.
+            window = groups * row
+            updates = cdiv(r1 - r0, plan.block_m) * row
         else:
-            launches.append(launch)
-    launches += [LaunchCost("torch.slot_sq_norms", (), 0,
-                            reads=2 * gathered + 2 * examples * row,
-                            writes=gathered + 2 * examples * row + examples * acc,
-                            l2_reread=gathered + 2 * examples * row,
-                            l2_window=gathered + examples * row)] * params
+            launches.append(LaunchCost(launch.kernel + ".slots", (), 0, reads=0,
+                                       writes=written))
+            continue
+        launches.append(LaunchCost(launch.kernel + ".slots", (), 0, reads=updates - written,
+                                   writes=updates, l2_reread=2 * (updates - written),
+                                   l2_window=window))
+    spec = per_example_sq_spec(examples, n, has_weight, has_bias and not is_rms,
+                               acc_dtype(dtype))
+    launches.append(LaunchCost("_per_example_sq_kernel", spec.grid, spec.meta["num_warps"],
+                               reads=slot_pairs(0, m, rpp, rpe) * row,
+                               writes=examples * acc * params))
     return LayerNormPlan("bwd", plan.path, plan.block_m, plan.block_n, plan.num_warps,
-                         plan.grid, rpp, groups, tuple(launches))
+                         plan.grid, rpp, groups, tuple(launches), plan.chunk_rows)
 
 # --- launchers ---------------------------------------------------------------------------------
 
@@ -968,8 +1073,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     fused residual form); `dresidual`, the gradient of h from its other uses, is added into dx.
     dx has `dx_dtype` (default x's dtype); `round_xhat` as in the forward; `round_dx_terms`
     (RMSNorm) rounds dx's two terms separately (T5LayerNorm's autograd)."""
-    dx, dweight, dbias, _pe = _layer_norm_bwd(dy, x, weight, bias, mean, rstd, is_rms, dresidual,
-                                              round_xhat, dx_dtype, round_dx_terms, 0)
+    dx, dweight, dbias, _, _ = _layer_norm_bwd(dy, x, weight, bias, mean, rstd, is_rms,
+                                               dresidual, round_xhat, dx_dtype, round_dx_terms,
+                                               0)
     return dx, dweight, dbias
 
 
@@ -978,55 +1084,48 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
                     is_rms: bool, dresidual: Optional[torch.Tensor], round_xhat: bool,
                     dx_dtype: Optional[torch.dtype], round_dx_terms: bool, rows_per_example: int
                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                               Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """The backward on every path; rows_per_example > 0 also fills per-(program, example) slot
-    rows and returns (pe_dw, pe_db, index) for _slot_sq_norms (None otherwise)."""
+                               Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The backward on every path: dx, dweight, dbias, and with rows_per_example > 0 (M > 0 and
+    N > 0) each example's squared dW and dB norms ([M // rows_per_example] in the accumulation
+    dtype; None where there is no weight / bias, and without rows_per_example)."""
     M, N = x.shape
     device = x.device
     dx = torch.empty((M, N), dtype=dx_dtype or x.dtype, device=device)
     has_dresidual = dresidual is not None
     has_weight = weight is not None
     has_bias = bias is not None
-    per_example = rows_per_example > 0
-    if (M == 0 or N == 0) and not per_example:  # nothing to launch: zero weight gradients
+    if M == 0 or N == 0:  # nothing to launch: zero weight gradients
         return (dx, weight.new_zeros(N) if has_weight else None,
-                bias.new_zeros(N) if has_bias else None, None)
+                bias.new_zeros(N) if has_bias else None, None, None)
     bwd = _BWD_SPECS[M, N, x.dtype, device, is_rms, weight.dtype if has_weight else None,
                      has_bias, has_dresidual, dy.dtype, dx.dtype, round_xhat, round_dx_terms,
-                     per_example]
+                     rows_per_example]
     plan = bwd.plan
     partial_dtype = acc_dtype(x.dtype)
     groups, rpp = plan.partial_rows, plan.rows_per_program
-    # Every partial row is written before it is read (the whole-row and column-chunked kernels
-    # store their row; the persistent rows kernel zeroes its own first), so no fill launch;
-    # with nothing to launch (per-example mode on an empty input) they must be zeros.
-    alloc = torch.zeros if M == 0 or N == 0 else torch.empty
-    dw_partial = alloc((groups, N) if has_weight else (0,), dtype=partial_dtype, device=device)
-    db_partial = alloc((groups, N) if has_bias else (0,), dtype=partial_dtype, device=device)
+    # Every partial row and every slot row that is read is written first (the whole-row and
+    # column-chunked kernels store their rows; the persistent rows kernel zeroes its partial
+    # rows and stores a slot row at its example's first row), so no fill launch.
+    # Unused pointers still need a tensor argument; rstd stands in for them.
+    dw_partial = torch.empty((groups, N), dtype=partial_dtype, device=device) \
+        if has_weight else rstd
+    db_partial = torch.empty((groups, N), dtype=partial_dtype, device=device) \
+        if has_bias else rstd
     rpe = max(rows_per_example, 1)
-    slots = cdiv(rpp, rpe) + 1 if per_example else 0  # examples rpp rows can touch
-    # Slot rows per row group of the whole call (row chunks accumulate into `groups` dW/dB
-    # partial rows, but every row group has its own slots).
-    slot_groups = max(groups, cdiv(M, rpp))
-    pe_dw = pe_db = rstd  # placeholders, written only with PER_EXAMPLE
-    if per_example:
-        pe_dw = torch.zeros((slot_groups * slots + 1, N) if has_weight else (0,),
-                            dtype=partial_dtype, device=device)
-        pe_db = torch.zeros((slot_groups * slots + 1, N) if has_bias else (0,),
-                            dtype=partial_dtype, device=device)
-    pe_dw_arg = pe_dw if per_example and has_weight else rstd
-    pe_db_arg = pe_db if per_example and has_bias else rstd
+    slots = bwd.slots
+    pe_dw = pe_db = rstd  # written only with PER_EXAMPLE
+    if rows_per_example and has_weight:
+        pe_dw = torch.empty((bwd.slot_rows, N), dtype=partial_dtype, device=device)
+    if rows_per_example and has_bias:
+        pe_db = torch.empty((bwd.slot_rows, N), dtype=partial_dtype, device=device)
     w = weight if has_weight else rstd
     mean_arg = rstd if is_rms else mean
-    dw_arg = dw_partial if has_weight else rstd
-    db_arg = db_partial if has_bias else rstd
     dres_arg = dresidual if has_dresidual else rstd
     stride_dres = dresidual.stride(0) if has_dresidual else 0
-    if M > 0 and N > 0 and plan.path == "rows":
-        run(bwd.main[0], x, w, dy, dx, mean_arg, rstd, dw_arg, db_arg, dres_arg, pe_dw_arg,
-            pe_db_arg, M, N, x.stride(0), dy.stride(0), dx.stride(0), stride_dres, rpp, rpe,
-            slots)
-    elif M > 0 and N > 0:
+    if plan.path == "rows":
+        run(bwd.main[0], x, w, dy, dx, mean_arg, rstd, dw_partial, db_partial, dres_arg, pe_dw,
+            pe_db, M, N, x.stride(0), dy.stride(0), dx.stride(0), stride_dres, rpp, rpe, slots)
+    else:
         c1 = c2 = rstd  # placeholders, read only when the row stats come from a first kernel
         if plan.path != "fused":
             c1 = torch.empty(M, dtype=partial_dtype, device=device)
@@ -1041,33 +1140,60 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
                     c2[r0:r1], N, x.stride(0), dy.stride(0))
             # Full tensors and the chunk's first row group: row groups, slot rows and program
             # boundaries are those of the whole call.
-            run(bwd.main[i], x, w, dy, dx, mean_arg, rstd, c1, c2, dw_arg, db_arg, dres_arg,
-                pe_dw_arg, pe_db_arg, M, N, x.stride(0), dy.stride(0), dx.stride(0),
+            run(bwd.main[i], x, w, dy, dx, mean_arg, rstd, c1, c2, dw_partial, db_partial,
+                dres_arg, pe_dw, pe_db, M, N, x.stride(0), dy.stride(0), dx.stride(0),
                 stride_dres, rpp, rpe, slots, r0 // rpp)
     dweight, dbias = column_sums(dw_partial if has_weight else None,
                                  weight.dtype if has_weight else None,
                                  db_partial if has_bias else None,
                                  bias.dtype if has_bias else None)
-    pe = None
-    if per_example:
-        pe = (pe_dw, pe_db, _example_slots(M // rpe, rpe, rpp, slots, slot_groups, device))
-    return dx, dweight, dbias, pe
+    if not rows_per_example:
+        return dx, dweight, dbias, None, None
+    examples = M // rpe
+    dw_sq = torch.empty(examples, dtype=partial_dtype, device=device) if has_weight else None
+    db_sq = torch.empty(examples, dtype=partial_dtype, device=device) if has_bias else None
+    run(bwd.pe_sq, pe_dw, pe_db, rstd if dw_sq is None else dw_sq,
+        rstd if db_sq is None else db_sq, examples, N, rpp, rpe, slots,
+        per_example_max_span(rpp, rpe))
+    return dx, dweight, dbias, dw_sq, db_sq
 
 
 class _BackwardSpecs(NamedTuple):
     """A backward's plan and launches: `main` one LaunchSpec per row chunk (one for the
     whole-row and persistent rows paths), `stats` the row-statistics launch per chunk (the
-    column-chunked path only), `chunks` the [start, stop) rows of each chunk."""
+    column-chunked path only), `chunks` the [start, stop) rows of each chunk; per-example
+    mode: `pe_sq` the per-example reduction, `slots` slot rows per row group (the most
+    examples its rows can touch), `slot_rows` slot rows in all (every row group of the whole
+    call has its own, row chunks or not)."""
     plan: LayerNormPlan
     main: tuple
     stats: tuple
     chunks: tuple
+    pe_sq: Optional[LaunchSpec] = None
+    slots: int = 0
+    slot_rows: int = 0
 
 
 def _bwd_specs(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms: bool,
                weight_dtype: Optional[torch.dtype], has_bias: bool, has_dresidual: bool,
                dy_dtype: torch.dtype, dx_dtype: torch.dtype, round_xhat: bool,
-               round_dx_terms: bool, per_example: bool) -> _BackwardSpecs:
+               round_dx_terms: bool, rows_per_example: int) -> _BackwardSpecs:
+    specs = _main_specs(m, n, dtype, device, is_rms, weight_dtype, has_bias, has_dresidual,
+                        dy_dtype, dx_dtype, round_xhat, round_dx_terms, rows_per_example > 0)
+    if not rows_per_example:
+        return specs
+    rpp = specs.plan.rows_per_program
+    slots = cdiv(rpp, rows_per_example) + 1
+    slot_rows = max(specs.plan.partial_rows, cdiv(m, rpp)) * slots
+    pe_sq = per_example_sq_spec(m // rows_per_example, n, weight_dtype is not None, has_bias,
+                                acc_dtype(dtype))
+    return specs._replace(pe_sq=pe_sq, slots=slots, slot_rows=slot_rows)
+
+
+def _main_specs(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms: bool,
+                weight_dtype: Optional[torch.dtype], has_bias: bool, has_dresidual: bool,
+                dy_dtype: torch.dtype, dx_dtype: torch.dtype, round_xhat: bool,
+                round_dx_terms: bool, per_example: bool) -> _BackwardSpecs:
     has_weight = weight_dtype is not None
     plan = plan_layer_norm(m, n, dtype, "bwd", device, is_rms=is_rms, has_weight=has_weight,
                            has_bias=has_bias, weight_dtype=weight_dtype,
@@ -1095,6 +1221,8 @@ def _bwd_specs(m: int, n: int, dtype: torch.dtype, device: torch.device, is_rms:
             (plan.grid[0], cdiv(r1 - r0, plan.rows_per_program))
         main.append(launch_spec(_layer_norm_bwd_kernel, grid, **flags, ACC=acc,
                                 ROW_STATS_IN_TILE=whole_row, PER_EXAMPLE=per_example,
+                                PE_IN_SLOT=per_example and pe_in_slot(plan, has_weight,
+                                                                      has_bias),
                                 ACCUMULATE=i > 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
                                 num_warps=plan.num_warps))
     return _BackwardSpecs(plan, tuple(main), tuple(stats), chunks)
@@ -1113,10 +1241,10 @@ def layer_norm_bwd_per_example(dy: torch.Tensor, x: torch.Tensor, weight: Option
     dB: (dx, dweight, dbias, dw_sq [E], db_sq [E]) in the accumulation dtype, dw_sq / db_sq empty
     where there is no weight / bias. dx, dweight and dbias are bitwise those of layer_norm_bwd.
 
-    Same pass as the plain backward, on every path (whole-row, persistent rows, column-chunked):
-    each program adds its rows' terms, per example, into per-(program, example) slot rows:
-    (E + programs) * N values of the accumulation dtype per parameter, summed here over the
-    programs an example spans (a fixed order, no atomics) and squared."""
+    The plain backward's launches, each program also summing its rows' terms per example into
+    per-(program, example) slot rows ((E + programs) * N values of the accumulation dtype per
+    parameter), plus one launch (_per_example_sq_kernel) that sums each example's slot rows
+    over the programs it spans (a fixed order, no atomics), squares and sums over N."""
     M, N = x.shape
     rpe = int(rows_per_example)
     if rpe < 1 or M % rpe != 0:
@@ -1124,28 +1252,15 @@ def layer_norm_bwd_per_example(dy: torch.Tensor, x: torch.Tensor, weight: Option
                          f"the {M} rows, got {rows_per_example}")
     has_bias = bias is not None and not is_rms
     acc = acc_dtype(x.dtype)
-    dx, dweight, dbias, pe = _layer_norm_bwd(dy, x, weight, bias if has_bias else None, mean,
-                                             rstd, is_rms, None, False, None, False, rpe)
-    pe_dw, pe_db, index = pe
-    dw_sq = _slot_sq_norms(pe_dw, index) if weight is not None else x.new_empty(0, dtype=acc)
-    db_sq = _slot_sq_norms(pe_db, index) if has_bias else x.new_empty(0, dtype=acc)
-    return dx, dweight, dbias, dw_sq, db_sq
-
-
-def _example_slots(examples: int, rpe: int, rpp: int, slots: int, groups: int,
-                   device: torch.device) -> torch.Tensor:
-    """[E, K] indices into the flattened slot rows: example e's slot in each program p its rows
-    [e*rpe, (e+1)*rpe) reach (p = e*rpe // rpp ... ((e+1)*rpe - 1) // rpp), padded with the
-    last (all-zero) slot row."""
-    k = cdiv(rpe, rpp) + 1
-    e = torch.arange(examples, device=device)
-    p_lo = e * rpe // rpp
-    p_hi = ((e + 1) * rpe - 1) // rpp
-    p = p_lo[:, None] + torch.arange(k, device=device)[None, :]
-    index = p * slots + (e[:, None] - p * rpp // rpe)
-    return torch.where(p <= p_hi[:, None], index, groups * slots)
-
-
-def _slot_sq_norms(slot_rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # Summed over the spanned programs in program order: deterministic.
-    return slot_rows[index].sum(dim=1).square().sum(dim=1)
+    if M == 0 or N == 0:  # nothing to launch: every example's norms are 0
+        dx, dweight, dbias, _, _ = _layer_norm_bwd(dy, x, weight, bias if has_bias else None,
+                                                   mean, rstd, is_rms, None, False, None,
+                                                   False, 0)
+        sq = [x.new_zeros(M // rpe if present else 0, dtype=acc)
+              for present in (weight is not None, has_bias)]
+        return dx, dweight, dbias, *sq
+    dx, dweight, dbias, dw_sq, db_sq = _layer_norm_bwd(dy, x, weight, bias if has_bias else None,
+                                                       mean, rstd, is_rms, None, False, None,
+                                                       False, rpe)
+    return (dx, dweight, dbias, x.new_empty(0, dtype=acc) if dw_sq is None else dw_sq,
+            x.new_empty(0, dtype=acc) if db_sq is None else db_sq)
