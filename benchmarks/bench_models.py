@@ -16,8 +16,8 @@ Models (`--models`, default all):
   gemma     transformers' GemmaForCausalLM from a GemmaConfig (RMSNorm family B, 1 + w in fp32).
   vit       transformers' ViTForImageClassification from a ViTConfig (LayerNorm; no download).
   convnext  timm's convnext_tiny (timm's LayerNorm in the blocks; its channels-first LayerNorm2d
-            in the stem, downsampling and head, left alone until fastnorm has a channels-first
-            kernel); pretrained=False, no download.
+            in the stem, downsampling and head, run by fastnorm.layer_norm_2d); pretrained=False,
+            no download.
   timm_vit  timm's vit_base_patch16_224 (timm's LayerNorm).
 A model whose library is missing falls back (resnet50, gn_stack) or is skipped with the reason.
 Each row also counts the norm-like modules `convert` left alone (`fastnorm.convert_report`).

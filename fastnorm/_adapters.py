@@ -19,8 +19,12 @@ The families (what the library computes; what runs instead):
 - "rms_norm" torch's `F.rms_norm` (timm's RmsNorm); "batch_norm_act", "group_norm_act",
   "layer_norm_act" timm's norm + drop + act: the norm kernel, with ReLU (BatchNorm) or SiLU
   (GroupNorm) fused when drop is Identity; any other activation runs as the module it is.
-- "layer_norm_2d", "layer_norm_act_2d", "rms_norm_2d": channels-first norms (over dim 1 of
-  (N, C, H, W)); they need a channels-first kernel, registered in CHANNELS_FIRST_KERNELS.
+- "f_layer_norm" F.layer_norm on a plain module's attributes (transformers' old ConvNeXt-style
+  LayerNorm with data_format="channels_last").
+- "layer_norm_2d", "rms_norm_2d" and their "_act", "_fp32", "_input_dtype" variants, and
+  "layer_norm_2d_rounded": channels-first norms (over dim 1 of (N, C, H, W)); _ChannelsFirst
+  says which dtypes run the kernel for each. They need a channels-first kernel, registered in
+  CHANNELS_FIRST_KERNELS.
 ("layer_norm" and "group_norm", timm's torch-equivalent layers, use fastnorm.nn's own classes.)
 """
 from __future__ import annotations
@@ -197,34 +201,151 @@ class LayerNormAct:
         return _activation_text(self, type(None))  # (no LayerNorm kernel fuses one)
 
 
-class LayerNorm2d:
-    """A channels-first LayerNorm (`permute -> F.layer_norm -> permute`): the channels-first
-    kernel on the (N, C, H, W) tensor as it is."""
+class FunctionalLayerNorm:
+    """`F.layer_norm(x, normalized_shape, weight, bias, eps)` on the module's own attributes, in
+    a plain nn.Module (transformers' ConvNextLayerNorm before 4.56 with
+    data_format="channels_last")."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:  # the library's permute(0, 2, 3, 1) raises its own error
-            return super().forward(x)
-        return CHANNELS_FIRST_KERNELS["layer_norm_2d"](x, self.weight, self.bias, self.eps)
+        return F_fast.layer_norm(x, _role(self, "normalized_shape"), _role(self, "weight"),
+                                 _role(self, "bias"), float(_role(self, "eps")))
 
 
-class LayerNormAct2d:
-    """timm's LayerNormAct2d: a channels-first LayerNorm, then `drop`, then `act`."""
+# --- channels-first: normalize dim 1 of (N, C, H, W) ----------------------------------------------
+
+def _param(module: nn.Module, role: str):
+    """A channels-first module's `role`: the attribute its form binds, or torch's name where the
+    form names none (transformers' ConvNextLayerNorm calls torch's forward through super())."""
+    name = module._fastnorm_roles.get(role, role)
+    return name if isinstance(name, float) else getattr(module, name, None)
+
+
+class _ChannelsFirst:
+    """Base of the channels-first adapters: CHANNELS_FIRST_KERNELS[_kernel] on the (N, C, H, W)
+    tensor as it is (no permute copies; the output keeps the input's memory format). The
+    library's own code runs for input that is not 4-D (its permute(0, 2, 3, 1) or
+    weight[:, None, None] decides what happens), when fastnorm would call torch anyway, and
+    where the kernel would not reproduce the library's dtype rule, `_precision`:
+    - "torch": F.layer_norm's / F.rms_norm's (statistics in fp32, one rounding): every dtype;
+    - "fp32": x, weight and bias cast to fp32, the result rounded once to x's dtype (timm's *Fp32
+      layers): the kernel with fp32 weight and bias, every dtype but float64 (which the library
+      computes in fp32);
+    - "input": computed in x's dtype (the mean and variance written out, timm's rms_norm2d):
+      only fp32 x and parameters, where that is the kernel's computation."""
+
+    _kernel = "layer_norm_2d"
+    _precision = "torch"
+    _act = False
+
+    def _params(self) -> tuple[Optional[Tensor], ...]:
+        weight = _param(self, "weight")
+        return (weight, _param(self, "bias")) if self._kernel == "layer_norm_2d" else (weight,)
+
+    def _kernel_reproduces(self, x: Tensor, params: tuple[Optional[Tensor], ...]) -> bool:
+        if self._precision == "fp32":
+            return x.dtype != torch.float64
+        if self._precision == "input":
+            return x.dtype == torch.float32 and all(p is None or p.dtype == torch.float32
+                                                    for p in params)
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
+        params = self._params()
+        if x.dim() != 4 or not self._kernel_reproduces(x, params) or _torch_runs(
+                x, self._kernel, *params):
             return super().forward(x)
-        y = CHANNELS_FIRST_KERNELS["layer_norm_2d"](x, self.weight, self.bias, self.eps)
-        return self.act(self.drop(y))
+        if self._precision == "fp32":
+            params = tuple(None if p is None else p.float() for p in params)
+        y = CHANNELS_FIRST_KERNELS[self._kernel](x, *params, float(_param(self, "eps")))
+        return self.act(self.drop(y)) if self._act else y
+
+
+class _ChannelsFirstAct(_ChannelsFirst):
+    """timm's norm + act layers: the norm, then `drop`, then `act` (as the modules they are:
+    the channels-first kernels fuse no activation)."""
+
+    _act = True
 
     def _fastnorm_activation(self) -> str:
-        return _activation_text(self, type(None))  # (the kernel fuses none)
+        return _activation_text(self, type(None))
 
 
-class RmsNorm2d:
-    """timm's RmsNorm2d: RMSNorm over dim 1 of (N, C, H, W). timm computes it in the input's
-    dtype; the kernel computes in fp32, so only fp32 input runs it (the same computation)."""
+class LayerNorm2d(_ChannelsFirst):
+    """`F.layer_norm` over the channels (timm's and torchvision's LayerNorm2d, transformers'
+    ConvNextLayerNorm since 4.56 with data_format="channels_first", EoMT's LayerNorm2d)."""
+
+
+class LayerNormAct2d(_ChannelsFirstAct):
+    """timm's LayerNormAct2d."""
+
+
+class LayerNorm2dFp32(_ChannelsFirst):
+    """timm's LayerNorm2dFp32: LayerNorm2d computed in fp32, rounded once."""
+
+    _precision = "fp32"
+
+
+class LayerNormAct2dFp32(_ChannelsFirstAct):
+    """timm's LayerNormAct2dFp32."""
+
+    _precision = "fp32"
+
+
+class LayerNorm2dInputDtype(_ChannelsFirst):
+    """The mean and variance written out, in x's dtype (VitDet's and segment-anything's
+    LayerNorm2d, transformers' ConvNextLayerNorm before 4.23 with
+    data_format="channels_first")."""
+
+    _precision = "input"
+
+
+class RmsNorm2d(_ChannelsFirst):
+    """torch's F.rms_norm over the channels (timm 1.0.13-1.0.15's RmsNorm2d)."""
+
+    _kernel = "rms_norm_2d"
+
+
+class RmsNorm2dInputDtype(_ChannelsFirst):
+    """timm's RmsNorm2d (>= 1.0.16): timm's rms_norm2d, computed in x's dtype."""
+
+    _kernel = "rms_norm_2d"
+    _precision = "input"
+
+
+class RmsNormAct2dInputDtype(_ChannelsFirstAct):
+    """timm's RmsNormAct2d."""
+
+    _kernel = "rms_norm_2d"
+    _precision = "input"
+
+
+class RmsNorm2dFp32(_ChannelsFirst):
+    """timm's RmsNorm2dFp32: rms_norm2d computed in fp32, rounded once."""
+
+    _kernel = "rms_norm_2d"
+    _precision = "fp32"
+
+
+class RmsNormAct2dFp32(_ChannelsFirstAct):
+    """timm's RmsNormAct2dFp32."""
+
+    _kernel = "rms_norm_2d"
+    _precision = "fp32"
+
+
+class LayerNorm2dRounded:
+    """transformers 4.23-4.55's ConvNextLayerNorm (and its copies) with
+    data_format="channels_first": x_hat computed in fp32 and rounded to x's dtype, then
+    `weight[:, None, None] * x_hat + bias[:, None, None]` with torch's dtype rules. The kernel
+    computes x_hat, and the affine too where everything is fp32 (the same fp32 arithmetic);
+    float64 x (the library computes it in fp32) and non-4-D input run the library's code."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.dtype != torch.float32:
+        weight, bias = _param(self, "weight"), _param(self, "bias")
+        if x.dim() != 4 or x.dtype == torch.float64 or _torch_runs(x, "layer_norm_2d", weight,
+                                                                     bias):
             return super().forward(x)
-        return CHANNELS_FIRST_KERNELS["rms_norm_2d"](x, self.weight, self.eps)
+        kernel, eps = CHANNELS_FIRST_KERNELS["layer_norm_2d"], float(_param(self, "eps"))
+        if x.dtype == weight.dtype == bias.dtype == torch.float32:
+            return kernel(x, weight, bias, eps)
+        return weight[:, None, None] * kernel(x, None, None, eps) + bias[:, None, None]

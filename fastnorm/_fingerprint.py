@@ -14,7 +14,11 @@ A `Fingerprint` is the normalized tree of a class's `forward`:
   (`F.rms_norm`, `torch.nn.functional.rms_norm` and an imported `rms_norm` are the same
   token; a global that names something else is a different token);
 - spellings with identical results are unified: `x.float()` = `x.to(torch.float32)`,
-  `x.to(dtype=d)` = `x.to(d)`, `x.type_as(y)` = `x.to(y.dtype)`.
+  `x.to(dtype=d)` = `x.to(d)`, `x.type_as(y)` = `x.to(y.dtype)`;
+- a local assigned and read once, by the next statement, which rebinds it or returns, is folded
+  into that read: `x = f(x); x = g(x); return x` = `return g(f(x))` (see `_fold`);
+- timm 0.6's `timm.models.layers` is named as its later path `timm.layers` (the same objects,
+  moved in timm 0.9), so one form covers both.
 Everything else (the operations, their order, constants, keyword names, branches, and which
 results a variable is reused for) is kept: two forwards match only if they compute the same thing
 in the same way.
@@ -57,17 +61,28 @@ class Foreign:
         return f"Foreign({self.qualname!r})"
 
 
+# Library modules that moved between releases -> their later path (the objects are the same).
+_MOVED_MODULES = (("timm.models.layers.", "timm.layers."),)
+
+
+def _module_path(name: str) -> str:
+    for old, new in _MOVED_MODULES:
+        if (name + ".").startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def _token(obj: Any) -> Optional[str]:
     """A name for a resolved global that is the same wherever the object is reached from."""
     if isinstance(obj, Foreign):
         return obj.qualname
     if isinstance(obj, types.ModuleType):
-        return obj.__name__
+        return _module_path(obj.__name__)
     if isinstance(obj, torch.dtype):
         return str(obj)
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
     if isinstance(module, str) and isinstance(qualname, str):
-        return f"{module}.{qualname}"
+        return f"{_module_path(module)}.{qualname}"
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return repr(obj)
     return None
@@ -279,9 +294,125 @@ def _strip_strings(body: list[ast.stmt]) -> list[ast.stmt]:
                     and isinstance(s.value.value, str))]
 
 
+# -- folding single-use assignments ---------------------------------------------------------------
+# Expressions whose position in a statement is not simply "evaluated in order, once": a read
+# inside one is never folded into (it may run conditionally, repeatedly, or in another scope).
+_OPAQUE = (ast.Lambda, ast.IfExp, ast.BoolOp, ast.NamedExpr, ast.Dict, ast.Set, ast.ListComp,
+           ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Await, ast.Yield, ast.YieldFrom,
+           ast.Starred)
+_PURE = (ast.Name, ast.Attribute, ast.Constant, ast.Slice, ast.Tuple)
+_PROTECTING = (ast.Try, ast.With, ast.AsyncWith) + ((ast.TryStar,) if hasattr(ast, "TryStar")
+                                                    else ())
+
+
+def _is_super(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "super" and not node.args and not node.keywords)
+
+
+def _sole_early_read(node: ast.AST, name: str) -> Optional[ast.Name]:
+    """The read of `name` in `node` if it is the only one and nothing but names, attributes,
+    constants (and `super()`) is evaluated before it, in Python's order; else None."""
+    reads: list[ast.Name] = []
+    operation_before = False
+
+    def walk(n: ast.AST) -> bool:   # False: give up
+        nonlocal operation_before
+        if isinstance(n, _OPAQUE):
+            return False
+        if isinstance(n, ast.Name) and n.id == name:
+            if operation_before or not isinstance(n.ctx, ast.Load):
+                return False
+            reads.append(n)
+            return True
+        if _is_super(n):
+            return True
+        for child in ast.iter_child_nodes(n):   # (field order is evaluation order here)
+            if not walk(child):
+                return False
+        if not isinstance(n, _PURE) and isinstance(n, ast.expr):
+            operation_before = True           # a call, an operator, an index: done before
+        return True
+
+    return reads[0] if walk(node) and len(reads) == 1 else None
+
+
+def _fold(body: list[ast.stmt], fixed: set[str]) -> list[ast.stmt]:
+    """`v = E` followed by `v = g(v)` or `return g(v)` becomes `v = g(E)` / `return g(E)`,
+    repeatedly, in every block. Sound where it applies: the old value of v is read only there
+    (that statement rebinds v or returns), and before that read only names, attributes and
+    constants are evaluated, so E is still evaluated once, before every operation that
+    followed it. Not applied to `fixed` names (`self`, `global`/`nonlocal` names, names a
+    nested scope reads) nor inside `try` and `with` bodies (where an exception raised after E
+    could be caught and the variable read)."""
+    body = _strip_strings(body)
+    out: list[ast.stmt] = []
+    for stmt in body:
+        protected = isinstance(stmt, _PROTECTING)
+        for field in ("body", "orelse", "finalbody"):
+            inner = getattr(stmt, field, None)
+            if isinstance(inner, list) and inner and isinstance(inner[0], ast.stmt):
+                if not (protected and field == "body"):
+                    inner = _fold(inner, fixed) or [ast.Pass()]
+                setattr(stmt, field, inner)
+        for handler in getattr(stmt, "handlers", ()):
+            handler.body = _fold(handler.body, fixed) or [ast.Pass()]
+        while out and _fold_into(out[-1], stmt, fixed):
+            out.pop()
+        out.append(stmt)
+    return out
+
+
+def _assigned_name(stmt: ast.stmt) -> Optional[str]:
+    if isinstance(stmt, ast.AnnAssign) and stmt.value is not None and stmt.simple:
+        target = stmt.target
+    elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+        target = stmt.targets[0]
+    else:
+        return None
+    return target.id if isinstance(target, ast.Name) else None
+
+
+def _fold_into(prev: ast.stmt, stmt: ast.stmt, fixed: set[str]) -> bool:
+    """Folds `prev` (`v = E`) into `stmt` in place if `_fold`'s rule allows it."""
+    name = _assigned_name(prev)
+    if name is None or name in fixed or any(isinstance(n, ast.NamedExpr)
+                                             for n in ast.walk(prev.value)):
+        return False
+    if isinstance(stmt, ast.Return) and stmt.value is not None:
+        holder = stmt
+    elif _assigned_name(stmt) == name:
+        holder = stmt
+    else:
+        return False
+    read = _sole_early_read(holder.value, name)
+    if read is None:
+        return False
+    if holder.value is read:
+        holder.value = prev.value
+    else:
+        for parent in ast.walk(holder.value):
+            for field, value in ast.iter_fields(parent):
+                if value is read:
+                    setattr(parent, field, prev.value)
+                elif isinstance(value, list) and any(v is read for v in value):
+                    setattr(parent, field, [prev.value if v is read else v for v in value])
+    return True
+
+
 def _normalize(owner: type, func: types.FunctionType, attributes: dict[str, str],
                depth: int) -> str:
     tree = _function_tree(func)
+    args = tree.args.posonlyargs + tree.args.args
+    scopes = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp,
+              ast.SetComp, ast.DictComp, ast.GeneratorExp)
+    fixed = {a.arg for a in args[:1]}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            fixed.update(node.names)
+        elif isinstance(node, scopes) and node is not tree:
+            fixed.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+    tree.body = _fold(tree.body, fixed) or [ast.Pass()]
     tree = _Normalizer(owner, func, tree, attributes, depth).visit(tree)
     return ast.dump(tree, annotate_fields=False, include_attributes=False)
 

@@ -7,9 +7,10 @@ The attribute names used here are role names (`weight`, `eps`, ...): a match bin
 matched class's own attribute (`eps` -> `variance_epsilon`), in order of first use.
 
 These are written to compute what the libraries' layers compute, in the shape their code has
-(transformers 5.x, timm 0.9-1.0, diffusers 0.3x-0.42, torchvision); they are never run. A library
-release that changes a layer's code changes its fingerprint, and the layer is then left alone
-(with the reason) until a form for the new code is added here.
+(transformers 5.x, timm 0.9-1.0, diffusers 0.3x-0.42, torchvision, or the releases named next to
+a form); they are never run. A library release that changes a layer's code changes its
+fingerprint, and the layer is then left alone (with the reason) until a form for the new code is
+added here.
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ rms_norm = F.rms_norm     # what timm imports as `rms_norm` on torch >= 2.4
 class Form:
     """One recognized forward: the class holding it, its family (the adapter that replaces it,
     see fastnorm/_adapters.py), where it may come from (`library`: a module prefix, and `names`:
-    class names, or anything when empty), `eps` when the form has it as a literal, and the
-    roles that may be None (`optional`: the code tests them, or passes them to torch)."""
+    class names, or anything when empty), `eps` when the form has it as a literal, the roles
+    that may be None (`optional`: the code tests them, or passes them to torch), and the
+    family of channels-first instances where a `data_format` attribute decides it."""
 
     code: type
     family: str
@@ -46,6 +48,9 @@ class Form:
     names: tuple[str, ...] = ()
     eps: Optional[float] = None
     optional: tuple[str, ...] = ()
+    # transformers' ConvNeXt-style layers: `family` for data_format="channels_last" instances,
+    # this family for "channels_first" ones
+    channels_first: Optional[str] = None
 
 
 # --- A: Llama-style RMSNorm: x_hat in fp32, rounded to the input dtype, times the weight ----------
@@ -322,8 +327,10 @@ class TimmLayerNormAct:
 
 
 # --- channels-first LayerNorm / RMSNorm: normalize dim 1 of (N, C, H, W) --------------------------
+# A release's spelling that differs only by folded single-use assignments (fastnorm/_fingerprint.py)
+# needs no form of its own: timm <= 0.6.7's one-line LayerNorm2d is LayerNorm2d's below.
 
-class TimmLayerNorm2d:
+class TimmLayerNorm2d:  # timm >= 0.6.11 (timm.models.layers before 0.9)
     def forward(self, x):
         x = x.permute(0, 2, 3, 1)
         if self._fast_norm:
@@ -334,7 +341,7 @@ class TimmLayerNorm2d:
         return x
 
 
-class TimmLayerNormAct2d:
+class TimmLayerNormAct2d:  # timm >= 0.6.11
     def forward(self, x):
         x = x.permute(0, 2, 3, 1)
         if self._fast_norm:
@@ -347,7 +354,38 @@ class TimmLayerNormAct2d:
         return x
 
 
-class TimmRmsNorm2d:  # timm >= 1.0.16
+class TimmLayerNormAct2dNoFlag:  # timm 0.6.5-0.6.7, before the fast-norm flag
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps).permute(0, 3, 1, 2)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class TimmLayerNorm2dFp32:  # timm >= 1.0.17
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        x = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
+class TimmLayerNormAct2dFp32:  # timm >= 1.0.17
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        x = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        x = x.permute(0, 3, 1, 2)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class TimmRmsNorm2d:  # timm >= 1.0.16: timm's rms_norm2d, in the input's dtype
     def forward(self, x):
         if self._fast_norm:
             x = fast_rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
@@ -356,7 +394,45 @@ class TimmRmsNorm2d:  # timm >= 1.0.16
         return x
 
 
-class LayerNorm2d(nn.LayerNorm):  # torchvision ConvNeXt, transformers EoMT / VideoMT
+class TimmRmsNorm2dPermuted:  # timm 1.0.13-1.0.15: torch's F.rms_norm on the permuted input
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        if self._fast_norm:
+            x = fast_rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        else:
+            x = rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
+class TimmRmsNorm2dFp32:  # timm >= 1.0.17
+    def forward(self, x):
+        weight = self.weight.float() if self.weight is not None else None
+        x = rms_norm2d(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
+        return x
+
+
+class TimmRmsNormAct2d:  # timm >= 1.0.16 (MobileNetV5)
+    def forward(self, x):
+        if self._fast_norm:
+            x = fast_rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
+        else:
+            x = rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class TimmRmsNormAct2dFp32:  # timm >= 1.0.17
+    def forward(self, x):
+        weight = self.weight.float() if self.weight is not None else None
+        x = rms_norm2d(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class LayerNorm2d(nn.LayerNorm):  # torchvision >= 0.12 ConvNeXt, timm <= 0.6.7, EoMT, VideoMT
     def forward(self, x):
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -364,7 +440,19 @@ class LayerNorm2d(nn.LayerNorm):  # torchvision ConvNeXt, transformers EoMT / Vi
         return x
 
 
-class ConvNextLayerNorm(nn.LayerNorm):  # transformers' ConvNeXt(V2), SAM(2), ...: per instance
+class MeanVarLayerNorm2d:  # the mean and variance written out, in the input's dtype: VitDet,
+    def forward(self, x):  # segment-anything's / SAM 2's / detectron2's LayerNorm2d, ConvNeXt's
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        x = self.weight[:, None, None] * x + self.bias[:, None, None]
+        return x
+
+
+# transformers' ConvNeXt-style LayerNorm (ConvNeXt(V2), SAM, SAM-HQ, SegGPT, GOT-OCR2, ... and
+# their copies): the family depends on the instance's data_format (Form.channels_first).
+
+class ConvNextLayerNorm(nn.LayerNorm):  # transformers >= 4.56: an nn.LayerNorm subclass
     def forward(self, x):
         if self.data_format == "channels_first":
             x = x.permute(0, 2, 3, 1)
@@ -372,6 +460,33 @@ class ConvNextLayerNorm(nn.LayerNorm):  # transformers' ConvNeXt(V2), SAM(2), ..
             x = x.permute(0, 3, 1, 2)
         else:
             x = super().forward(x)
+        return x
+
+
+class ConvNextLayerNormRounded:  # transformers 4.23-4.55: statistics in fp32, x_hat rounded
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        elif self.data_format == "channels_first":
+            dtype = x.dtype
+            x = x.float()
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            x = (x - u) / torch.sqrt(s + self.eps)
+            x = x.to(dtype=dtype)
+            x = self.weight[:, None, None] * x + self.bias[:, None, None]
+        return x
+
+
+class ConvNextLayerNormMeanVar:  # transformers <= 4.22: in the input's dtype
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        elif self.data_format == "channels_first":
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            x = (x - u) / torch.sqrt(s + self.eps)
+            x = self.weight[:, None, None] * x + self.bias[:, None, None]
         return x
 
 
@@ -406,7 +521,23 @@ FORMS: tuple[Form, ...] = (
     Form(TimmLayerNorm2d, "layer_norm_2d", _TIMM, ("LayerNorm2d",), optional=_AFFINE),
     Form(TimmLayerNormAct2d, "layer_norm_act_2d", _TIMM, ("LayerNormAct2d",),
          optional=_AFFINE),
-    Form(TimmRmsNorm2d, "rms_norm_2d", _TIMM, ("RmsNorm2d",), optional=("weight",)),
+    Form(TimmLayerNormAct2dNoFlag, "layer_norm_act_2d", _TIMM, ("LayerNormAct2d",),
+         optional=_AFFINE),
+    Form(TimmLayerNorm2dFp32, "layer_norm_2d_fp32", _TIMM, ("LayerNorm2dFp32",),
+         optional=_AFFINE),
+    Form(TimmLayerNormAct2dFp32, "layer_norm_act_2d_fp32", _TIMM, ("LayerNormAct2dFp32",),
+         optional=_AFFINE),
+    Form(TimmRmsNorm2d, "rms_norm_2d_input_dtype", _TIMM, ("RmsNorm2d",), optional=("weight",)),
+    Form(TimmRmsNorm2dPermuted, "rms_norm_2d", _TIMM, ("RmsNorm2d",), optional=("weight",)),
+    Form(TimmRmsNorm2dFp32, "rms_norm_2d_fp32", _TIMM, ("RmsNorm2dFp32",),
+         optional=("weight",)),
+    Form(TimmRmsNormAct2d, "rms_norm_act_2d_input_dtype", _TIMM, ("RmsNormAct2d",),
+         optional=("weight",)),
+    Form(TimmRmsNormAct2dFp32, "rms_norm_act_2d_fp32", _TIMM, ("RmsNormAct2dFp32",),
+         optional=("weight",)),
     Form(LayerNorm2d, "layer_norm_2d", optional=_AFFINE),
-    Form(ConvNextLayerNorm, "layer_norm_data_format", optional=_AFFINE),
+    Form(MeanVarLayerNorm2d, "layer_norm_2d_input_dtype"),
+    Form(ConvNextLayerNorm, "layer_norm", optional=_AFFINE, channels_first="layer_norm_2d"),
+    Form(ConvNextLayerNormRounded, "f_layer_norm", channels_first="layer_norm_2d_rounded"),
+    Form(ConvNextLayerNormMeanVar, "f_layer_norm", channels_first="layer_norm_2d_input_dtype"),
 )

@@ -16,9 +16,11 @@ A module is converted by the first rule that recognizes it:
    (OLMo-1, Cohere, diffusers' FP32LayerNorm, timm's LayerNormFp32), diffusers' RMSNorm, and
    timm's LayerNorm, GroupNorm(1), RmsNorm and norm + activation layers (timm's recognized by
    module and class name too, with `_fast_norm` off); fastnorm/_adapters.py says what runs in
-   their place, with each library's dtype rules. Channels-first LayerNorms (timm's and
-   torchvision's LayerNorm2d, transformers' ConvNeXt-style ones) are recognized too and need a
-   channels-first kernel in `_adapters.CHANNELS_FIRST_KERNELS` to be converted.
+   their place, with each library's dtype rules. Channels-first norms (timm's LayerNorm2d,
+   RmsNorm2d, their Fp32 and + act variants; torchvision's LayerNorm2d; transformers'
+   ConvNeXt-style LayerNorm per data_format, each release's form; VitDet's and
+   segment-anything's LayerNorm2d) run the channels-first kernels of
+   `_adapters.CHANNELS_FIRST_KERNELS`.
 A class whose forward source cannot be read, or matches no form, is left alone.
 `convert_report(model)` says what was converted (and as which family) and, for every norm-like
 module left alone, why and how to add it (also logged at INFO level on the "fastnorm" logger).
@@ -123,16 +125,47 @@ _FAMILIES: dict[str, _Family] = {
     "group_norm_act": _Family(_adapters.GroupNormAct, "GroupNorm + act", own_names=True,
                               probe="channels"),
     "layer_norm_act": _Family(_adapters.LayerNormAct, "LayerNorm + act", own_names=True),
+    "f_layer_norm": _Family(_adapters.FunctionalLayerNorm, "LayerNorm (torch's F.layer_norm)"),
+    # channels-first: normalize dim 1 of (N, C, H, W)
     "layer_norm_2d": _Family(_adapters.LayerNorm2d, "channels-first LayerNorm",
-                             kernel="layer_norm_2d", own_names=True, probe="channels"),
+                             kernel="layer_norm_2d", probe="channels"),
     "layer_norm_act_2d": _Family(_adapters.LayerNormAct2d, "channels-first LayerNorm + act",
-                                 kernel="layer_norm_2d", own_names=True, probe="channels"),
-    "rms_norm_2d": _Family(_adapters.RmsNorm2d, "channels-first RMSNorm", kernel="rms_norm_2d",
-                           own_names=True, probe="channels"),
+                                 kernel="layer_norm_2d", probe="channels"),
+    "layer_norm_2d_fp32": _Family(_adapters.LayerNorm2dFp32,
+                                  "channels-first LayerNorm computed in fp32",
+                                  kernel="layer_norm_2d", probe="channels", probe_bf16=True),
+    "layer_norm_act_2d_fp32": _Family(_adapters.LayerNormAct2dFp32,
+                                      "channels-first LayerNorm computed in fp32 + act",
+                                      kernel="layer_norm_2d", probe="channels",
+                                      probe_bf16=True),
+    "layer_norm_2d_input_dtype": _Family(
+        _adapters.LayerNorm2dInputDtype,
+        "channels-first LayerNorm in the input's dtype (the kernel for fp32 input)",
+        kernel="layer_norm_2d", probe="channels"),
+    "layer_norm_2d_rounded": _Family(
+        _adapters.LayerNorm2dRounded,
+        "channels-first LayerNorm, x_hat rounded to the input's dtype before the affine",
+        kernel="layer_norm_2d", probe="channels", probe_bf16=True),
+    "rms_norm_2d": _Family(_adapters.RmsNorm2d, "channels-first RMSNorm (torch's F.rms_norm)",
+                           kernel="rms_norm_2d", probe="channels"),
+    "rms_norm_2d_input_dtype": _Family(
+        _adapters.RmsNorm2dInputDtype,
+        "channels-first RMSNorm in the input's dtype (the kernel for fp32 input)",
+        kernel="rms_norm_2d", probe="channels"),
+    "rms_norm_act_2d_input_dtype": _Family(
+        _adapters.RmsNormAct2dInputDtype,
+        "channels-first RMSNorm in the input's dtype (the kernel for fp32 input) + act",
+        kernel="rms_norm_2d", probe="channels"),
+    "rms_norm_2d_fp32": _Family(_adapters.RmsNorm2dFp32, "channels-first RMSNorm computed in fp32",
+                                kernel="rms_norm_2d", probe="channels", probe_bf16=True),
+    "rms_norm_act_2d_fp32": _Family(_adapters.RmsNormAct2dFp32,
+                                    "channels-first RMSNorm computed in fp32 + act",
+                                    kernel="rms_norm_2d", probe="channels", probe_bf16=True),
 }
 _SUBCLASS_TEXT = "a subclass of {} with torch's forward"
 _RECOGNIZED = ("transformers' RMSNorm families A-D and fp32 LayerNorms, diffusers' RMSNorm and "
-               "FP32LayerNorm, timm's norm layers; see fastnorm/_forms.py")
+               "FP32LayerNorm, timm's norm layers, channels-first LayerNorms of timm, "
+               "torchvision and transformers; see fastnorm/_forms.py")
 
 
 # --- recognizing a class (rules 3 and 4) -------------------------------------------------------
@@ -284,11 +317,12 @@ def _role_problem(module: nn.Module, role: str, name: Union[str, float], form: _
 def _instance_family(module: nn.Module, match: _Match) -> Union[str, tuple[str, str]]:
     """The family this instance converts to, or (family, why it is left alone)."""
     family = match.form.family
-    if family == "layer_norm_data_format":  # transformers' ConvNeXt-style: per instance
+    if match.form.channels_first is not None:  # transformers' ConvNeXt-style: per instance
         layout = getattr(module, match.roles["data_format"], None)
-        family = {"channels_last": "layer_norm", "channels_first": "layer_norm_2d"}.get(layout)
+        family = {"channels_last": family,
+                  "channels_first": match.form.channels_first}.get(layout)
         if family is None:
-            return "layer_norm", f"unknown data_format {layout!r}"
+            return match.form.family, f"unknown data_format {layout!r}"
     spec = _FAMILIES[family]
     if spec.own_names and any(role != name for role, name in match.roles.items()
                               if role not in ("_fast_norm", "data_format")):
@@ -473,7 +507,8 @@ def convert(module: nn.Module, sync_batchnorm: bool = False,
     BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses that keep torch's forward;
     transformers' RMSNorm families (Llama-, Gemma-, OLMo2- and T5-style) and fp32 LayerNorms,
     recognized by their forward's code; diffusers' RMSNorm and FP32LayerNorm; timm's LayerNorm,
-    GroupNorm, RmsNorm, LayerNormFp32 and norm + activation layers; classes added with
+    GroupNorm, RmsNorm, LayerNormFp32 and norm + activation layers; channels-first LayerNorms
+    and RMSNorms (timm's, torchvision's, transformers' ConvNeXt-style); classes added with
     `register_convert`. `convert_report(model)` says what was converted and what norm-like
     modules were left alone and why; a summary is logged at INFO level on the "fastnorm" logger.
 

@@ -1,9 +1,12 @@
-"""Norm layers that compute what timm's, diffusers' and torchvision's compute, with their
-attribute names and the shape of their forward code, written here so that fastnorm.convert's
-recognition of those libraries is tested where they are not installed (timm and torchvision
-cannot be installed beside the CPU torch). timm's classes are recognized by their module too:
-theirs is set to timm's (`timm.layers.norm`), and so is that of timm's fast-norm functions,
-which must never run here (the fast-norm flag is off unless a test turns it on)."""
+"""Norm layers that compute what timm's, diffusers' and torchvision's compute (and older
+transformers releases' channels-first LayerNorms), with their attribute names and the shape of
+their forward code, written here so that fastnorm.convert's recognition of those libraries is
+tested where they are not installed (timm and torchvision cannot be installed beside the CPU
+torch). Each forward is the library's, statement for statement, as in the file and releases
+named next to it. timm's classes are recognized by their module too: theirs is set to timm's
+(`timm.layers.norm`, `timm.models.layers.norm` before timm 0.9), and so is that of timm's
+fast-norm functions, which must never run here (the fast-norm flag is off unless a test turns it
+on)."""
 from __future__ import annotations
 
 import numbers
@@ -13,18 +16,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _timm_function(name: str):
+def _timm_function(name: str, module: str = "timm.layers.fast_norm"):
     def fast(*args, **kwargs):
         raise AssertionError(f"timm's {name} ran: the fast-norm flag was on")
-    fast.__module__, fast.__name__, fast.__qualname__ = "timm.layers.fast_norm", name, name
+    fast.__module__, fast.__name__, fast.__qualname__ = module, name, name
     return fast
 
 
 fast_layer_norm = _timm_function("fast_layer_norm")
 fast_group_norm = _timm_function("fast_group_norm")
 fast_rms_norm = _timm_function("fast_rms_norm")
+fast_rms_norm2d = _timm_function("fast_rms_norm2d")
+# timm 0.6.11-0.6.13 had it in timm.models.layers, renamed timm.layers in 0.9
+fast_layer_norm_06 = _timm_function("fast_layer_norm", "timm.models.layers.fast_norm")
 _assert = torch._assert
 rms_norm = F.rms_norm
+
+
+def rms_norm2d(x, normalized_shape, weight=None, eps=1e-5):
+    """timm.layers.fast_norm.rms_norm2d (timm >= 1.0.16): in the input's dtype."""
+    assert len(normalized_shape) == 1
+    v = x.pow(2)
+    v = torch.mean(v, dim=1, keepdim=True)
+    x = x * torch.rsqrt(v + eps)
+    if weight is not None:
+        x = x * weight.reshape(1, -1, 1, 1)
+    return x
+
+
+rms_norm2d.__module__ = "timm.layers.fast_norm"
 
 
 def _act(name: str) -> nn.Module:
@@ -108,8 +128,10 @@ class LayerNormFp32(nn.LayerNorm):
 
 
 class LayerNorm2d(nn.LayerNorm):
-    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True):
-        super().__init__(num_channels, eps=eps, elementwise_affine=affine)
+    """timm/layers/norm.py, timm 0.6.11-1.0.31 (timm/models/layers/norm.py before 0.9)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
         self._fast_norm = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +142,122 @@ class LayerNorm2d(nn.LayerNorm):
             x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         x = x.permute(0, 3, 1, 2)
         return x
+
+
+class LayerNorm2dFp32(nn.LayerNorm):
+    """timm/layers/norm.py, timm >= 1.0.17."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        x = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
+class RmsNorm2d(nn.Module):
+    """timm/layers/norm.py, timm >= 1.0.16: timm's rms_norm2d, in the input's dtype."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.normalized_shape = (channels,)
+        self.eps = eps
+        self.elementwise_affine = affine
+        self._fast_norm = False
+        if affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape))
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE fast norm fallback needs our rms norm impl, so both paths through here.
+        # Since there is no built-in PyTorch impl, always use APEX RmsNorm if is installed.
+        if self._fast_norm:
+            x = fast_rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
+        else:
+            x = rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
+        return x
+
+
+class RmsNorm2dV1013(RmsNorm2d):
+    """timm/layers/norm.py RmsNorm2d, timm 1.0.13-1.0.15: torch's F.rms_norm, permuted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        # NOTE fast norm fallback needs our rms norm impl, so both paths through here.
+        # Since there is no built-in PyTorch impl, always use APEX RmsNorm if is installed.
+        if self._fast_norm:
+            x = fast_rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        else:
+            x = rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
+class RmsNorm2dFp32(RmsNorm2d):
+    """timm/layers/norm.py, timm >= 1.0.17."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        x = rms_norm2d(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
+        return x
+
+
+class LayerNorm2dV067(nn.LayerNorm):
+    """timm/models/layers/norm.py LayerNorm2d, timm 0.5.4-0.6.7 (before the fast-norm flag)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        ).permute(0, 3, 1, 2)
+
+
+class LayerNorm2dV0613(LayerNorm2d):
+    """timm/models/layers/norm.py LayerNorm2d, timm 0.6.11-0.6.13: timm >= 0.9's code, with
+    fast_layer_norm from timm.models.layers.fast_norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        if self._fast_norm:
+            x = fast_layer_norm_06(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        else:
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
+def _is_contiguous(tensor: torch.Tensor) -> bool:
+    # jit is oh so lovely :/
+    if torch.jit.is_scripting():
+        return tensor.is_contiguous()
+    else:
+        return tensor.is_contiguous(memory_format=torch.contiguous_format)
+
+
+class ConvNextLayerNorm2dV054(nn.LayerNorm):
+    """timm/models/convnext.py LayerNorm2d, timm 0.5.4: for input that is not NCHW-contiguous,
+    the variance is torch.var_mean's unbiased one, which no layer_norm computes."""
+
+    def __init__(self, normalized_shape, eps=1e-6):
+        super().__init__(normalized_shape, eps=eps)
+
+    def forward(self, x) -> torch.Tensor:
+        if _is_contiguous(x):
+            return F.layer_norm(
+                x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+            ).permute(0, 3, 1, 2)
+        else:
+            s, u = torch.var_mean(x, dim=1, keepdim=True)
+            x = (x - u) * torch.rsqrt(s + self.eps)
+            x = x * self.weight[:, None, None] + self.bias[:, None, None]
+            return x
 
 
 # --- timm.layers.norm_act ------------------------------------------------------------------------
@@ -207,6 +345,8 @@ class LayerNormAct(nn.LayerNorm):
 
 
 class LayerNormAct2d(nn.LayerNorm):
+    """timm/layers/norm_act.py, timm 0.6.11-1.0.31."""
+
     def __init__(self, num_channels: int, eps: float = 1e-5, act: str = "gelu"):
         super().__init__(num_channels, eps=eps)
         self.drop = nn.Identity()
@@ -225,10 +365,75 @@ class LayerNormAct2d(nn.LayerNorm):
         return x
 
 
-for _cls in (LayerNorm, GroupNorm, GroupNorm1, RmsNorm, LayerNormFp32, LayerNorm2d):
+class LayerNormAct2dV067(LayerNormAct2d):
+    """timm/models/layers/norm_act.py LayerNormAct2d, timm 0.6.5-0.6.7."""
+
+    def forward(self, x):
+        x = F.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        ).permute(0, 3, 1, 2)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class LayerNormAct2dFp32(LayerNormAct2d):
+    """timm/layers/norm_act.py, timm >= 1.0.17."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        x = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        x = x.permute(0, 3, 1, 2)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class RmsNormAct2d(RmsNorm2d):
+    """timm/layers/norm_act.py, timm >= 1.0.16 (MobileNetV5's norm)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, act: str = "gelu"):
+        super().__init__(channels, eps=eps)
+        self.drop = nn.Identity()
+        self.act = _act(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_norm:
+            x = fast_rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
+        else:
+            x = rms_norm2d(x, self.normalized_shape, self.weight, self.eps)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class RmsNormAct2dFp32(RmsNormAct2d):
+    """timm/layers/norm_act.py, timm >= 1.0.17."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        x = rms_norm2d(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+for _cls in (LayerNorm, GroupNorm, GroupNorm1, RmsNorm, LayerNormFp32, LayerNorm2d,
+             LayerNorm2dFp32, RmsNorm2d, RmsNorm2dV1013, RmsNorm2dFp32):
     _cls.__module__ = "timm.layers.norm"
-for _cls in (BatchNormAct2d, GroupNormAct, LayerNormAct, LayerNormAct2d):
+for _cls in (BatchNormAct2d, GroupNormAct, LayerNormAct, LayerNormAct2d, LayerNormAct2dFp32,
+             RmsNormAct2d, RmsNormAct2dFp32):
     _cls.__module__ = "timm.layers.norm_act"
+LayerNorm2dV067.__module__ = LayerNorm2dV0613.__module__ = "timm.models.layers.norm"
+LayerNormAct2dV067.__module__ = "timm.models.layers.norm_act"
+ConvNextLayerNorm2dV054.__module__ = "timm.models.convnext"
+# (timm's class names, for the forms restricted to them)
+for _cls, _name in ((RmsNorm2dV1013, "RmsNorm2d"), (LayerNorm2dV067, "LayerNorm2d"),
+                    (LayerNorm2dV0613, "LayerNorm2d"), (LayerNormAct2dV067, "LayerNormAct2d"),
+                    (ConvNextLayerNorm2dV054, "LayerNorm2d")):
+    _cls.__name__ = _cls.__qualname__ = _name
 
 
 # --- diffusers.models.normalization --------------------------------------------------------------
@@ -303,6 +508,8 @@ RMSNorm.__module__ = FP32LayerNorm.__module__ = "diffusers.models.normalization"
 # --- torchvision.models.convnext -----------------------------------------------------------------
 
 class TorchvisionLayerNorm2d(nn.LayerNorm):
+    """torchvision/models/convnext.py LayerNorm2d, torchvision 0.12 (its first) to 0.2x."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -311,3 +518,50 @@ class TorchvisionLayerNorm2d(nn.LayerNorm):
 
 
 TorchvisionLayerNorm2d.__module__ = "torchvision.models.convnext"
+
+
+# --- transformers' ConvNeXt-style LayerNorm before 4.56 (4.56 on: the installed one) -------------
+
+class ConvNextLayerNormV422(nn.Module):
+    """transformers/models/convnext/modeling_convnext.py ConvNextLayerNorm, transformers
+    up to 4.22: channels_first in the input's dtype (VitDet's LayerNorm computes the same)."""
+
+    def __init__(self, normalized_shape, eps=1e-6, data_format="channels_last"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape))
+        self.eps = eps
+        self.data_format = data_format
+        if self.data_format not in ["channels_last", "channels_first"]:
+            raise NotImplementedError(f"Unsupported data format: {self.data_format}")
+        self.normalized_shape = (normalized_shape,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data_format == "channels_last":
+            x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                                               self.eps)
+        elif self.data_format == "channels_first":
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            x = (x - u) / torch.sqrt(s + self.eps)
+            x = self.weight[:, None, None] * x + self.bias[:, None, None]
+        return x
+
+
+class ConvNextLayerNormV455(ConvNextLayerNormV422):
+    """The same file, transformers 4.23-4.55 (and its copies: ConvNextV2, SAM, SAM-HQ, SegGPT,
+    GOT-OCR2, DeepseekVLHybrid): statistics in fp32, x_hat rounded to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data_format == "channels_last":
+            x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                                               self.eps)
+        elif self.data_format == "channels_first":
+            input_dtype = x.dtype
+            x = x.float()
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            x = (x - u) / torch.sqrt(s + self.eps)
+            x = x.to(dtype=input_dtype)
+            x = self.weight[:, None, None] * x + self.bias[:, None, None]
+        return x

@@ -1,8 +1,9 @@
-"""fastnorm.convert on timm's, diffusers' and torchvision's norm layers (recognized by their
-forward's code, fastnorm/_forms.py), on look-alikes that compute something else (never
-converted), and on the fingerprint itself. Where timm and diffusers are not installed, the layers
-of tests/library_layers.py stand in for theirs (same attribute names, same forward code); where
-they are, the last tests run the real ones."""
+"""fastnorm.convert on timm's and diffusers' norm layers (recognized by their forward's code,
+fastnorm/_forms.py), on look-alikes that compute something else (never converted), and on the
+fingerprint itself. Where timm and diffusers are not installed, the layers of
+tests/library_layers.py stand in for theirs (same attribute names, same forward code); where
+they are, the last tests run the real ones. (Channels-first layers, timm's, torchvision's and
+transformers': test_convert_channels_first.py.)"""
 import copy
 import io
 import os
@@ -176,70 +177,6 @@ def test_converted_timm_layers_pickle_and_copy(monkeypatch):
     assert torch.equal(loaded[0](x), model[0](x))
 
 
-# --- channels-first: recognized, and converted once a channels-first kernel is registered ------
-
-def _channels_first_layer_norm(input, weight=None, bias=None, eps=1e-6):
-    """The contract of fastnorm.layer_norm_2d (normalize dim 1 of (N, C, *)), in torch, for
-    the registration test."""
-    y = F.layer_norm(input.movedim(1, -1), input.shape[1:2], weight, bias, eps)
-    return y.movedim(-1, 1)
-
-
-def _channels_first_models():
-    model = nn.Sequential(lib.LayerNorm2d(8), lib.LayerNormAct2d(8, act="gelu"),
-                          lib.TorchvisionLayerNorm2d(8))
-    return _randomize(model)
-
-
-def test_channels_first_layer_norms_wait_for_their_kernel(monkeypatch):
-    monkeypatch.delitem(_adapters.CHANNELS_FIRST_KERNELS, "layer_norm_2d", raising=False)
-    model = _channels_first_models()
-    fastnorm.convert(model)
-    report = fastnorm.convert_report(model)
-    assert not report.converted and len(report.left_alone) == 3
-    for _name, _cls, reason in report.left_alone:
-        assert "no channels-first kernel (fastnorm.layer_norm_2d)" in reason
-        assert "register_convert" in reason
-
-
-def test_channels_first_kernel_registration_converts_them(monkeypatch):
-    monkeypatch.setitem(_adapters.CHANNELS_FIRST_KERNELS, "layer_norm_2d",
-                        _channels_first_layer_norm)
-    torch.manual_seed(0)
-    model = _channels_first_models()
-    ref = copy.deepcopy(model)
-    fastnorm.convert(model)
-    report = fastnorm.convert_report(model)
-    assert [n for n, _ in report.converted] == ["0", "1", "2"] and not report.left_alone
-    assert report.families["1"] == "channels-first LayerNorm + act: GELU after the kernel, unfused"
-    x = torch.randn(2, 8, 5, 3)
-    for m, r in zip(model, ref):
-        torch.testing.assert_close(m(x), r(x))
-        torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), r(x))
-
-
-def test_transformers_convnext_layer_norm_per_data_format(monkeypatch):
-    modeling = pytest.importorskip("transformers.models.convnext.modeling_convnext")
-    monkeypatch.delitem(_adapters.CHANNELS_FIRST_KERNELS, "layer_norm_2d", raising=False)
-    last = modeling.ConvNextLayerNorm(8, eps=1e-6, data_format="channels_last")
-    first = modeling.ConvNextLayerNorm(8, eps=1e-6, data_format="channels_first")
-    model = nn.Sequential(last, first)
-    fastnorm.convert(model)
-    report = fastnorm.convert_report(model)
-    assert [n for n, _ in report.converted] == ["0"]
-    assert report.families["0"] == "LayerNorm (torch's)"
-    assert isinstance(model[0], fastnorm.nn.LayerNorm)
-    (name, _cls, reason), = report.left_alone
-    assert name == "1" and "fastnorm.layer_norm_2d" in reason
-    monkeypatch.setitem(_adapters.CHANNELS_FIRST_KERNELS, "layer_norm_2d",
-                        _channels_first_layer_norm)
-    ref = copy.deepcopy(first)
-    fastnorm.convert(model)
-    assert fastnorm.convert_report(model).families["1"] == "channels-first LayerNorm"
-    x = torch.randn(2, 8, 4, 4)
-    torch.testing.assert_close(model[1](x), ref(x))
-
-
 # --- diffusers -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -365,25 +302,13 @@ class OwnRmsNormHelper(lib.RmsNorm):
 OwnRmsNormHelper.__module__, OwnRmsNormHelper.__name__ = "timm.layers.norm", "RmsNorm"
 
 
-class WrongPermuteLayerNorm2d(nn.LayerNorm):
-    """torchvision's LayerNorm2d with the wrong inverse permutation."""
-
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        x = x.permute(0, 3, 2, 1)
-        return x
-
-
 @pytest.mark.parametrize("cls", [OffsetInWeightDtypeRMSNorm, SumNotMeanRMSNorm, ExtraBiasRMSNorm,
-                                 EpsOutsideRMSNorm, OwnRmsNormHelper, WrongPermuteLayerNorm2d])
-def test_look_alike_computing_something_else_is_left_alone(cls, monkeypatch):
-    monkeypatch.setitem(_adapters.CHANNELS_FIRST_KERNELS, "layer_norm_2d",
-                        _channels_first_layer_norm)
+                                 EpsOutsideRMSNorm, OwnRmsNormHelper])
+def test_look_alike_computing_something_else_is_left_alone(cls):
+    # (channels-first look-alikes: test_convert_channels_first.py)
     torch.manual_seed(0)
     module = _randomize(cls(8)).bfloat16()
-    x = torch.randn(2, 8, 4, 4) if cls is WrongPermuteLayerNorm2d else torch.randn(4, 3, 8)
-    x = x.bfloat16()
+    x = torch.randn(4, 3, 8).bfloat16()
     want = module(x)
     fastnorm.convert(module)
     assert type(module) is cls
@@ -416,6 +341,106 @@ def test_fingerprint_unifies_spellings_and_resolves_globals():
     assert c.text != b.text
 
 
+class Folded(nn.Module):
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
+class OneLine(nn.Module):
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class ReadTwice(nn.Module):  # y read twice: not folded
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        return F.layer_norm(y, self.normalized_shape, self.weight, self.bias, self.eps) + y
+
+
+class ReadTwiceInline(nn.Module):  # (what folding it would give: x.permute evaluated twice)
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps) + x.permute(0, 2, 3, 1)
+
+
+class CallBefore(nn.Module):  # a call evaluated before the read: not folded
+    def forward(self, x):
+        y = x.float()
+        return self.act(x) + y
+
+
+class CallBeforeInline(nn.Module):
+    def forward(self, x):
+        return self.act(x) + x.float()
+
+
+class ReadLater(nn.Module):  # y is read again after the next statement: not folded
+    def forward(self, x):
+        y = x.float()
+        x = y * 2
+        return x + y
+
+
+class ReadLaterInline(nn.Module):
+    def forward(self, x):
+        x = x.float() * 2
+        return x + y  # noqa: F821  (what folding would give: y unbound)
+
+
+class InTry(nn.Module):  # a caught exception could see x between the two: not folded
+    def forward(self, x):
+        try:
+            x = x.float()
+            x = self.act(x)
+        except RuntimeError:
+            pass
+        return x
+
+
+class InTryInline(nn.Module):
+    def forward(self, x):
+        try:
+            x = self.act(x.float())
+        except RuntimeError:
+            pass
+        return x
+
+
+def test_fingerprint_folds_single_use_assignments_only():
+    assert fingerprint(Folded).text == fingerprint(OneLine).text
+    assert fingerprint(Folded).attributes == ("normalized_shape", "weight", "bias", "eps")
+    assert fingerprint(Folded).text == fingerprint(_forms.LayerNorm2d).text
+    for kept, folded in ((ReadTwice, ReadTwiceInline), (CallBefore, CallBeforeInline),
+                         (ReadLater, ReadLaterInline), (InTry, InTryInline)):
+        assert fingerprint(kept).text != fingerprint(folded).text, kept.__name__
+
+
+def test_fingerprint_names_timm_06_modules_by_their_later_path():
+    # timm 0.6.11-0.6.13's LayerNorm2d calls timm.models.layers.fast_norm.fast_layer_norm,
+    # which timm 0.9 moved to timm.layers.fast_norm: one form; a function elsewhere: another
+    assert fingerprint(lib.LayerNorm2dV0613).text == fingerprint(lib.LayerNorm2d).text
+    assert fingerprint(NotTimm06LayerNorm2d).text != fingerprint(lib.LayerNorm2d).text
+
+
+fast_layer_norm_elsewhere = lib._timm_function("fast_layer_norm", "timm_models.layers.fast_norm")
+
+
+class NotTimm06LayerNorm2d(lib.LayerNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        if self._fast_norm:
+            x = fast_layer_norm_elsewhere(x, self.normalized_shape, self.weight, self.bias,
+                                          self.eps)
+        else:
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return x
+
+
 def test_every_form_has_a_readable_fingerprint_and_is_unique():
     texts = [fingerprint(form.code).text for form in _forms.FORMS]
     assert len(set(texts)) == len(texts)
@@ -437,14 +462,14 @@ def test_real_diffusers_layers():
 
 
 @pytest.mark.parametrize("name,kwargs,converted", [
-    # timm's LayerNorm in the blocks, as convnext_tiny; LayerNorm2d elsewhere, reported
-    ("convnext_atto", dict(conv_mlp=False), {"fastnorm.LayerNorm"}),
-    # LayerNorm2d everywhere: reported, or converted once a channels-first kernel exists
-    ("convnext_atto", {}, set()),
+    # timm's LayerNorm in the blocks, as convnext_tiny; LayerNorm2d elsewhere
+    ("convnext_atto", dict(conv_mlp=False), {"fastnorm.LayerNorm", "fastnorm.LayerNorm2d"}),
+    ("convnext_atto", {}, {"fastnorm.LayerNorm2d"}),  # LayerNorm2d everywhere
     ("vit_tiny_patch16_224", {}, {"fastnorm.LayerNorm"}),
     ("mobilenetv3_small_100", {}, {"fastnorm.BatchNormAct2d"}),  # ReLU (fused), hard-swish
     ("efficientnet_b0", {}, {"fastnorm.BatchNormAct2d"}),        # SiLU
-    ("resnetv2_50d_gn", {}, {"fastnorm.GroupNormAct"})], ids=str)  # ReLU
+    ("resnetv2_50d_gn", {}, {"fastnorm.GroupNormAct"}),          # ReLU
+    ("convnext_atto_rms", {}, {"fastnorm.RmsNorm2d"})], ids=str)
 def test_real_timm_models(name, kwargs, converted):
     """Real timm models (where timm is installed, e.g. the GPU machines): the norms converted as
     expected, every other norm-like module left alone with the reason and how to add it, and
@@ -465,8 +490,6 @@ def test_real_timm_models(name, kwargs, converted):
     fastnorm.convert(model)
     report = fastnorm.convert_report(model)
     print(f"timm {timm.__version__} {name} {kwargs}: {report.summary()}")
-    if "layer_norm_2d" in _adapters.CHANNELS_FIRST_KERNELS and name.startswith("convnext"):
-        converted = converted | {"fastnorm.LayerNorm2d"}
     assert {cls for _name, cls in report.converted} == converted, str(report)
     norm_like = [n for n, m in ref.named_modules() if "Norm" in type(m).__name__
                  and not any("Norm" in type(c).__name__ for c in m.children())]  # (not blocks)

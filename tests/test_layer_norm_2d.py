@@ -156,6 +156,24 @@ def test_low_precision_input_with_fp32_weight(backend, dtype, device):
     _check("rms", (2, 24, 3, 3), dtype, device, "channels_last", param_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_output_takes_an_in_place_op_under_autograd(backend, kind, layout, device):
+    # (timm's LayerNormAct2d runs ReLU(inplace=True) on it)
+    torch.manual_seed(0)
+    x = _layout(torch.randn(2, 12, 3, 5, device=device), layout)
+    w, b = torch.randn(12, device=device), torch.randn(12, device=device)
+    grads = []
+    for fn, inplace in ((_ours, True), (_permuted, False)):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(kind, xs, ws, bs if kind == "layer" else None, 1e-6)
+        y = y.relu_() if inplace else y.relu()
+        (y * torch.linspace(-1, 1, y.numel(), device=device).view(y.shape)).sum().backward()
+        grads.append((y, xs.grad, ws.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
 def test_non_contiguous_input_and_gradient_layouts(backend, device):
     torch.manual_seed(0)
     base = torch.randn(2, 10, 6, 8, device=device)

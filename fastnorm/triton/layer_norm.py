@@ -982,10 +982,12 @@ def plan_layer_norm_per_example(m: int, n: int, dtype: torch.dtype, device: torc
 # --- launchers ---------------------------------------------------------------------------------
 
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   eps: float, is_rms: bool, out: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd for a 2-D x (rows of N features, unit column stride). For RMSNorm `mean`
-    is empty. mean/rstd are fp32 (fp64 for fp64 x)."""
-    y, mean, rstd, _h = add_layer_norm_fwd(x, None, weight, bias, eps, is_rms)
+    is empty. mean/rstd are fp32 (fp64 for fp64 x). y is written into `out` when given (2-D
+    like x, unit column stride: a view of the caller's output)."""
+    y, mean, rstd, _h = add_layer_norm_fwd(x, None, weight, bias, eps, is_rms, out=out)
     return y, mean, rstd
 
 
@@ -993,12 +995,13 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                        is_rms: bool, residual_dtype: Optional[torch.dtype] = None,
                        round_xhat: bool = False, inplace: bool = False,
-                       store_residual: bool = True
+                       store_residual: bool = True, out: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd, h. With a `residual` (2-D like x, unit column stride) the norm runs on
     h = x + residual, stored in `residual_dtype` (default: residual's dtype) and returned;
     otherwise h is empty. `round_xhat` rounds x_hat to x's dtype before the weight multiply.
     `inplace`: y is written into x and h into residual (which must be given, in x's dtype).
+    `out`: y is written into it (2-D like x, unit column stride).
     `store_residual=False`: h is not written (and comes back empty): y only, one write less.
     Without a residual h is None."""
     M, N = x.shape
@@ -1006,7 +1009,8 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
     has_residual = residual is not None
     store_residual = has_residual and (store_residual or inplace)
     stats_dtype = acc_dtype(x.dtype)
-    y = x if inplace else torch.empty((M, N), dtype=x.dtype, device=device)
+    y = x if inplace else out if out is not None else torch.empty((M, N), dtype=x.dtype,
+                                                                 device=device)
     rstd = torch.empty(M, dtype=stats_dtype, device=device)
     mean = torch.empty(0 if is_rms else M, dtype=stats_dtype, device=device)
     if M == 0 or N == 0:

@@ -441,9 +441,12 @@ def layer_norm_2d_fwd(x: torch.Tensor, weight: Optional[torch.Tensor],
     layout, mean/rstd are (N, S) in fp32 (fp64 for fp64 x), mean empty for RMSNorm."""
     n, c, s = x.shape
     if channels_last_strides(x):
-        y, mean, rstd = _rows.layer_norm_fwd(_rows_view(x), weight, bias, eps, is_rms)
-        return (_channels_view(y, x), mean if is_rms else mean.view(n, s),
-                rstd.view(n, s))
+        # y made in x's layout and written through its rows view: returned as a view, it
+        # would refuse in-place ops after it (an inplace ReLU) under autograd
+        y = torch.empty_like(x)
+        _y, mean, rstd = _rows.layer_norm_fwd(_rows_view(x), weight, bias, eps, is_rms,
+                                              out=_rows_view(y))
+        return y, mean if is_rms else mean.view(n, s), rstd.view(n, s)
     _check_sample_size(c, s)
     stats_dtype = acc_dtype(x.dtype)
     y = torch.empty_like(x)
