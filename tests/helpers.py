@@ -13,6 +13,10 @@ TOLERANCES = {
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
+# The device every kernel test runs on: CUDA where present (compiled kernels), else the CPU
+# (Triton's interpreter, switched on by conftest.py). Also the `device` fixture's value.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def assert_close_ref(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor | None = None,
                      name: str = "output") -> None:

@@ -32,7 +32,8 @@ _HARNESS_BENCHES = sorted(p for p in glob.glob(os.path.join(BENCH_DIR, "bench_*.
 
 
 @pytest.mark.parametrize("path", _HARNESS_BENCHES, ids=os.path.basename)
-def test_bench_script_writes_results(path, tmp_path):
+def test_bench_script_writes_results(path, tmp_path, device):
+    # (`device`: the harness runs on the suite's device, CUDA where present)
     name = os.path.basename(path)[len("bench_"):-3]
     _load(path).main(["--quick", "--providers", ",".join(PROVIDERS), "--out", str(tmp_path)])
     with open(tmp_path / f"{name}.json") as f:

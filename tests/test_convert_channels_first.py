@@ -150,7 +150,7 @@ def test_half_precision_output_rounds_where_the_library_rounds(case, device):
         assert (norm(x) != ref(x)).float().mean() <= 1e-2
 
 
-def test_converted_layers_pickle_and_copy(monkeypatch):
+def test_converted_layers_pickle_and_copy(monkeypatch, device):
     # pickle finds a class by its module: make the libraries' module paths lead to the
     # look-alikes (the adapters rebuild from the library class, see convert._adapter_reduce_ex)
     for name in ("timm", "timm.layers", "torchvision", "torchvision.models"):
@@ -160,7 +160,7 @@ def test_converted_layers_pickle_and_copy(monkeypatch):
     model = _randomize(nn.Sequential(
         lib.LayerNorm2d(C), lib.LayerNormAct2d(C), lib.LayerNorm2dFp32(C), lib.RmsNorm2d(C),
         lib.RmsNormAct2dFp32(C), lib.TorchvisionLayerNorm2d(C),
-        lib.ConvNextLayerNormV455(C, data_format="channels_first")))
+        lib.ConvNextLayerNormV455(C, data_format="channels_first"))).to(device)
     fastnorm.convert(model)
     assert len(fastnorm.convert_report(model).converted) == len(model)
     buf = io.BytesIO()
@@ -168,7 +168,7 @@ def test_converted_layers_pickle_and_copy(monkeypatch):
     buf.seek(0)
     for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
         assert [type(m) for m in other] == [type(m) for m in model]
-        x = torch.randn(2, C, 4, 3)
+        x = torch.randn(2, C, 4, 3, device=device)
         with fastnorm.use_backend("triton"):
             assert torch.equal(other(x), model(x))
 

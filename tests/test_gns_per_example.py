@@ -9,7 +9,8 @@ import fastnorm  # noqa: F401  (registers the ops)
 from fastnorm import reference as ref
 from fastnorm.triton import layer_norm as _ln
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from helpers import DEVICE
+
 # Per-example sums are fp32 (fp64 for fp64) over rows_per_example terms.
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=1e-4, atol=1e-5),
        torch.float64: dict(rtol=1e-10, atol=1e-12)}

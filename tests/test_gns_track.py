@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, vmap
 import fastnorm
 from fastnorm.gns import GNSEstimator, track
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from helpers import DEVICE
 
 
 class Net(nn.Module):

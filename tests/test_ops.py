@@ -15,10 +15,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fastnorm
 from fastnorm import reference as ref
 from fastnorm.ops import _router
+from helpers import DEVICE
 from sample_inputs import sample_inputs
 
 OPS = _router.OPS
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The C++ kernels have no fp64 (the router sends fp64 to Triton), so they are tested in fp32.
 TEST_DTYPE = {"cuda": torch.float32}
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-5, atol=2e-5)}
