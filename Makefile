@@ -25,8 +25,10 @@ run: $(VENV)/.installed
 check: $(VENV)/.installed
 	$(PY) -m fastnorm check
 
+# -n auto: one worker per core (at most 4; the suite's processes each hold torch + a Triton
+# cache, ~1 GiB): 2 on our 2-core CI machines. PYTEST_ARGS adds flags, e.g. PYTEST_ARGS="-n 0".
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

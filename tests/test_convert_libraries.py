@@ -469,7 +469,9 @@ def test_real_diffusers_layers():
     ("mobilenetv3_small_100", {}, {"fastnorm.BatchNormAct2d"}),  # ReLU (fused), hard-swish
     ("efficientnet_b0", {}, {"fastnorm.BatchNormAct2d"}),        # SiLU
     ("resnetv2_50d_gn", {}, {"fastnorm.GroupNormAct"}),          # ReLU
-    ("convnext_atto_rms", {}, {"fastnorm.RmsNorm2d"})], ids=str)
+    ("convnext_atto_rms", {}, {"fastnorm.RmsNorm2d"})],
+    # sorted: a set's repr follows the hash seed, and xdist's workers must collect equal ids
+    ids=lambda v: ",".join(sorted(v)) if isinstance(v, set) else str(v))
 def test_real_timm_models(name, kwargs, converted):
     """Real timm models (where timm is installed, e.g. the GPU machines): the norms converted as
     expected, every other norm-like module left alone with the reason and how to add it, and
