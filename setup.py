@@ -73,7 +73,9 @@ setup(
         # transformers: tests/test_convert.py builds tiny Llama/Mistral/Qwen2/Gemma/T5 models
         # from configs (no download); it does not depend on torch (~170 MB, ~20 small packages).
         # pytest-xdist: `make test` spreads the suite over the cores (-n auto, at most 4).
-        "test": ["pytest", "pytest-xdist", "numpy<2.4", "matplotlib", "scikit-learn", "tqdm",
+        # expecttest: imported by torch.testing._internal, whose OpInfo samples
+        # tests/test_opinfo.py runs (PyTorch's own test helper, pure Python).
+        "test": ["pytest", "pytest-xdist", "expecttest", "numpy<2.4", "matplotlib", "scikit-learn", "tqdm",
                  "transformers>=4.45"],
         "bench": ["matplotlib"],
         "train": ["scikit-learn", "tqdm", "matplotlib"],

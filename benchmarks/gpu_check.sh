@@ -70,7 +70,7 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 $XDIST \
   tests/test_group_norm.py tests/test_batch_norm.py tests/test_semantics.py tests/test_convert.py \
   tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py tests/test_host_path.py \
   tests/test_torch_compat.py tests/test_gns_track.py tests/test_convert_libraries.py \
-  tests/test_layer_norm_2d.py tests/test_convert_channels_first.py \
+  tests/test_layer_norm_2d.py tests/test_convert_channels_first.py tests/test_opinfo.py \
   2>&1 | tee "$OUT/tests.log" | tail -15
 test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
