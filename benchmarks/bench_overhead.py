@@ -265,16 +265,21 @@ def registration_routes(calls: int, repeats: int) -> list[dict]:
     4x64 CPU tensor, with and without autograd: torch.library.custom_op with register_autograd
     (what fastnorm's registered ops are), torch.library.define + impl with autograd in an
     autograd.Function outside the op, and the eager route (an autograd.Function calling the
-    implementation directly; no dispatcher). The body itself is timed as "direct"."""
+    implementation directly; no dispatcher). The body itself is timed as "direct". "fwd+bwd"
+    adds `.backward(dy)`: for "direct" that is the engine running clone's C++ backward node,
+    for the others a Python backward, the floor under any op whose autograd lives in Python."""
     rows = []
-    for grad in (False, True):
+    routes = _routes()
+    for grad, mode in ((False, "fwd"), (True, "fwd"), (True, "fwd+bwd")):
         x = torch.randn(4, 64, requires_grad=grad)
-        for name, fn in _routes().items():
-            call = (lambda fn=fn: fn(x))
+        dy = torch.randn(4, 64)
+        for name, fn in routes.items():
+            call = ((lambda fn=fn: fn(x).backward(dy)) if mode == "fwd+bwd"
+                    else (lambda fn=fn: fn(x)))
             for _ in range(10):
                 call()
             best = min(_timer(call, calls, lambda: None) for _ in range(repeats))
-            rows.append({"route": name, "requires_grad": grad, "us": best})
+            rows.append({"route": name, "requires_grad": grad, "mode": mode, "us": best})
     return rows
 
 
@@ -341,10 +346,11 @@ def main() -> None:
     routes = registration_routes(args.calls, args.repeats) if args.device == "cpu" else []
     if routes:
         md += "\n\nRegistration routes (one clone of a 4x64 CPU tensor; us per call):\n\n" \
-              "| route | no grad | requires grad |\n|---|---|---|\n"
+              "| route | fwd, no grad | fwd, requires grad | fwd+bwd |\n|---|---|---|---|\n"
         for name in dict.fromkeys(r["route"] for r in routes):
-            us = {r["requires_grad"]: r["us"] for r in routes if r["route"] == name}
-            md += f"| {name} | {us[False]:.1f} | {us[True]:.1f} |\n"
+            us = {(r["requires_grad"], r["mode"]): r["us"] for r in routes if r["route"] == name}
+            md += f"| {name} | {us[False, 'fwd']:.1f} | {us[True, 'fwd']:.1f} | " \
+                  f"{us[True, 'fwd+bwd']:.1f} |\n"
         print(md[md.index("Registration routes"):])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -336,7 +336,9 @@ def test_bench_overhead_registration_routes():
     finally:
         sys.path.pop(0)
     rows = bench_overhead.registration_routes(calls=2, repeats=1)
-    assert len(rows) == 8 and all(r["us"] > 0 for r in rows)
+    assert len(rows) == 12 and all(r["us"] > 0 for r in rows)
+    assert {(r["requires_grad"], r["mode"]) for r in rows} == {
+        (False, "fwd"), (True, "fwd"), (True, "fwd+bwd")}
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _launch._DIRECT),
