@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one call on a CUDA machine (an H100 or H200 in our lease), under 10 minutes.
+# The GPU check: one call on a CUDA machine (an H100 or H200 in our lease), under 9 minutes
+# (GPU_CHECK_SECONDS, default 540: every stage's timeout is capped by what is left).
 #   1. environment: GPU, clocks, torch/triton versions
 #   2. the CUDA C++ kernels: the torch-free self-test (csrc/selftest) built with nvcc, run against
 #      a float64 reference, its LN/RMS bandwidth mode, and compute-sanitizer memcheck/racecheck on
@@ -22,6 +23,16 @@ mkdir -p "$OUT/results"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FASTNORM_BUILD_CUDA=${FASTNORM_BUILD_CUDA:-1}
 PY=${PYTHON:-python3}
 start=$(date +%s)
+# One deadline for the whole check (default 540 s: the device tool kills a call at 600 s, and the
+# summary must be written before that). Every stage's timeout is capped by what is left, so a
+# slow stage costs the stages after it, never the summary.
+deadline=$(( start + ${GPU_CHECK_SECONDS:-540} ))
+cap() {  # cap SECONDS: SECONDS, or what is left before the deadline (at least 1)
+  local left=$(( deadline - $(date +%s) )) want=$1
+  (( left < want )) && want=$left
+  (( want < 1 )) && want=1
+  echo "$want"
+}
 
 {
   echo "# fastnorm GPU check, $(date -u +%Y-%m-%dT%H:%MZ), git $(git rev-parse --short HEAD 2>/dev/null)"
@@ -32,20 +43,20 @@ start=$(date +%s)
 echo "## CUDA C++ kernels: torch-free self-test" | tee -a "$OUT/bench.log"
 # The kernels compile in CI but have never run before this: correctness vs float64 first, then
 # the sanitizers, then speed. Objects compile in parallel (one per .cu), then link.
-cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
-[ "$cap" = 90 ] && cap=90a  # the cluster path needs the arch-specific sm_90a target
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+[ "$arch" = 90 ] && arch=90a  # the cluster path needs the arch-specific sm_90a target
 mkdir -p "$OUT/selftest_build"
 for src in csrc/*.cu csrc/selftest/kernel_selftest.cu; do
-  timeout 240 nvcc -std=c++17 -O3 -lineinfo -I csrc/include -gencode "arch=compute_${cap},code=sm_${cap}" \
+  timeout $(cap 240) nvcc -std=c++17 -O3 -lineinfo -I csrc/include -gencode "arch=compute_${arch},code=sm_${arch}" \
     -c "$src" -o "$OUT/selftest_build/$(basename "$src" .cu).o" &
 done
 wait
 if nvcc -o "$OUT/selftest_build/selftest" "$OUT"/selftest_build/*.o 2>&1 | tee -a "$OUT/bench.log"; then
-  timeout 120 "$OUT/selftest_build/selftest" > "$OUT/cuda_selftest.log" 2>&1
+  timeout $(cap 120) "$OUT/selftest_build/selftest" > "$OUT/cuda_selftest.log" 2>&1
   echo "cuda selftest exit status: $?" | tee -a "$OUT/bench.log"; tail -5 "$OUT/cuda_selftest.log"
-  timeout 60 "$OUT/selftest_build/selftest" bench 2>&1 | tee -a "$OUT/bench.log"
+  timeout $(cap 60) "$OUT/selftest_build/selftest" bench 2>&1 | tee -a "$OUT/bench.log"
   for tool in memcheck racecheck; do
-    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 3 "$OUT/selftest_build/selftest" quick \
+    timeout $(cap 90) compute-sanitizer --tool "$tool" --error-exitcode 3 "$OUT/selftest_build/selftest" quick \
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool exit status: $? (log: sanitizer_$tool.log)" | tee -a "$OUT/bench.log"
   done
@@ -55,7 +66,7 @@ fi
 rm -rf "$OUT/selftest_build"
 if [ -f csrc/ops.cpp ]; then
   echo "## building the CUDA extension" | tee -a "$OUT/bench.log"
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 timeout 300 $PY setup.py build_ext --inplace 2>&1 \
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 timeout $(cap 300) $PY setup.py build_ext --inplace 2>&1 \
     | tail -5 | tee -a "$OUT/bench.log"
 fi
 
@@ -65,7 +76,7 @@ echo "## tests on the GPU" | tee -a "$OUT/bench.log"
 # in CI already and are left out to keep this call short.
 # -n 6: pytest-xdist is installed there (the suite took 82 s on an H200 that way).
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 6")
-timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 $XDIST \
+timeout $(cap 240) $PY -m pytest -q -p no:cacheprovider --maxfail=30 $XDIST \
   tests/test_ops.py tests/test_cuda_binding.py tests/test_layer_norm.py tests/test_residual.py \
   tests/test_group_norm.py tests/test_batch_norm.py tests/test_semantics.py tests/test_convert.py \
   tests/test_sync_batch_norm_ranks.py tests/test_gns_per_example.py tests/test_host_path.py \
@@ -76,7 +87,7 @@ test_status=${PIPESTATUS[0]}
 echo "tests exit status: $test_status" | tee -a "$OUT/bench.log"
 # timm is installed there (not in CI): which of its norm classes convert, and why the others
 # do not (test_convert_libraries.py above ran its real models against a float64 run).
-timeout 60 $PY benchmarks/convert_coverage.py --library timm --pattern Norm \
+timeout $(cap 60) $PY benchmarks/convert_coverage.py --library timm --pattern Norm \
   > "$OUT/convert_coverage_timm.txt" 2>&1 || echo "convert_coverage.py exited with $?" \
   | tee -a "$OUT/bench.log"
 head -n 20 "$OUT/convert_coverage_timm.txt" | sed 's/^/coverage: /' >> "$OUT/bench.log"
@@ -85,27 +96,27 @@ echo "## benchmarks" | tee -a "$OUT/bench.log"
 for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py \
     benchmarks/bench_layer_norm_2d.py; do
   # --max-seconds stops starting cases; timeout is the backstop for a case that hangs.
-  timeout 80 $PY "$bench" --out "$OUT/results" --max-seconds 55 >> "$OUT/bench.log" 2>&1 \
+  timeout $(cap 80) $PY "$bench" --out "$OUT/results" --max-seconds 55 >> "$OUT/bench.log" 2>&1 \
     || echo "$bench exited with $?" | tee -a "$OUT/bench.log"
 done
 # Host microseconds per call next to torch's (forward, forward + backward, every op, each
 # kernel backend), then one training step of real models, eager (compile is left out here for
 # time: run bench_models.py --compile separately when the lease allows).
-timeout 90 $PY benchmarks/bench_overhead.py --device cuda --repeats 20 \
+timeout $(cap 90) $PY benchmarks/bench_overhead.py --device cuda --repeats 20 \
   --out "$OUT/results/overhead" >> "$OUT/bench.log" 2>&1 \
   || echo "bench_overhead.py exited with $?" | tee -a "$OUT/bench.log"
-timeout 150 $PY benchmarks/bench_models.py --no-compile --steps 20 --warmup 5 \
+timeout $(cap 150) $PY benchmarks/bench_models.py --no-compile --steps 20 --warmup 5 \
   --out "$OUT/results" >> "$OUT/bench.log" 2>&1 \
   || echo "bench_models.py exited with $?" | tee -a "$OUT/bench.log"
 # The "auto" table a measured run would give (fastnorm-triton vs fastnorm-cuda); written under
 # $OUT only: commit it to fastnorm/_auto_table.json after reading it (and the self-test log).
 if [ -f csrc/ops.cpp ]; then
-  timeout 30 $PY benchmarks/write_auto_table.py "$OUT"/results/*.json --out "$OUT/_auto_table.json" \
+  timeout $(cap 30) $PY benchmarks/write_auto_table.py "$OUT"/results/*.json --out "$OUT/_auto_table.json" \
     >> "$OUT/bench.log" 2>&1 || echo "write_auto_table.py exited with $?" | tee -a "$OUT/bench.log"
 fi
 echo "## measured vs predicted (static report byte model, H100 parameters; host term from overhead.json)" | tee -a "$OUT/bench.log"
 # Byte model only (seconds); the registers/spills half of the report needs no GPU and runs in CI.
-timeout 120 $PY benchmarks/static_report.py --no-compile --targets sm_90 --out "$OUT/static" \
+timeout $(cap 120) $PY benchmarks/static_report.py --no-compile --targets sm_90 --out "$OUT/static" \
   --compare "$OUT/results" 2>&1 | sed -n '/^## Measured vs predicted/,$p' | tee "$OUT/measured_vs_predicted.md" >> "$OUT/bench.log"
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results static && rm -rf "$OUT/results" "$OUT/static"
 

@@ -115,3 +115,16 @@ def test_auto_table_writer_picks_the_faster_kernel_set(tmp_path):
     path.write_text(json.dumps({"meta": meta, "results": rows}))
     with pytest.raises(SystemExit, match="one GPU"):
         writer.build_table([str(path)])
+
+
+def test_gpu_check_script_parses_and_names_existing_tests():
+    """benchmarks/gpu_check.sh runs once per GPU lease, so a syntax error or a renamed test
+    file would cost that lease: bash parses it, and every test file it names exists."""
+    import re
+    import subprocess
+
+    script = os.path.join(BENCH_DIR, "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    named = re.findall(r"tests/test_\w+\.py", open(script).read())
+    root = os.path.dirname(BENCH_DIR)
+    assert len(named) > 10 and [t for t in named if not os.path.exists(os.path.join(root, t))] == []
