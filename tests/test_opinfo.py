@@ -93,7 +93,8 @@ def test_opinfo_samples_match_torch(name, dtype, layout, device, backend):
             assert g is not None and g.shape == w.shape, (where, what)
             # Where torch's result is NaN/Inf (eps < 0), fastnorm's is too.
             assert torch.equal(g.isnan(), w.isnan()), (where, what)
-            assert torch.equal(g.isinf(), w.isinf()) and torch.equal(g[g.isinf()], w[w.isinf()])
+            assert torch.equal(g.isinf(), w.isinf()) and torch.equal(g[g.isinf()], w[w.isinf()]), \
+                (where, what)
             fin = w.isfinite()
             g, w, r = g[fin].double(), w[fin].double(), r[fin]
             # Norm-wise relative slack: a reduction (dW, dB over thousands of terms) can cancel
