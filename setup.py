@@ -75,8 +75,8 @@ setup(
         # pytest-xdist: `make test` spreads the suite over the cores (-n auto, at most 4).
         # expecttest: imported by torch.testing._internal, whose OpInfo samples
         # tests/test_opinfo.py runs (PyTorch's own test helper, pure Python).
-        "test": ["pytest", "pytest-xdist", "expecttest", "numpy<2.4", "matplotlib", "scikit-learn", "tqdm",
-                 "transformers>=4.45"],
+        "test": ["pytest", "pytest-xdist", "expecttest", "numpy<2.4", "matplotlib",
+                 "scikit-learn", "tqdm", "transformers>=4.45"],
         "bench": ["matplotlib"],
         "train": ["scikit-learn", "tqdm", "matplotlib"],
     },
