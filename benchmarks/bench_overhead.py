@@ -14,7 +14,11 @@ queue would block the host and show up as a larger number). Every figure is the 
 On CPU, "fastnorm-reference" runs fastnorm's op layer (functional checks, the eager route or
 the registered op, autograd, the router) with the torch reference kernels; subtracting the
 reference kernels called directly ("reference-math") leaves the op layer's own cost, the
-number the host path is judged by there. "fastnorm-auto" on CPU is torch's op behind one
+number the host path is judged by there ("op-layer"). The same reference kernels run slower
+inside the call than in a loop of their own (colder caches after the op layer's code), and
+"op-layer" counts that difference too; "math-in-call" times the kernels where they run, inside
+fastnorm's calls (each call of a kernel the router hands out, timed with perf_counter_ns), and
+"op-layer-in-call" subtracts that instead. "fastnorm-auto" on CPU is torch's op behind one
 Python frame. On CUDA, "fastnorm-triton" / "fastnorm-cuda" are the kernel backends.
 
 Next to each time: kernel launches per call issued through fastnorm's Triton launcher (a
@@ -31,6 +35,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -42,6 +47,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastnorm  # noqa: E402
 from fastnorm import reference as R  # noqa: E402
+from fastnorm.ops import _router  # noqa: E402
 from fastnorm.triton import _launch  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
@@ -154,6 +160,49 @@ def _step(fn: Callable, inputs: dict, mode: str) -> Callable[[], object]:
     return run
 
 
+class InCallMath:
+    """Times the reference kernels where fastnorm's calls run them: while active, the router's
+    reference kernels (fastnorm.ops._router hands out `_reference.<op>`) are wrapped in a
+    perf_counter_ns timer; the kernels' own calls to each other are not (they use the module's
+    globals), so each kernel call is timed once."""
+
+    def __init__(self):
+        self.ns = 0
+        self._names = [op for op in _router.OPS if hasattr(R, op)]
+
+    def __enter__(self) -> "InCallMath":
+        def timed(fn):
+            def call(*args):
+                start = time.perf_counter_ns()
+                try:
+                    return fn(*args)
+                finally:
+                    self.ns += time.perf_counter_ns() - start
+            return call
+        self._saved = _router._reference
+        _router._reference = types.SimpleNamespace(
+            **{op: timed(getattr(R, op)) for op in self._names})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _router._reference = self._saved
+
+
+def math_in_call(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    """Microseconds per call that `fn` (a fastnorm call under backend "reference") spends in
+    the reference kernels, the minimum over `repeats` runs of `calls` calls."""
+    best = float("inf")
+    with InCallMath() as timer:
+        for _ in range(3):
+            fn()
+        for _ in range(repeats):
+            timer.ns = 0
+            for _ in range(calls):
+                fn()
+            best = min(best, timer.ns / calls / 1e3)
+    return best
+
+
 def _launches(fn: Callable[[], object]) -> int:
     before = _launch.launches
     fn()
@@ -196,6 +245,12 @@ def measure(device: str, calls: int, repeats: int,
                 rows.append({"case": case.name, "mode": mode, "provider": "op-layer",
                              "us": best["fastnorm-reference"] - best["reference-math"],
                              "launches": None})
+                with fastnorm.use_backend("reference"):
+                    in_call = math_in_call(fns["fastnorm-reference"][1], calls, repeats)
+                rows.append({"case": case.name, "mode": mode, "provider": "math-in-call",
+                             "us": in_call, "launches": None})
+                rows.append({"case": case.name, "mode": mode, "provider": "op-layer-in-call",
+                             "us": best["fastnorm-reference"] - in_call, "launches": None})
     return rows
 
 

@@ -57,6 +57,27 @@ def _check_param(name: str, what: str, param: Optional[Tensor], input: Tensor,
         raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {param.dtype}")
 
 
+def _plain_params(input: Tensor, size: int, *params: Optional[Tensor]) -> bool:
+    """The common case in one pass: every parameter given is a contiguous 1-D tensor of `size`
+    elements on the input's device, all of one dtype, the input's or float32 with a
+    float16/bfloat16 input (torch's rule for LayerNorm, GroupNorm and BatchNorm parameters).
+    True: the full checks below (torch's messages) and `_flat` have nothing to do; False: the
+    call goes through them."""
+    first = device = None
+    for p in params:
+        if p is None:
+            continue
+        if first is None:
+            first, device, dtype = p.dtype, input.device, input.dtype
+            if first != dtype and not (first == torch.float32 and dtype in _REDUCED):
+                return False
+        elif p.dtype != first:
+            return False
+        if p.dim() != 1 or p.shape[0] != size or p.device != device or not p.is_contiguous():
+            return False
+    return True
+
+
 def _check_dtypes(name: str, input: Tensor, params: dict[str, Optional[Tensor]],
                   fp32_under_autocast: bool) -> None:
     """torch's dtype rule for LayerNorm, GroupNorm and BatchNorm parameters (weight, bias,
@@ -133,8 +154,9 @@ def _flat(param: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _shaped(y: Tensor, input: Tensor) -> Tensor:
-    """y (computed on a canonical view) with the input's shape; no view op when it has it."""
-    return y if y.shape == input.shape else y.view(input.shape)
+    """y (computed on a canonical view) with the input's shape; no view op when it has it.
+    (view_as: passing a torch.Size to view costs the host twice as much.)"""
+    return y if y.shape == input.shape else y.view_as(input)
 
 
 def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
@@ -159,13 +181,16 @@ def layer_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tenso
                             else normalized_shape, weight, bias, eps)
     _check_float_input("layer_norm", input)
     shape, n = _normalized_rows("layer_norm", input, normalized_shape)
-    _check_param("layer_norm", "weight", weight, input, shape, "normalized_shape")
-    _check_param("layer_norm", "bias", bias, input, shape, "normalized_shape")
-    _check_dtypes("layer_norm", input, {"weight": weight, "bias": bias}, True)
+    plain = len(shape) == 1 and _plain_params(input, n, weight, bias)
+    if not plain:
+        _check_param("layer_norm", "weight", weight, input, shape, "normalized_shape")
+        _check_param("layer_norm", "bias", bias, input, shape, "normalized_shape")
+        _check_dtypes("layer_norm", input, {"weight": weight, "bias": bias}, True)
     if _backend.resolve(input, "layer_norm") == "torch":
         return F.layer_norm(input, shape, weight, bias, eps)
-    y, _mean, _rstd = _ln_ops.layer_norm(_rows_view(input, shape, n), _flat(weight),
-                                         _flat(bias), float(eps))
+    if plain:  # the op views (*, n) as rows itself (inside its autograd node)
+        return _ln_ops.layer_norm(input, weight, bias, float(eps))
+    y = _ln_ops.layer_norm(_rows_view(input, shape, n), _flat(weight), _flat(bias), float(eps))
     return _shaped(y, input)
 
 
@@ -187,10 +212,10 @@ def _norm_with_gns(input: Tensor, normalized_shape: _shape_t, weight: Optional[T
         eps = _rms_eps(input.dtype)
     lead = input.dim() - len(shape)
     rows_per_example = max(1, math.prod(input.shape[1:lead])) if lead > 0 else 1
-    y, _mean, _rstd = _ln_ops.layer_norm_gns(
-        _rows_view(input, shape, n), _flat(weight), None if is_rms else _flat(bias), sink,
-        float(eps), is_rms, rows_per_example)
-    return y.view(input.shape)
+    y = _ln_ops.layer_norm_gns(
+        input if len(shape) == 1 else _rows_view(input, shape, n), _flat(weight),
+        None if is_rms else _flat(bias), sink, float(eps), is_rms, rows_per_example)
+    return _shaped(y, input)
 
 
 def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor] = None,
@@ -211,13 +236,17 @@ def rms_norm(input: Tensor, normalized_shape: _shape_t, weight: Optional[Tensor]
                           else normalized_shape, weight, eps)
     _check_float_input("rms_norm", input)
     shape, n = _normalized_rows("rms_norm", input, normalized_shape)
-    _check_param("rms_norm", "weight", weight, input, shape, "normalized_shape")
+    plain = len(shape) == 1 and _plain_params(input, n, weight)
+    if not plain:
+        _check_param("rms_norm", "weight", weight, input, shape, "normalized_shape")
     if eps is None:
         eps = _rms_eps(input.dtype)
     if _backend.resolve(input, "rms_norm") == "torch":
         return F.rms_norm(input, shape, weight, eps)
-    y, _rstd = _ln_ops.rms_norm(_rows_view(input, shape, n), _flat(weight), float(eps))
-    return _shaped(y, input)
+    if plain:  # the op views (*, n) as rows itself (inside its autograd node)
+        return _ln_ops.rms_norm(input, weight, float(eps))
+    return _shaped(_ln_ops.rms_norm(_rows_view(input, shape, n), _flat(weight), float(eps)),
+                   input)
 
 
 # --- Channels-first LayerNorm / RMSNorm ----------------------------------------------------------
@@ -262,9 +291,7 @@ def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional
     _check_dtypes("layer_norm_2d", input, {"weight": weight, "bias": bias}, True)
     if _backend.resolve(input, "layer_norm_2d") == "torch":
         return _layer_norm_2d_torch(input, weight, bias, eps)
-    y, _mean, _rstd = _ln2d_ops.layer_norm_2d(channel_view(input), _flat(weight), _flat(bias),
-                                              float(eps))
-    return _shaped(y, input)
+    return _ln2d_ops.layer_norm_2d(input, _flat(weight), _flat(bias), float(eps))
 
 
 def _rms_norm_2d_torch(input: Tensor, weight: Optional[Tensor], eps: Optional[float]) -> Tensor:
@@ -284,17 +311,18 @@ def rms_norm_2d(input: Tensor, weight: Optional[Tensor] = None,
         eps = _rms_eps(input.dtype)
     if _backend.resolve(input, "rms_norm_2d") == "torch":
         return _rms_norm_2d_torch(input, weight, eps)
-    y, _rstd = _ln2d_ops.rms_norm_2d(channel_view(input), _flat(weight), float(eps))
-    return _shaped(y, input)
+    return _ln2d_ops.rms_norm_2d(input, _flat(weight), float(eps))
 
 
 # --- BatchNorm -----------------------------------------------------------------------------------
 
 def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tensor],
                            running_var: Optional[Tensor], weight: Optional[Tensor],
-                           bias: Optional[Tensor], activation: Optional[str]) -> bool:
+                           bias: Optional[Tensor], activation: Optional[str]
+                           ) -> tuple[bool, bool]:
     """Validates BatchNorm arguments (torch's messages where torch has one); returns whether a
-    ReLU is fused."""
+    ReLU is fused and whether the tensors are plain (`_plain_params`: `_flat` would not change
+    them)."""
     _check_float_input(name, input)
     if input.dim() < 2:
         raise ValueError(f"fastnorm.{name}: expected an input with at least 2 dims (N, C, ...), "
@@ -305,6 +333,8 @@ def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tens
         raise ValueError("running_mean and running_var must either both be None or neither be "
                          "None")
     channels = input.shape[1]
+    if _plain_params(input, channels, running_mean, running_var, weight, bias):
+        return activation == "relu", True
     for what, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if t is None:
@@ -318,7 +348,7 @@ def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tens
             raise TypeError(f"fastnorm.{name}: expected a floating-point {what}, got {t.dtype}")
     _check_dtypes(name, input, {"weight": weight, "bias": bias, "running_mean": running_mean,
                                 "running_var": running_var}, False)
-    return batch_norm_relu(activation)
+    return batch_norm_relu(activation), False
 
 
 _batch_norm_view = channel_view  # (the name SyncBatchNorm and the benchmarks used)
@@ -361,8 +391,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             momentum = float(momentum)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if activation == "relu" else y
-    relu = _check_batch_norm_args("batch_norm", input, running_mean, running_var, weight, bias,
-                                  activation)
+    relu, plain = _check_batch_norm_args("batch_norm", input, running_mean, running_var, weight,
+                                         bias, activation)
     channels = input.shape[1]
     if training:
         count = input.numel() // channels if channels else 0
@@ -376,35 +406,33 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             momentum = float(momentum)
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(y) if relu else y
-    x = channel_view(input)
+    # The ops run on the (N, C, S) view, for NCHW and channels-last inputs alike.
+    rm, rv = (running_mean, running_var) if plain else (_flat(running_mean), _flat(running_var))
+    if not plain:
+        weight, bias = _flat(weight), _flat(bias)
     if training:
         if running_mean is not None and count > 0:
             # The running statistics are updated by the launch that finalizes the batch ones.
             momentum_t = momentum.reshape(1) if isinstance(momentum, Tensor) else None
-            rm, rv = _flat(running_mean), _flat(running_var)
             y = _bn_ops.batch_norm_training_update(
-                x, rm, rv, 0.0 if momentum_t is not None else float(momentum), momentum_t,
-                _flat(weight), _flat(bias), float(eps), relu)
+                input, rm, rv, 0.0 if momentum_t is not None else float(momentum), momentum_t,
+                weight, bias, float(eps), relu)
             # Strided buffers were updated through contiguous copies: write them back, so the
             # caller's tensors change in place whatever their strides (as torch's do).
-            if not running_mean.is_contiguous():
-                running_mean.copy_(rm.view(running_mean.shape))
-            if not running_var.is_contiguous():
-                running_var.copy_(rv.view(running_var.shape))
-        else:
-            y, _mean, _var = _bn_ops.batch_norm_training(x, _flat(weight), _flat(bias),
-                                                         float(eps), relu)
-    else:
-        # The op contract keeps statistics in the stats dtype; running stats may be x's dtype.
-        stats = stats_dtype(input.dtype)
-        running_mean, running_var = _flat(running_mean), _flat(running_var)
-        if running_mean.dtype != stats:
-            running_mean = running_mean.to(stats)
-        if running_var.dtype != stats:
-            running_var = running_var.to(stats)
-        y = _bn_ops.batch_norm_eval(x, running_mean, running_var, _flat(weight), _flat(bias),
-                                    float(eps), relu)
-    return y.view(input.shape)
+            if not plain:
+                if not running_mean.is_contiguous():
+                    running_mean.copy_(rm.view(running_mean.shape))
+                if not running_var.is_contiguous():
+                    running_var.copy_(rv.view(running_var.shape))
+            return y
+        return _bn_ops.batch_norm_training(input, weight, bias, float(eps), relu)
+    # The op contract keeps statistics in the stats dtype; running stats may be x's dtype.
+    stats = stats_dtype(input.dtype)
+    if rm.dtype != stats:
+        rm = rm.to(stats)
+    if rv.dtype != stats:
+        rv = rv.to(stats)
+    return _bn_ops.batch_norm_eval(input, rm, rv, weight, bias, float(eps), relu)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -425,15 +453,15 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     if _backend.torch_selected(input) or _backend.transformed(input, weight, bias):
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if activation == "silu" else y
-    num_groups = _check_group_norm(input, num_groups, weight, bias)
+    num_groups, plain = _check_group_norm(input, num_groups, weight, bias)
     if _backend.resolve(input, "group_norm") == "torch":
         y = F.group_norm(input, num_groups, weight, bias, eps)
         return F.silu(y) if activation == "silu" else y
-    # (N, C, HW) is a view for NCHW and channels-last inputs alike; the op handles both layouts.
-    y, _mean, _rstd = _gn_ops.group_norm(
-        channel_view(input), _flat(weight), _flat(bias), int(num_groups), float(eps),
-        group_norm_activation(activation))
-    return y.view(input.shape)
+    if not plain:
+        weight, bias = _flat(weight), _flat(bias)
+    # The op runs on the (N, C, HW) view, for NCHW and channels-last inputs alike.
+    return _gn_ops.group_norm(input, weight, bias, num_groups, float(eps),
+                              "none" if activation is None else activation)
 
 
 def _group_norm_with_gns(input: Tensor, num_groups: int, weight: Optional[Tensor],
@@ -442,16 +470,15 @@ def _group_norm_with_gns(input: Tensor, num_groups: int, weight: Optional[Tensor
     """group_norm whose backward also accumulates the norm-layer noise-scale sums into
     `sink.grad` (fastnorm::group_norm_fwd_gns; used by fastnorm.gns.track). An example is the
     batch index n."""
-    num_groups = _check_group_norm(input, num_groups, weight, bias)
-    y, _mean, _rstd = _gn_ops.group_norm_gns(
-        channel_view(input), _flat(weight), _flat(bias), sink, int(num_groups), float(eps),
-        group_norm_activation(activation))
-    return y.view(input.shape)
+    num_groups, _plain = _check_group_norm(input, num_groups, weight, bias)
+    return _gn_ops.group_norm_gns(input, _flat(weight), _flat(bias), sink, num_groups,
+                                  float(eps), group_norm_activation(activation))
 
 
 def _check_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor],
-                      bias: Optional[Tensor]) -> int:
-    """torch's argument checks of group_norm; num_groups as an int."""
+                      bias: Optional[Tensor]) -> tuple[int, bool]:
+    """torch's argument checks of group_norm; num_groups as an int, and whether the parameters
+    are plain (`_plain_params`: `_flat` would not change them)."""
     _check_float_input("group_norm", input)
     num_groups = _as_int("group_norm", "num_groups", 2, num_groups)
     if input.dim() < 2:
@@ -462,8 +489,12 @@ def _check_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor],
         raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, "
                            f"but got input of shape {list(input.shape)} and "
                            f"num_groups={num_groups}")
-    # torch's check (also outside training): one value per group has no variance.
-    F._verify_batch_size([n * c // num_groups, num_groups] + list(input.shape[2:]))
+    # torch's check (also outside training): one value per group has no variance. Its product
+    # of sizes can be 1 only when the first factor is.
+    if n * c // num_groups == 1:
+        F._verify_batch_size([n * c // num_groups, num_groups] + list(input.shape[2:]))
+    if _plain_params(input, c, weight, bias):
+        return num_groups, True
     for what, param in (("weight", weight), ("bias", bias)):
         if param is not None and (param.dim() != 1 or param.numel() != c):
             raise RuntimeError(f"Expected {what} to be a vector of size equal to the number of "
@@ -471,7 +502,7 @@ def _check_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor],
                                f"{list(param.shape)} and input of shape {list(input.shape)}")
         _check_param("group_norm", what, param, input, (c,), "num_channels")
     _check_dtypes("group_norm", input, {"weight": weight, "bias": bias}, True)
-    return num_groups
+    return num_groups, False
 
 
 # --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
@@ -547,10 +578,10 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
     y, h2d, _mean, _rstd = _ln_ops.add_layer_norm(
         x2d, r2d, _flat(weight), _flat(bias), float(eps), is_rms, bool(residual_in_fp32),
         rounding, bool(store))
-    y = y.view(input.shape)
+    y = y.view_as(input)
     if not prenorm:
         return y
-    return y, (h2d.view(input.shape) if residual is not None else h)
+    return y, (h2d.view_as(input) if residual is not None else h)
 
 
 def fused_add_rms_norm_(input: Tensor, residual: Tensor, weight: Optional[Tensor],

@@ -140,8 +140,8 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor],
     must call it, also with an empty batch. Running stats (when given) are updated with the
     global unbiased variance. Outputs keep the input's memory format.
     """
-    relu = _check_batch_norm_args("sync_batch_norm", input, running_mean, running_var, weight,
-                                  bias, activation)
+    relu, _plain = _check_batch_norm_args("sync_batch_norm", input, running_mean, running_var,
+                                          weight, bias, activation)
     group = process_group if process_group is not None else dist.group.WORLD
     check_backend_device(input, dist.get_backend(group))
     _backend.resolve(input, "batch_norm")  # raises when the selection cannot run on input

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
-from .._layout import canonical
+from .._layout import canonical, channel_view, channels_3d
 from . import _checks
 from ._common import autograd_function, bump_versions, eager, needs_grad, torch_grads
 from ._router import kernel
@@ -221,34 +221,43 @@ def _bwd(dy: Tensor, x: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
     return batch_norm_bwd(dy, x, *args)
 
 
-def _fwd_backward(ctx, dy, _dmean, _dvar):
-    if dy is None:  # only the statistics were used: nothing flows back
-        return None, None, None, None, None
-    x, weight, bias, mean, var = ctx.saved_tensors
+def _training_grads(ctx, dy, x, weight, bias, mean, var, needs) -> tuple:
+    """(dx, dweight, dbias) of training-mode BatchNorm (the batch statistics' dependence on x
+    included), each None where `needs` (x, weight, bias) says no."""
     if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (see torch_grads)
         def forward(x, w, b):
             y = F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
             return F.relu(y) if ctx.relu else y
-        return (*torch_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], dy),
-                None, None)
+        return torch_grads(forward, (x, weight, bias), needs, dy)
     dx, dw, db = _bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
-    return (dx if ctx.needs_input_grad[0] else None, *_param_grads(ctx, dw, db, 1), None, None)
+    return (dx if needs[0] else None, dw if weight is not None and needs[1] else None,
+            db if bias is not None and needs[2] else None)
+
+
+def _fwd_backward(ctx, dy, _dmean, _dvar):
+    if dy is None:  # only the statistics were used: nothing flows back
+        return None, None, None, None, None
+    x, weight, bias, mean, var = ctx.saved_tensors
+    return (*_training_grads(ctx, dy, x, weight, bias, mean, var, ctx.needs_input_grad[:3]),
+            None, None)
 
 
 batch_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 _batch_norm_fwd_apply = autograd_function("BatchNormFunction", _batch_norm_fwd,
-                                          _fwd_setup_context, _fwd_backward)
+                                          _fwd_setup_context, _fwd_backward, view=channel_view,
+                                          grad_view=channels_3d)
 
 
-def batch_norm_training(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                        relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_training(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        eps: float, relu: bool) -> Tensor:
     """fastnorm::batch_norm_fwd (training, no running statistics) with autograd, from the
-    functional layer (arguments checked, x canonical)."""
-    if not eager((x, weight, bias)):
-        return batch_norm_fwd(x, weight, bias, eps, relu)
-    if needs_grad((x, weight, bias)):
-        return _batch_norm_fwd_apply(x, weight, bias, eps, relu)
-    return _batch_norm_fwd(x, weight, bias, eps, relu)
+    functional layer (arguments checked): y of an (N, C, *) input, in its shape, computed on
+    the (N, C, S) view."""
+    if not eager((input, weight, bias)):
+        return batch_norm_fwd(channel_view(input), weight, bias, eps, relu)[0].view_as(input)
+    if needs_grad((input, weight, bias)):
+        return _batch_norm_fwd_apply(input, weight, bias, eps, relu)
+    return _batch_norm_fwd(channel_view(input), weight, bias, eps, relu)[0].view_as(input)
 
 
 def _apply_setup_context(ctx, inputs, output):
@@ -276,18 +285,21 @@ def _apply_backward(ctx, dy):
 
 batch_norm_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
 _batch_norm_eval_apply = autograd_function("BatchNormEvalFunction", _batch_norm_apply,
-                                           _apply_setup_context, _apply_backward)
+                                           _apply_setup_context, _apply_backward,
+                                           view=channel_view, grad_view=channels_3d)
 
 
-def batch_norm_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+def batch_norm_eval(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                     bias: Optional[Tensor], eps: float, relu: bool) -> Tensor:
     """fastnorm::batch_norm_apply (running statistics) with autograd, from the functional layer
-    (arguments checked, x canonical)."""
-    if not eager((x, mean, var, weight, bias)):
-        return batch_norm_apply(x, mean, var, weight, bias, eps, relu)
-    if needs_grad((x, weight, bias)):
-        return _batch_norm_eval_apply(x, mean, var, weight, bias, eps, relu)
-    return _batch_norm_apply(x, mean, var, weight, bias, eps, relu)
+    (arguments checked): y of an (N, C, *) input, in its shape."""
+    if not eager((input, mean, var, weight, bias)):
+        return batch_norm_apply(channel_view(input), mean, var, weight, bias, eps,
+                                relu).view_as(input)
+    if needs_grad((input, weight, bias)):
+        return _batch_norm_eval_apply(input, mean, var, weight, bias, eps, relu)
+    return _batch_norm_apply(channel_view(input), mean, var, weight, bias, eps,
+                             relu).view_as(input)
 
 
 # --- training forward with the running-statistic update inside the statistics launch ----------
@@ -331,17 +343,20 @@ def _train_apply_backward(ctx, dy):
     if dy is None:
         return None, None, None, None, None, None, None
     x, mean, var, weight, bias = ctx.saved_tensors
-    dx, dw, db = _bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
-    return (dx if ctx.needs_input_grad[0] else None, None, None, *_param_grads(ctx, dw, db, 3),
-            None, None)
+    need = ctx.needs_input_grad
+    dx, dw, db = _training_grads(ctx, dy, x, weight, bias, mean, var, (need[0], *need[3:5]))
+    return dx, None, None, dw, db, None, None
 
 
 batch_norm_train_apply.register_autograd(_train_apply_backward,
                                          setup_context=_apply_setup_context)
 
 
-def _train_forward(x, running_mean, running_var, momentum, momentum_tensor, weight, bias, eps,
-                   relu):
+# The eager node's arguments: (x, weight, bias, update), update = (running_mean, running_var,
+# momentum, momentum_tensor, eps, relu) in one tuple (the node's apply costs per argument).
+
+def _train_forward(x, weight, bias, update):
+    running_mean, running_var, momentum, momentum_tensor, eps, relu = update
     mean, var = _batch_norm_stats_update(x, running_mean, running_var, momentum,
                                          momentum_tensor)
     bump_versions(running_mean, running_var)
@@ -349,41 +364,41 @@ def _train_forward(x, running_mean, running_var, momentum, momentum_tensor, weig
 
 
 def _train_setup_context(ctx, inputs, output):
-    x, _rm, _rv, _momentum, _momentum_tensor, weight, bias, eps, relu = inputs
+    x, weight, bias, update = inputs
     _y, mean, var = output
     ctx.save_for_backward(x, mean, var, weight, bias)
-    ctx.eps, ctx.relu = eps, relu
+    ctx.eps, ctx.relu = update[4], update[5]
 
 
 def _train_backward(ctx, dy, _dmean, _dvar):
     if dy is None:
-        return (None,) * 9
+        return None, None, None, None
     x, mean, var, weight, bias = ctx.saved_tensors
-    dx, dw, db = _bwd(dy, x, weight, bias, mean, var, ctx.eps, ctx.relu, True)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, None, None, None, None,
-            dw if need[5] else None, db if need[6] else None, None, None)
+    return (*_training_grads(ctx, dy, x, weight, bias, mean, var, ctx.needs_input_grad[:3]),
+            None)
 
 
 # One autograd node for the statistics (with the running-statistic update) and the apply: the
 # eager form of batch_norm_stats_update + batch_norm_train_apply.
 _batch_norm_train_apply_fn = autograd_function("BatchNormTrainFunction", _train_forward,
-                                               _train_setup_context, _train_backward)
+                                               _train_setup_context, _train_backward,
+                                               view=channel_view, grad_view=channels_3d)
 
 
-def batch_norm_training_update(x: Tensor, running_mean: Tensor, running_var: Tensor,
+def batch_norm_training_update(input: Tensor, running_mean: Tensor, running_var: Tensor,
                                momentum: float, momentum_tensor: Optional[Tensor],
                                weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                                relu: bool) -> Tensor:
     """Training forward that also updates the running statistics in place (in the launch that
-    finalizes the batch statistics), from the functional layer (arguments checked, x canonical,
-    x non-empty). Eager: one autograd node; otherwise the two registered ops."""
-    if not eager((x, running_mean, running_var, momentum_tensor, weight, bias)):
+    finalizes the batch statistics), from the functional layer (arguments checked, input
+    non-empty): y of an (N, C, *) input, in its shape. Eager: one autograd node; otherwise the
+    two registered ops."""
+    if not eager((input, running_mean, running_var, momentum_tensor, weight, bias)):
+        x = channel_view(input)
         mean, var = batch_norm_stats_update(x.detach(), running_mean, running_var, momentum,
                                             momentum_tensor)
-        return batch_norm_train_apply(x, mean, var, weight, bias, eps, relu)
-    if needs_grad((x, weight, bias)):
-        return _batch_norm_train_apply_fn(x, running_mean, running_var, momentum,
-                                          momentum_tensor, weight, bias, eps, relu)[0]
-    return _train_forward(x, running_mean, running_var, momentum, momentum_tensor, weight,
-                          bias, eps, relu)[0]
+        return batch_norm_train_apply(x, mean, var, weight, bias, eps, relu).view_as(input)
+    update = (running_mean, running_var, momentum, momentum_tensor, eps, relu)
+    if needs_grad((input, weight, bias)):
+        return _batch_norm_train_apply_fn(input, weight, bias, update)
+    return _train_forward(channel_view(input), weight, bias, update)[0].view_as(input)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
-from .._layout import GROUP_NORM_ACTIVATIONS, canonical
+from .._layout import GROUP_NORM_ACTIVATIONS, canonical, channel_view, channels_3d
 from . import _checks
 from ._common import (autograd_function, cuda_autocast_fp32, eager, needs_grad,
                       register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
@@ -132,20 +132,23 @@ def _group_norm_backward(ctx, dy, _dmean, _drstd):
 group_norm_fwd.register_autograd(_group_norm_backward, setup_context=_group_norm_setup_context)
 register_fp32_autocast(group_norm_fwd, "group_norm")
 _group_norm_apply = autograd_function("GroupNormFunction", _group_norm_fwd,
-                                      _group_norm_setup_context, _group_norm_backward)
+                                      _group_norm_setup_context, _group_norm_backward,
+                                      view=channel_view, grad_view=channels_3d)
 
 
-def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
-               eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """fastnorm::group_norm_fwd with autograd, from the functional layer (arguments checked,
-    x canonical)."""
-    if not eager((x, weight, bias)):
-        return group_norm_fwd(x, weight, bias, num_groups, eps, activation)
-    if cuda_autocast_fp32(x, _GN_AUTOCAST):
-        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
-    if needs_grad((x, weight, bias)):
-        return _group_norm_apply(x, weight, bias, num_groups, eps, activation)
-    return _group_norm_fwd(x, weight, bias, num_groups, eps, activation)
+def group_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+               eps: float, activation: str) -> Tensor:
+    """fastnorm::group_norm_fwd with autograd, from the functional layer (arguments checked):
+    y of an (N, C, *) input, in its shape, computed on the (N, C, S) view."""
+    if not eager((input, weight, bias)):
+        y = group_norm_fwd(channel_view(input), weight, bias, num_groups, eps, activation)[0]
+        return y.view_as(input)
+    if cuda_autocast_fp32(input, _GN_AUTOCAST):
+        input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
+    if needs_grad((input, weight, bias)):
+        return _group_norm_apply(input, weight, bias, num_groups, eps, activation)
+    return _group_norm_fwd(channel_view(input), weight, bias, num_groups, eps,
+                           activation)[0].view_as(input)
 
 
 # --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
@@ -239,16 +242,20 @@ def _gns_backward(ctx, dy, _dmean, _drstd):
 group_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_context)
 register_fp32_autocast(group_norm_fwd_gns, "group_norm")
 _group_norm_gns_apply = autograd_function("GroupNormGNSFunction", _group_norm_fwd_gns,
-                                          _gns_setup_context, _gns_backward)
+                                          _gns_setup_context, _gns_backward, view=channel_view,
+                                          grad_view=channels_3d)
 
 
-def group_norm_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], sink: Tensor,
-                   num_groups: int, eps: float, activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """fastnorm::group_norm_fwd_gns with autograd, from the functional layer."""
-    if not eager((x, weight, bias, sink)):
-        return group_norm_fwd_gns(x, weight, bias, sink, num_groups, eps, activation)
-    if cuda_autocast_fp32(x, _GN_AUTOCAST):
-        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
-    if needs_grad((x, weight, bias, sink)):
-        return _group_norm_gns_apply(x, weight, bias, sink, num_groups, eps, activation)
-    return _group_norm_fwd_gns(x, weight, bias, sink, num_groups, eps, activation)
+def group_norm_gns(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   sink: Tensor, num_groups: int, eps: float, activation: str) -> Tensor:
+    """fastnorm::group_norm_fwd_gns with autograd, from the functional layer: y of an
+    (N, C, *) input, in its shape."""
+    if not eager((input, weight, bias, sink)):
+        return group_norm_fwd_gns(channel_view(input), weight, bias, sink, num_groups, eps,
+                                  activation)[0].view_as(input)
+    if cuda_autocast_fp32(input, _GN_AUTOCAST):
+        input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
+    if needs_grad((input, weight, bias, sink)):
+        return _group_norm_gns_apply(input, weight, bias, sink, num_groups, eps, activation)
+    return _group_norm_fwd_gns(channel_view(input), weight, bias, sink, num_groups, eps,
+                               activation)[0].view_as(input)

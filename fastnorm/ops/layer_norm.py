@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import residual_stream_dtype, stats_dtype
+from .._layout import row_view, rows
 from ..reference import norm_reference
 from . import _checks
 from ._common import (autograd_function, bump_versions, cuda_autocast_fp32, eager, needs_grad,
@@ -129,19 +130,28 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 register_fp32_autocast(layer_norm_fwd, "layer_norm")
 _layer_norm_apply = autograd_function("LayerNormFunction", _layer_norm_fwd,
-                                      _layer_norm_setup_context, _layer_norm_backward)
+                                      _layer_norm_setup_context, _layer_norm_backward,
+                                      view=row_view, grad_view=rows)
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-               eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """fastnorm::layer_norm_fwd with autograd, from the functional layer (arguments checked)."""
-    if not eager((x, weight, bias)):
-        return layer_norm_fwd(x, weight, bias, eps)
-    if cuda_autocast_fp32(x, _LN_AUTOCAST):
-        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
-    if needs_grad((x, weight, bias)):
-        return _layer_norm_apply(x, weight, bias, eps)
-    return _layer_norm_fwd(x, weight, bias, eps)
+def _shaped(y: Tensor, x: Tensor, input: Tensor) -> Tensor:
+    return y if x is input else y.view_as(input)
+
+
+def layer_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float) -> Tensor:
+    """fastnorm::layer_norm_fwd with autograd, from the functional layer (arguments checked):
+    y of a (*, n) input normalized over its last dim, in its shape, computed on the (M, n)
+    rows."""
+    if not eager((input, weight, bias)):
+        x = row_view(input)
+        return _shaped(layer_norm_fwd(x, weight, bias, eps)[0], x, input)
+    if cuda_autocast_fp32(input, _LN_AUTOCAST):
+        input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
+    if needs_grad((input, weight, bias)):
+        return _layer_norm_apply(input, weight, bias, eps)
+    x = row_view(input)
+    return _shaped(_layer_norm_fwd(x, weight, bias, eps)[0], x, input)
 
 
 # --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
@@ -259,20 +269,25 @@ layer_norm_fwd_gns.register_autograd(_gns_backward, setup_context=_gns_setup_con
 # (One rule for both norms: the registered op's LayerNorm one; the eager entry applies RMSNorm's.)
 register_fp32_autocast(layer_norm_fwd_gns, "layer_norm")
 _layer_norm_gns_apply = autograd_function("LayerNormGNSFunction", _layer_norm_fwd_gns,
-                                          _gns_setup_context, _gns_backward)
+                                          _gns_setup_context, _gns_backward, view=row_view,
+                                          grad_view=rows)
 
 
-def layer_norm_gns(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], sink: Tensor,
-                   eps: float, is_rms: bool, rows_per_example: int
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """fastnorm::layer_norm_fwd_gns with autograd, from the functional layer."""
-    if not eager((x, weight, bias, sink)):
-        return layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)
-    if cuda_autocast_fp32(x, _RMS_AUTOCAST if is_rms else _LN_AUTOCAST):
-        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
-    if needs_grad((x, weight, bias, sink)):
-        return _layer_norm_gns_apply(x, weight, bias, sink, eps, is_rms, rows_per_example)
-    return _layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)
+def layer_norm_gns(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   sink: Tensor, eps: float, is_rms: bool, rows_per_example: int) -> Tensor:
+    """fastnorm::layer_norm_fwd_gns with autograd, from the functional layer: y of a (*, n)
+    input (or of (M, n) rows of it), in its shape."""
+    if not eager((input, weight, bias, sink)):
+        x = row_view(input)
+        return _shaped(layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms,
+                                          rows_per_example)[0], x, input)
+    if cuda_autocast_fp32(input, _RMS_AUTOCAST if is_rms else _LN_AUTOCAST):
+        input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
+    if needs_grad((input, weight, bias, sink)):
+        return _layer_norm_gns_apply(input, weight, bias, sink, eps, is_rms, rows_per_example)
+    x = row_view(input)
+    return _shaped(_layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)[0],
+                   x, input)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
@@ -335,18 +350,21 @@ def _rms_norm_backward(ctx, dy, _drstd):
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
 register_fp32_autocast(rms_norm_fwd, "rms_norm")
 _rms_norm_apply = autograd_function("RMSNormFunction", _rms_norm_fwd, _rms_norm_setup_context,
-                                    _rms_norm_backward)
+                                    _rms_norm_backward, view=row_view, grad_view=rows)
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """fastnorm::rms_norm_fwd with autograd, from the functional layer (arguments checked)."""
-    if not eager((x, weight)):
-        return rms_norm_fwd(x, weight, eps)
-    if cuda_autocast_fp32(x, _RMS_AUTOCAST):
-        x, weight = to_fp32(x), to_fp32(weight)
-    if needs_grad((x, weight)):
-        return _rms_norm_apply(x, weight, eps)
-    return _rms_norm_fwd(x, weight, eps)
+def rms_norm(input: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """fastnorm::rms_norm_fwd with autograd, from the functional layer (arguments checked): y of
+    a (*, n) input, in its shape, as `layer_norm`."""
+    if not eager((input, weight)):
+        x = row_view(input)
+        return _shaped(rms_norm_fwd(x, weight, eps)[0], x, input)
+    if cuda_autocast_fp32(input, _RMS_AUTOCAST):
+        input, weight = to_fp32(input), to_fp32(weight)
+    if needs_grad((input, weight)):
+        return _rms_norm_apply(input, weight, eps)
+    x = row_view(input)
+    return _shaped(_rms_norm_fwd(x, weight, eps)[0], x, input)
 
 
 # --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------

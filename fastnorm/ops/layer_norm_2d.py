@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import stats_dtype
-from .._layout import canonical
+from .._layout import canonical, channel_view, channels_3d
 from . import _checks
 from ._common import (autograd_function, cuda_autocast_fp32, eager, needs_grad,
                       register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
@@ -132,20 +132,21 @@ layer_norm_2d_fwd.register_autograd(_layer_norm_2d_backward,
                                     setup_context=_layer_norm_2d_setup_context)
 register_fp32_autocast(layer_norm_2d_fwd, "layer_norm")
 _layer_norm_2d_apply = autograd_function("LayerNorm2dFunction", _layer_norm_2d_fwd,
-                                         _layer_norm_2d_setup_context, _layer_norm_2d_backward)
+                                         _layer_norm_2d_setup_context, _layer_norm_2d_backward,
+                                         view=channel_view, grad_view=channels_3d)
 
 
-def layer_norm_2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """fastnorm::layer_norm_2d_fwd with autograd, from the functional layer (arguments checked,
-    x canonical)."""
-    if not eager((x, weight, bias)):
-        return layer_norm_2d_fwd(x, weight, bias, eps)
-    if cuda_autocast_fp32(x, _LN_AUTOCAST):
-        x, weight, bias = to_fp32(x), to_fp32(weight), to_fp32(bias)
-    if needs_grad((x, weight, bias)):
-        return _layer_norm_2d_apply(x, weight, bias, eps)
-    return _layer_norm_2d_fwd(x, weight, bias, eps)
+def layer_norm_2d(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float) -> Tensor:
+    """fastnorm::layer_norm_2d_fwd with autograd, from the functional layer (arguments checked):
+    y of an (N, C, *) input, in its shape, computed on the (N, C, S) view."""
+    if not eager((input, weight, bias)):
+        return layer_norm_2d_fwd(channel_view(input), weight, bias, eps)[0].view_as(input)
+    if cuda_autocast_fp32(input, _LN_AUTOCAST):
+        input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
+    if needs_grad((input, weight, bias)):
+        return _layer_norm_2d_apply(input, weight, bias, eps)
+    return _layer_norm_2d_fwd(channel_view(input), weight, bias, eps)[0].view_as(input)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
@@ -210,16 +211,17 @@ rms_norm_2d_fwd.register_autograd(_rms_norm_2d_backward,
                                   setup_context=_rms_norm_2d_setup_context)
 register_fp32_autocast(rms_norm_2d_fwd, "rms_norm")
 _rms_norm_2d_apply = autograd_function("RMSNorm2dFunction", _rms_norm_2d_fwd,
-                                       _rms_norm_2d_setup_context, _rms_norm_2d_backward)
+                                       _rms_norm_2d_setup_context, _rms_norm_2d_backward,
+                                       view=channel_view, grad_view=channels_3d)
 
 
-def rms_norm_2d(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """fastnorm::rms_norm_2d_fwd with autograd, from the functional layer (arguments checked,
-    x canonical)."""
-    if not eager((x, weight)):
-        return rms_norm_2d_fwd(x, weight, eps)
-    if cuda_autocast_fp32(x, _RMS_AUTOCAST):
-        x, weight = to_fp32(x), to_fp32(weight)
-    if needs_grad((x, weight)):
-        return _rms_norm_2d_apply(x, weight, eps)
-    return _rms_norm_2d_fwd(x, weight, eps)
+def rms_norm_2d(input: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """fastnorm::rms_norm_2d_fwd with autograd, from the functional layer (arguments checked):
+    y of an (N, C, *) input, in its shape."""
+    if not eager((input, weight)):
+        return rms_norm_2d_fwd(channel_view(input), weight, eps)[0].view_as(input)
+    if cuda_autocast_fp32(input, _RMS_AUTOCAST):
+        input, weight = to_fp32(input), to_fp32(weight)
+    if needs_grad((input, weight)):
+        return _rms_norm_2d_apply(input, weight, eps)
+    return _rms_norm_2d_fwd(channel_view(input), weight, eps)[0].view_as(input)
