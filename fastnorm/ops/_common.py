@@ -126,12 +126,11 @@ def autograd_function(name: str, impl: Callable, setup_context: Callable,
         ctx.set_materialize_grads(False)
         # The view is made with grad mode on, so the saved view stays connected to `input` for a
         # create_graph backward (double backward differentiates through it); the plain backward
-        # never runs its node.
+        # never runs its node. (No try/finally: if the view raises, apply's own guard restores
+        # the caller's grad mode.)
         _set_grad_enabled(True)
-        try:
-            x = view(input)
-        finally:
-            _set_grad_enabled(False)
+        x = view(input)
+        _set_grad_enabled(False)
         out = impl(x, *args)
         setup_context(ctx, (x, *args), out)
         y, extra = (out[0], (None,) * (len(out) - 1)) if type(out) is tuple else (out, ())
