@@ -30,8 +30,8 @@ from torch import Tensor
 from ._dtypes import stats_dtype
 
 __all__ = ["channels_last_strides", "is_channels_last", "canonical", "rows", "row_view",
-           "channels_3d", "channel_view", "as_layout", "dy_like", "param_grad", "empty_if_none", "group_norm_activation", "batch_norm_relu",
-           "stats_dtype"]
+           "channels_3d", "channel_view", "as_layout", "dy_like", "param_grad", "empty_if_none",
+           "group_norm_activation", "batch_norm_relu", "stats_dtype"]
 
 GROUP_NORM_ACTIVATIONS = ("none", "silu")
 

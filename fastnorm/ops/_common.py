@@ -122,6 +122,8 @@ def autograd_function(name: str, impl: Callable, setup_context: Callable,
         setup_context(ctx, args, out)
         return out
 
+    grad_view = grad_view or view
+
     def forward_viewed(ctx, input, *args):
         ctx.set_materialize_grads(False)
         # The view is made with grad mode on, so the saved view stays connected to `input` for a
@@ -151,7 +153,6 @@ def autograd_function(name: str, impl: Callable, setup_context: Callable,
         # (unpacked ints: a tuple or torch.Size argument costs the host more)
         return grads if dx is None else (dx.reshape(*shape), *grads[1:])
 
-    grad_view = grad_view or view
     body = {"forward": staticmethod(forward), "backward": staticmethod(backward)} \
         if view is None else \
         {"forward": staticmethod(forward_viewed), "backward": staticmethod(backward_viewed)}
