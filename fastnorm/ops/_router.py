@@ -130,14 +130,18 @@ def choose(op: str, x: Tensor) -> str:
 
 def kernel(op: str, x: Tensor) -> Callable:
     """The implementation of `op` chosen for `x` (see `choose`)."""
+    name = _backend._current
+    if name == "reference" or name == "torch":  # (what choose says, without its frame)
+        return getattr(_reference, op)
     chosen = choose(op, x)
     if chosen == "reference":
         return getattr(_reference, op)
     if chosen == "triton":
         fn = getattr(_triton_set(), op)
         # Triton launches on the current device: make x's current when it is not (a context
-        # switch only then; the C++ ops carry their own device guard).
-        if x.is_cuda and x.get_device() != torch.cuda.current_device():
+        # switch only then; the C++ ops carry their own device guard). A CUDA tensor exists, so
+        # CUDA is initialized: the C query, not torch.cuda.current_device()'s lazy-init check.
+        if x.is_cuda and x.get_device() != torch._C._cuda_getDevice():
             return functools.partial(_on_device, fn, x.device)
         return fn
     return getattr(torch.ops.fastnorm_C, op)
