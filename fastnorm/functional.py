@@ -539,10 +539,12 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
     "t5" (the same forward; see fastnorm::add_layer_norm_fwd for the backward)."""
     _check_float_input(name, input)
     shape, n = _normalized_rows(name, input, normalized_shape)
-    _check_param(name, "weight", weight, input, shape, "normalized_shape")
-    _check_param(name, "bias", bias, input, shape, "normalized_shape")
-    if not is_rms:
-        _check_dtypes(name, input, {"weight": weight, "bias": bias}, True)
+    plain = len(shape) == 1 and _plain_params(input, n, weight, bias)
+    if not plain:
+        _check_param(name, "weight", weight, input, shape, "normalized_shape")
+        _check_param(name, "bias", bias, input, shape, "normalized_shape")
+        if not is_rms:
+            _check_dtypes(name, input, {"weight": weight, "bias": bias}, True)
     if residual is not None:
         _check_residual(name, input, residual)
     if eps is None:
@@ -570,11 +572,15 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
         src = h if residual is not None else input
         y = norm_reference(src, shape, weight, bias, eps, is_rms, rounding, input.dtype)
         return (y, h) if prenorm else y
-    x2d = _rows_view(input, shape, n)
-    r2d = None if residual is None else _rows_view(residual, shape, n)
     # h is written when it is returned or a backward needs it; else the kernel skips that write.
     store = prenorm or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, weight, bias)))
+    if residual is None and plain:  # the op views (*, n) as rows itself (inside its node)
+        y = _ln_ops.add_norm_rows(input, weight, bias, float(eps), is_rms,
+                                  bool(residual_in_fp32), rounding, bool(store))
+        return (y, h) if prenorm else y
+    x2d = _rows_view(input, shape, n)
+    r2d = None if residual is None else _rows_view(residual, shape, n)
     y, h2d, _mean, _rstd = _ln_ops.add_layer_norm(
         x2d, r2d, _flat(weight), _flat(bias), float(eps), is_rms, bool(residual_in_fp32),
         rounding, bool(store))

@@ -386,6 +386,12 @@ def _node_cases(device):
                           lambda x, w, b: F.layer_norm(x, (6,), w, b), torch.randn(2, 3, 6, **f64)),
         "layer_norm_1d": (lambda x, w, b: fastnorm.layer_norm(x, (6,), w, b),
                           lambda x, w, b: F.layer_norm(x, (6,), w, b), torch.randn(6, **f64)),
+        # the transformers adapters' entry (fused-add op without a residual, Llama rounding)
+        "rms_norm_llama_3d": (lambda x, w, b: fastnorm.functional._add_norm(
+                                  "rms_norm", x, None, (6,), w, None, 1e-6, True, False, False,
+                                  "llama") * b,
+                              lambda x, w, b: F.rms_norm(x, (6,), w, 1e-6) * b,
+                              torch.randn(2, 3, 6, **f64)),
         "rms_norm_4d": (lambda x, w, b: fastnorm.rms_norm(x, (6,), w) * b,
                         lambda x, w, b: F.rms_norm(x, (6,), w) * b, torch.randn(2, 2, 3, 6, **f64)),
         "group_norm_4d_cl": (lambda x, w, b: fastnorm.group_norm(x, 3, w, b),

@@ -515,6 +515,9 @@ add_layer_norm_fwd.register_autograd(_add_layer_norm_backward,
                                      setup_context=_add_layer_norm_setup_context)
 _add_layer_norm_apply = autograd_function("AddLayerNormFunction", _add_layer_norm_fwd,
                                           _add_layer_norm_setup_context, _add_layer_norm_backward)
+_add_layer_norm_rows_apply = autograd_function(
+    "AddLayerNormRowsFunction", _add_layer_norm_fwd, _add_layer_norm_setup_context,
+    _add_layer_norm_backward, view=row_view, grad_view=rows)
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -529,6 +532,24 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     if needs_grad(tensors):
         return _add_layer_norm_apply(*args)
     return _add_layer_norm_fwd(*args)
+
+
+def add_norm_rows(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  is_rms: bool, residual_in_fp32: bool, rounding: str,
+                  store_residual: bool) -> Tensor:
+    """fastnorm::add_layer_norm_fwd without a residual (a norm with a rounding mode: the
+    transformers adapters' entry), from the functional layer: y of a (*, n) input normalized
+    over its last dim, in its shape; the eager node views the rows itself."""
+    if not eager((input, weight, bias)):
+        x = row_view(input)
+        return _shaped(add_layer_norm_fwd(x, None, weight, bias, eps, is_rms, residual_in_fp32,
+                                          rounding, store_residual)[0], x, input)
+    if needs_grad((input, weight, bias)):
+        return _add_layer_norm_rows_apply(input, None, weight, bias, eps, is_rms,
+                                          residual_in_fp32, rounding, store_residual)
+    x = row_view(input)
+    return _shaped(_add_layer_norm_fwd(x, None, weight, bias, eps, is_rms, residual_in_fp32,
+                                       rounding, store_residual)[0], x, input)
 
 
 @torch.library.custom_op("fastnorm::add_layer_norm_inplace", mutates_args=("x", "residual"))
