@@ -334,7 +334,7 @@ def _check_batch_norm_args(name: str, input: Tensor, running_mean: Optional[Tens
                          "None")
     channels = input.shape[1]
     if _plain_params(input, channels, running_mean, running_var, weight, bias):
-        return activation == "relu", True
+        return batch_norm_relu(activation), True
     for what, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if t is None:

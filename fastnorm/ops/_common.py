@@ -97,6 +97,16 @@ def to_fp32(t: Optional[Tensor]) -> Optional[Tensor]:
 _set_grad_enabled = torch._C._set_grad_enabled
 
 
+def viewed_call(fn: Callable, view: Callable[[Tensor], Tensor], input: Tensor, *args) -> Tensor:
+    """`fn(view(input), *args)`'s output (the first, when fn returns a tuple) in the input's
+    shape: the views of `autograd_function(..., view=)` for a call that records no node (no
+    gradient needed, or the registered op under compile, modes and subclasses)."""
+    x = view(input)
+    out = fn(x, *args)
+    y = out[0] if type(out) is tuple else out
+    return y if x is input else y.view_as(input)
+
+
 def autograd_function(name: str, impl: Callable, setup_context: Callable,
                       backward: Callable, view: Optional[Callable[[Tensor], Tensor]] = None,
                       grad_view: Optional[Callable[[Tensor], Tensor]] = None) -> Callable:

@@ -31,7 +31,8 @@ from torch import Tensor
 from .._dtypes import stats_dtype
 from .._layout import canonical, channel_view, channels_3d
 from . import _checks
-from ._common import autograd_function, bump_versions, eager, needs_grad, torch_grads
+from ._common import (autograd_function, bump_versions, eager, needs_grad, torch_grads,
+                      viewed_call)
 from ._router import kernel
 
 
@@ -254,10 +255,10 @@ def batch_norm_training(input: Tensor, weight: Optional[Tensor], bias: Optional[
     functional layer (arguments checked): y of an (N, C, *) input, in its shape, computed on
     the (N, C, S) view."""
     if not eager((input, weight, bias)):
-        return batch_norm_fwd(channel_view(input), weight, bias, eps, relu)[0].view_as(input)
+        return viewed_call(batch_norm_fwd, channel_view, input, weight, bias, eps, relu)
     if needs_grad((input, weight, bias)):
         return _batch_norm_fwd_apply(input, weight, bias, eps, relu)
-    return _batch_norm_fwd(channel_view(input), weight, bias, eps, relu)[0].view_as(input)
+    return viewed_call(_batch_norm_fwd, channel_view, input, weight, bias, eps, relu)
 
 
 def _apply_setup_context(ctx, inputs, output):
@@ -294,12 +295,12 @@ def batch_norm_eval(input: Tensor, mean: Tensor, var: Tensor, weight: Optional[T
     """fastnorm::batch_norm_apply (running statistics) with autograd, from the functional layer
     (arguments checked): y of an (N, C, *) input, in its shape."""
     if not eager((input, mean, var, weight, bias)):
-        return batch_norm_apply(channel_view(input), mean, var, weight, bias, eps,
-                                relu).view_as(input)
+        return viewed_call(batch_norm_apply, channel_view, input, mean, var, weight, bias, eps,
+                           relu)
     if needs_grad((input, weight, bias)):
         return _batch_norm_eval_apply(input, mean, var, weight, bias, eps, relu)
-    return _batch_norm_apply(channel_view(input), mean, var, weight, bias, eps,
-                             relu).view_as(input)
+    return viewed_call(_batch_norm_apply, channel_view, input, mean, var, weight, bias, eps,
+                       relu)
 
 
 # --- training forward with the running-statistic update inside the statistics launch ----------
@@ -401,4 +402,4 @@ def batch_norm_training_update(input: Tensor, running_mean: Tensor, running_var:
     update = (running_mean, running_var, momentum, momentum_tensor, eps, relu)
     if needs_grad((input, weight, bias)):
         return _batch_norm_train_apply_fn(input, weight, bias, update)
-    return _train_forward(channel_view(input), weight, bias, update)[0].view_as(input)
+    return viewed_call(_train_forward, channel_view, input, weight, bias, update)

@@ -29,7 +29,7 @@ from .._dtypes import stats_dtype
 from .._layout import GROUP_NORM_ACTIVATIONS, canonical, channel_view, channels_3d
 from . import _checks
 from ._common import (autograd_function, cuda_autocast_fp32, eager, needs_grad,
-                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
+                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads, viewed_call)
 from ._router import kernel
 from .gns import sink_grad
 
@@ -141,14 +141,14 @@ def group_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     """fastnorm::group_norm_fwd with autograd, from the functional layer (arguments checked):
     y of an (N, C, *) input, in its shape, computed on the (N, C, S) view."""
     if not eager((input, weight, bias)):
-        y = group_norm_fwd(channel_view(input), weight, bias, num_groups, eps, activation)[0]
-        return y.view_as(input)
+        return viewed_call(group_norm_fwd, channel_view, input, weight, bias, num_groups, eps,
+                           activation)
     if cuda_autocast_fp32(input, _GN_AUTOCAST):
         input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
     if needs_grad((input, weight, bias)):
         return _group_norm_apply(input, weight, bias, num_groups, eps, activation)
-    return _group_norm_fwd(channel_view(input), weight, bias, num_groups, eps,
-                           activation)[0].view_as(input)
+    return viewed_call(_group_norm_fwd, channel_view, input, weight, bias, num_groups, eps,
+                       activation)
 
 
 # --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
@@ -251,11 +251,11 @@ def group_norm_gns(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     """fastnorm::group_norm_fwd_gns with autograd, from the functional layer: y of an
     (N, C, *) input, in its shape."""
     if not eager((input, weight, bias, sink)):
-        return group_norm_fwd_gns(channel_view(input), weight, bias, sink, num_groups, eps,
-                                  activation)[0].view_as(input)
+        return viewed_call(group_norm_fwd_gns, channel_view, input, weight, bias, sink,
+                           num_groups, eps, activation)
     if cuda_autocast_fp32(input, _GN_AUTOCAST):
         input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
     if needs_grad((input, weight, bias, sink)):
         return _group_norm_gns_apply(input, weight, bias, sink, num_groups, eps, activation)
-    return _group_norm_fwd_gns(channel_view(input), weight, bias, sink, num_groups, eps,
-                               activation)[0].view_as(input)
+    return viewed_call(_group_norm_fwd_gns, channel_view, input, weight, bias, sink, num_groups,
+                       eps, activation)

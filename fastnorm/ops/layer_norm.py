@@ -32,7 +32,7 @@ from .._layout import row_view, rows
 from ..reference import norm_reference
 from . import _checks
 from ._common import (autograd_function, bump_versions, cuda_autocast_fp32, eager, needs_grad,
-                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
+                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads, viewed_call)
 from ._router import kernel
 from .gns import sink_grad
 
@@ -134,24 +134,18 @@ _layer_norm_apply = autograd_function("LayerNormFunction", _layer_norm_fwd,
                                       view=row_view, grad_view=rows)
 
 
-def _shaped(y: Tensor, x: Tensor, input: Tensor) -> Tensor:
-    return y if x is input else y.view_as(input)
-
-
 def layer_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                eps: float) -> Tensor:
     """fastnorm::layer_norm_fwd with autograd, from the functional layer (arguments checked):
     y of a (*, n) input normalized over its last dim, in its shape, computed on the (M, n)
     rows."""
     if not eager((input, weight, bias)):
-        x = row_view(input)
-        return _shaped(layer_norm_fwd(x, weight, bias, eps)[0], x, input)
+        return viewed_call(layer_norm_fwd, row_view, input, weight, bias, eps)
     if cuda_autocast_fp32(input, _LN_AUTOCAST):
         input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
     if needs_grad((input, weight, bias)):
         return _layer_norm_apply(input, weight, bias, eps)
-    x = row_view(input)
-    return _shaped(_layer_norm_fwd(x, weight, bias, eps)[0], x, input)
+    return viewed_call(_layer_norm_fwd, row_view, input, weight, bias, eps)
 
 
 # --- Per-example squared gradient norms (gradient noise scale) ---------------------------------
@@ -278,16 +272,14 @@ def layer_norm_gns(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     """fastnorm::layer_norm_fwd_gns with autograd, from the functional layer: y of a (*, n)
     input (or of (M, n) rows of it), in its shape."""
     if not eager((input, weight, bias, sink)):
-        x = row_view(input)
-        return _shaped(layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms,
-                                          rows_per_example)[0], x, input)
+        return viewed_call(layer_norm_fwd_gns, row_view, input, weight, bias, sink, eps, is_rms,
+                           rows_per_example)
     if cuda_autocast_fp32(input, _RMS_AUTOCAST if is_rms else _LN_AUTOCAST):
         input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
     if needs_grad((input, weight, bias, sink)):
         return _layer_norm_gns_apply(input, weight, bias, sink, eps, is_rms, rows_per_example)
-    x = row_view(input)
-    return _shaped(_layer_norm_fwd_gns(x, weight, bias, sink, eps, is_rms, rows_per_example)[0],
-                   x, input)
+    return viewed_call(_layer_norm_fwd_gns, row_view, input, weight, bias, sink, eps, is_rms,
+                       rows_per_example)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
@@ -357,14 +349,12 @@ def rms_norm(input: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """fastnorm::rms_norm_fwd with autograd, from the functional layer (arguments checked): y of
     a (*, n) input, in its shape, as `layer_norm`."""
     if not eager((input, weight)):
-        x = row_view(input)
-        return _shaped(rms_norm_fwd(x, weight, eps)[0], x, input)
+        return viewed_call(rms_norm_fwd, row_view, input, weight, eps)
     if cuda_autocast_fp32(input, _RMS_AUTOCAST):
         input, weight = to_fp32(input), to_fp32(weight)
     if needs_grad((input, weight)):
         return _rms_norm_apply(input, weight, eps)
-    x = row_view(input)
-    return _shaped(_rms_norm_fwd(x, weight, eps)[0], x, input)
+    return viewed_call(_rms_norm_fwd, row_view, input, weight, eps)
 
 
 # --- Fused residual add + LayerNorm/RMSNorm ------------------------------------------------------
@@ -541,15 +531,13 @@ def add_norm_rows(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     transformers adapters' entry), from the functional layer: y of a (*, n) input normalized
     over its last dim, in its shape; the eager node views the rows itself."""
     if not eager((input, weight, bias)):
-        x = row_view(input)
-        return _shaped(add_layer_norm_fwd(x, None, weight, bias, eps, is_rms, residual_in_fp32,
-                                          rounding, store_residual)[0], x, input)
+        return viewed_call(add_layer_norm_fwd, row_view, input, None, weight, bias, eps, is_rms,
+                           residual_in_fp32, rounding, store_residual)
     if needs_grad((input, weight, bias)):
         return _add_layer_norm_rows_apply(input, None, weight, bias, eps, is_rms,
                                           residual_in_fp32, rounding, store_residual)
-    x = row_view(input)
-    return _shaped(_add_layer_norm_fwd(x, None, weight, bias, eps, is_rms, residual_in_fp32,
-                                       rounding, store_residual)[0], x, input)
+    return viewed_call(_add_layer_norm_fwd, row_view, input, None, weight, bias, eps, is_rms,
+                       residual_in_fp32, rounding, store_residual)
 
 
 @torch.library.custom_op("fastnorm::add_layer_norm_inplace", mutates_args=("x", "residual"))

@@ -24,7 +24,7 @@ from .._dtypes import stats_dtype
 from .._layout import canonical, channel_view, channels_3d
 from . import _checks
 from ._common import (autograd_function, cuda_autocast_fp32, eager, needs_grad,
-                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads)
+                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads, viewed_call)
 from ._router import kernel
 
 # Whether torch's CUDA autocast runs each norm in float32 (the permute formulation runs
@@ -141,12 +141,12 @@ def layer_norm_2d(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     """fastnorm::layer_norm_2d_fwd with autograd, from the functional layer (arguments checked):
     y of an (N, C, *) input, in its shape, computed on the (N, C, S) view."""
     if not eager((input, weight, bias)):
-        return layer_norm_2d_fwd(channel_view(input), weight, bias, eps)[0].view_as(input)
+        return viewed_call(layer_norm_2d_fwd, channel_view, input, weight, bias, eps)
     if cuda_autocast_fp32(input, _LN_AUTOCAST):
         input, weight, bias = to_fp32(input), to_fp32(weight), to_fp32(bias)
     if needs_grad((input, weight, bias)):
         return _layer_norm_2d_apply(input, weight, bias, eps)
-    return _layer_norm_2d_fwd(channel_view(input), weight, bias, eps)[0].view_as(input)
+    return viewed_call(_layer_norm_2d_fwd, channel_view, input, weight, bias, eps)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
@@ -219,9 +219,9 @@ def rms_norm_2d(input: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """fastnorm::rms_norm_2d_fwd with autograd, from the functional layer (arguments checked):
     y of an (N, C, *) input, in its shape."""
     if not eager((input, weight)):
-        return rms_norm_2d_fwd(channel_view(input), weight, eps)[0].view_as(input)
+        return viewed_call(rms_norm_2d_fwd, channel_view, input, weight, eps)
     if cuda_autocast_fp32(input, _RMS_AUTOCAST):
         input, weight = to_fp32(input), to_fp32(weight)
     if needs_grad((input, weight)):
         return _rms_norm_2d_apply(input, weight, eps)
-    return _rms_norm_2d_fwd(channel_view(input), weight, eps)[0].view_as(input)
+    return viewed_call(_rms_norm_2d_fwd, channel_view, input, weight, eps)
