@@ -93,6 +93,15 @@ def cases(device: str) -> list[Case]:
                     lambda x, w: fastnorm.rms_norm(x, (n,), w, 1e-5),
                     lambda: R.rms_norm_fwd(x, w, 1e-5),
                     lambda: R.rms_norm_bwd(y, x, w, rstd2)))
+    # The fused residual add (h = x + r, then the norm of h), against torch's unfused form.
+    r = torch.randn(m, n, **mk)
+    y, h, mean3, rstd3 = R.add_layer_norm_fwd(x, r, w, None, 1e-5, True, False, "none", True)
+    out.append(Case(f"rms_norm+residual {m}x{n}", dict(x=x, r=r, w=w),
+                    lambda x, r, w: F.rms_norm(x + r, (n,), w, 1e-5),
+                    lambda x, r, w: fastnorm.rms_norm(x, (n,), w, 1e-5, residual=r),
+                    lambda: R.add_layer_norm_fwd(x, r, w, None, 1e-5, True, False, "none", True),
+                    lambda: R.add_layer_norm_bwd(y, None, h, w, None, mean3, rstd3, True,
+                                                 "none")))
 
     xg = torch.randn(gshape, **mk)
     c = gshape[1]

@@ -572,13 +572,16 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
         src = h if residual is not None else input
         y = norm_reference(src, shape, weight, bias, eps, is_rms, rounding, input.dtype)
         return (y, h) if prenorm else y
+    if plain:  # the op views (*, n) as rows itself (inside its node)
+        if residual is not None:
+            return _ln_ops.add_norm_residual(input, residual, weight, bias, float(eps), is_rms,
+                                             bool(residual_in_fp32), rounding, bool(prenorm))
+        y = _ln_ops.add_norm_rows(input, weight, bias, float(eps), is_rms,
+                                  bool(residual_in_fp32), rounding)
+        return (y, h) if prenorm else y
     # h is written when it is returned or a backward needs it; else the kernel skips that write.
     store = prenorm or (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, weight, bias)))
-    if residual is None and plain:  # the op views (*, n) as rows itself (inside its node)
-        y = _ln_ops.add_norm_rows(input, weight, bias, float(eps), is_rms,
-                                  bool(residual_in_fp32), rounding, bool(store))
-        return (y, h) if prenorm else y
     x2d = _rows_view(input, shape, n)
     r2d = None if residual is None else _rows_view(residual, shape, n)
     y, h2d, _mean, _rstd = _ln_ops.add_layer_norm(

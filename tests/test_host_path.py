@@ -36,9 +36,11 @@ def _calls(device):
     and the per-op guard count)."""
     x, w, b, xg, gw, gb = _inputs(device)
     rm, rv = torch.zeros(32, device=device), torch.ones(32, device=device)
+    x3, r3 = (torch.randn(2, 4, 64, device=device, requires_grad=True) for _ in range(2))
     return {
         "layer_norm": lambda: fastnorm.layer_norm(x, (64,), w, b),
         "rms_norm": lambda: fastnorm.rms_norm(x, (64,), w),
+        "rms_norm_residual_3d": lambda: fastnorm.rms_norm(x3, (64,), w, residual=r3),
         "group_norm": lambda: fastnorm.group_norm(xg, 8, gw, gb),
         "group_norm_silu": lambda: fastnorm.group_norm(xg, 8, gw, gb, activation="silu"),
         "batch_norm_train": lambda: fastnorm.batch_norm(xg, rm, rv, gw, gb, True),
@@ -51,7 +53,8 @@ def _calls(device):
 # column sums are one launch, BatchNorm's training statistics update the running ones in the
 # combine launch, and nothing is zero-filled by a separate launch.
 LAUNCHES = {
-    "layer_norm": (1, 3), "rms_norm": (1, 3), "group_norm": (1, 3), "group_norm_silu": (1, 3),
+    "layer_norm": (1, 3), "rms_norm": (1, 3), "rms_norm_residual_3d": (1, 3),
+    "group_norm": (1, 3), "group_norm_silu": (1, 3),
     "batch_norm_train": (3, 6), "batch_norm_eval": (1, 4),
 }
 # Torch ops per call (top-level aten ops seen by the profiler), upper bounds: the outputs and
@@ -60,7 +63,8 @@ LAUNCHES = {
 # and dx out), and in the backward the gradient accumulation autograd does for torch's own ops
 # too. A new fill, copy or cast in the hot path shows up here.
 ATEN_OPS = {
-    "layer_norm": (3, 11), "rms_norm": (3, 9), "group_norm": (6, 16),
+    "layer_norm": (3, 11), "rms_norm": (3, 9), "rms_norm_residual_3d": (8, 17),
+    "group_norm": (6, 16),
     "group_norm_silu": (6, 16), "batch_norm_train": (8, 18), "batch_norm_eval": (4, 14),
 }
 
@@ -322,13 +326,13 @@ def test_bench_overhead_runs():
         sys.path.pop(0)
     rows = bench_overhead.measure("cpu", calls=2, repeats=1)
     cases = {r["case"].split()[0] for r in rows}
-    assert cases == {"layer_norm", "rms_norm", "group_norm", "batch_norm"}
+    assert cases == {"layer_norm", "rms_norm", "rms_norm+residual", "group_norm", "batch_norm"}
     providers = {r["provider"] for r in rows}
     assert {"torch", "fastnorm-reference", "fastnorm-auto", "reference-math",
             "op-layer", "math-in-call", "op-layer-in-call"} <= providers
     assert all(r["us"] > 0 for r in rows if not r["provider"].startswith("op-layer"))
     # every case's kernels were timed inside its calls (the router's kernels were wrapped)
-    assert len([r for r in rows if r["provider"] == "math-in-call"]) == 10
+    assert len([r for r in rows if r["provider"] == "math-in-call"]) == 12
     assert "| layer_norm 4x64 | fwd |" in bench_overhead.table(rows)
 
 
@@ -457,3 +461,79 @@ def test_node_output_takes_in_place_ops_and_double_backward(device, case):
         for g, w in zip(got if isinstance(got, tuple) else (got,),
                         want if isinstance(want, tuple) else (want,)):
             torch.testing.assert_close(g, w)
+
+
+# --- the fused residual add's node views input and residual itself -------------------------------
+# fastnorm.layer_norm / rms_norm with residual=: one node that takes the (*, n) input and residual,
+# views both as rows, and returns y (and h with prenorm) in the input's shape, as aliases.
+
+def _residual_call(kind, prenorm):
+    def ours(x, r, w, b):
+        if kind == "layer":
+            return fastnorm.layer_norm(x, (6,), w, b, residual=r, prenorm=prenorm)
+        return fastnorm.rms_norm(x, (6,), w, residual=r, prenorm=prenorm)
+
+    def ref(x, r, w, b):
+        h = x + r
+        y = F.layer_norm(h, (6,), w, b) if kind == "layer" else F.rms_norm(h, (6,), w)
+        return (y, h) if prenorm else y
+    return ours, ref
+
+
+def _residual_leaves(device, strided):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    # strided: the residual's last dim has stride 2 (the node copies it to unit-stride rows)
+    r = torch.randn(2, 3, 12 if strided else 6, generator=g, dtype=torch.float64)
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    leaves = [t.to(device).requires_grad_() for t in (x, r, w, b)]
+    return leaves, (leaves[1][..., ::2] if strided else leaves[1])
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("prenorm", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_residual_node_matches_torch(device, backend_name, kind, prenorm, strided):
+    ours, ref = _residual_call(kind, prenorm)
+    grads = torch.randn(2, 2, 3, 6, 2, dtype=torch.float64, device=device)[..., 1]  # dy, dh
+    results = []
+    for fn in (ours, ref):
+        leaves, r = _residual_leaves(device, strided)
+        with fastnorm.use_backend(backend_name):
+            out = fn(leaves[0], r, *leaves[2:])
+            outs = out if prenorm else (out,)
+            results.append((outs, torch.autograd.grad(outs, leaves, tuple(grads[:len(outs)]),
+                                                      allow_unused=True)))
+    (outs, got), (outs_ref, want) = results
+    for o, o_ref in zip(outs, outs_ref):
+        assert o.shape == o_ref.shape and not o._is_view()
+        torch.testing.assert_close(o, o_ref)
+    for name, g, w in zip(("dx", "dr", "dw", "db"), got, want):
+        if kind == "rms" and name == "db":
+            assert g is None and w is None
+            continue
+        torch.testing.assert_close(g, w, msg=name)
+
+
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_residual_node_outputs_in_place(device, prenorm):
+    """An in-place op on y works (nn.ReLU(inplace=True)); one on h, which the backward needs,
+    raises at the backward, as it does for torch's unfused form (which saves h too)."""
+    ours, ref = _residual_call("layer", prenorm)
+    results = []
+    for fn in (ours, ref):
+        leaves, r = _residual_leaves(device, False)
+        out = fn(leaves[0], r, *leaves[2:])
+        y = (out[0] if prenorm else out).relu_()
+        results.append(torch.autograd.grad((y ** 3).sum(), leaves))
+    for g, w in zip(*results):
+        torch.testing.assert_close(g, w)
+    if prenorm:
+        for fn in (ours, ref):
+            leaves, r = _residual_leaves(device, False)
+            y, h = fn(leaves[0], r, *leaves[2:])
+            h.mul_(2)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()

@@ -166,7 +166,11 @@ def autograd_function(name: str, impl: Callable, setup_context: Callable,
     body = {"forward": staticmethod(forward), "backward": staticmethod(backward)} \
         if view is None else \
         {"forward": staticmethod(forward_viewed), "backward": staticmethod(backward_viewed)}
-    fn = type(name, (torch.autograd.Function,), body)
+    return c_apply(type(name, (torch.autograd.Function,), body))
+
+
+def c_apply(fn: type) -> Callable:
+    """The C-level apply of an autograd.Function class (see `autograd_function`)."""
     apply = vars(torch._C._FunctionBase).get("apply")  # the classmethod descriptor, unbound
     return apply.__get__(None, fn) if apply is not None else fn.apply
 

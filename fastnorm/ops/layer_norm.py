@@ -21,7 +21,7 @@ return None). mean/rstd are fp32 (fp64 for fp64 x).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,8 @@ from .._dtypes import residual_stream_dtype, stats_dtype
 from .._layout import row_view, rows
 from ..reference import norm_reference
 from . import _checks
-from ._common import (autograd_function, bump_versions, cuda_autocast_fp32, eager, needs_grad,
-                      register_fp32_autocast, to_fp32, torch_autocasts, torch_grads, viewed_call)
+from ._common import (autograd_function, bump_versions, c_apply, cuda_autocast_fp32, eager,
+                      needs_grad, register_fp32_autocast, to_fp32, torch_autocasts, torch_grads, viewed_call)
 from ._router import kernel
 from .gns import sink_grad
 
@@ -493,9 +493,12 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
         dy = dy.contiguous()
         bwd = _add_layer_norm_bwd if eager((dy, dh, h)) else add_layer_norm_bwd
         dh_total, dw, db = bwd(dy, dh, h, weight, bias, mean, rstd, ctx.is_rms, ctx.rounding)
-    # d(x + r)/dx = d(x + r)/dr = 1: both get the gradient of h, each in its own dtype.
-    return (dh_total.to(x_dtype) if need[0] else None,
-            dh_total.to(r_dtype) if ctx.has_residual and need[1] else None,
+    # d(x + r)/dx = d(x + r)/dr = 1: both get the gradient of h, each in its own dtype (the
+    # same tensor when both dtypes are h's; a dtype test costs less than a no-op .to).
+    h_dtype = dh_total.dtype
+    return (None if not need[0] else dh_total if x_dtype == h_dtype else dh_total.to(x_dtype),
+            None if not (ctx.has_residual and need[1]) else
+            dh_total if r_dtype == h_dtype else dh_total.to(r_dtype),
             dw if weight is not None and need[2] else None,
             db if bias is not None and not ctx.is_rms and need[3] else None,
             None, None, None, None, None)
@@ -508,6 +511,66 @@ _add_layer_norm_apply = autograd_function("AddLayerNormFunction", _add_layer_nor
 _add_layer_norm_rows_apply = autograd_function(
     "AddLayerNormRowsFunction", _add_layer_norm_fwd, _add_layer_norm_setup_context,
     _add_layer_norm_backward, view=row_view, grad_view=rows)
+
+
+# The eager node of the fused add with a residual: it views input and residual as rows itself and
+# returns y (and h, with prenorm) in the input's shape, so a call records one node with one or
+# two outputs instead of three view nodes around a four-output node. (No double backward to
+# support here: with a residual it raises, see _add_layer_norm_backward.)
+
+def _residual_forward(ctx, input, residual, weight, bias, eps, is_rms, residual_in_fp32,
+                      rounding, prenorm):
+    x, r = row_view(input), row_view(residual)
+    args = (x, r, weight, bias, eps, is_rms, residual_in_fp32, rounding, True)
+    out = _add_layer_norm_fwd(*args)
+    _add_layer_norm_setup_context(ctx, args, out)
+    y, h = out[0], out[1]
+    if x is input and r is residual:
+        ctx.viewed = None
+        return (y, h) if prenorm else y
+    ctx.viewed = tuple(input.shape)
+    # Detached aliases, not views (see autograd_function: in-place ops on the outputs work).
+    y = y.view_as(input).detach()
+    return (y, h.view_as(input).detach()) if prenorm else y
+
+
+def _residual_backward(ctx, dy, dh=None):
+    shape = ctx.viewed
+    if shape is not None:
+        dy = None if dy is None else rows(dy)
+        dh = None if dh is None else rows(dh)
+    dx, dr, dw, db = _add_layer_norm_backward(ctx, dy, dh, None, None)[:4]
+    if shape is not None:
+        same = dr is dx  # (one gradient for both when the dtypes agree: one reshape)
+        dx = None if dx is None else dx.reshape(*shape)
+        dr = dx if same else None if dr is None else dr.reshape(*shape)
+    return dx, dr, dw, db, None, None, None, None, None
+
+
+_add_residual_apply = c_apply(type("AddResidualNormFunction", (torch.autograd.Function,), {
+    "forward": staticmethod(_residual_forward), "backward": staticmethod(_residual_backward)}))
+
+
+def add_norm_residual(input: Tensor, residual: Tensor, weight: Optional[Tensor],
+                      bias: Optional[Tensor], eps: float, is_rms: bool, residual_in_fp32: bool,
+                      rounding: str, prenorm: bool) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """fastnorm::add_layer_norm_fwd with a residual, from the functional layer (checked there;
+    1-D normalized shape, 1-D parameters): y of (*, n) inputs normalized over the last dim, in
+    the input's shape, or (y, h) with prenorm. Eager with a gradient: one node that views the
+    rows itself; otherwise the op on row views, which writes h only when it is returned or a
+    backward needs it."""
+    tensors = (input, residual, weight, bias)
+    route = eager(tensors)
+    grad = needs_grad(tensors)
+    if route and grad:
+        return _add_residual_apply(input, residual, weight, bias, eps, is_rms, residual_in_fp32,
+                                   rounding, prenorm)
+    x, r = row_view(input), row_view(residual)
+    y, h, _mean, _rstd = (_add_layer_norm_fwd if route else add_layer_norm_fwd)(
+        x, r, weight, bias, eps, is_rms, residual_in_fp32, rounding, prenorm or grad)
+    if x is not input:
+        y, h = y.view_as(input), h.view_as(input) if prenorm else h
+    return (y, h) if prenorm else y
 
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -525,19 +588,19 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
 
 
 def add_norm_rows(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  is_rms: bool, residual_in_fp32: bool, rounding: str,
-                  store_residual: bool) -> Tensor:
+                  is_rms: bool, residual_in_fp32: bool, rounding: str) -> Tensor:
     """fastnorm::add_layer_norm_fwd without a residual (a norm with a rounding mode: the
     transformers adapters' entry), from the functional layer: y of a (*, n) input normalized
-    over its last dim, in its shape; the eager node views the rows itself."""
+    over its last dim, in its shape; the eager node views the rows itself. (Without a
+    residual there is no h to store: store_residual is False.)"""
     if not eager((input, weight, bias)):
         return viewed_call(add_layer_norm_fwd, row_view, input, None, weight, bias, eps, is_rms,
-                           residual_in_fp32, rounding, store_residual)
+                           residual_in_fp32, rounding, False)
     if needs_grad((input, weight, bias)):
         return _add_layer_norm_rows_apply(input, None, weight, bias, eps, is_rms,
-                                          residual_in_fp32, rounding, store_residual)
+                                          residual_in_fp32, rounding, False)
     return viewed_call(_add_layer_norm_fwd, row_view, input, None, weight, bias, eps, is_rms,
-                       residual_in_fp32, rounding, store_residual)
+                       residual_in_fp32, rounding, False)
 
 
 @torch.library.custom_op("fastnorm::add_layer_norm_inplace", mutates_args=("x", "residual"))
