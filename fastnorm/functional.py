@@ -526,6 +526,8 @@ def _check_residual(name: str, input: Tensor, residual: Tensor) -> None:
 def _add_residual(input: Tensor, residual: Tensor, residual_in_fp32: bool) -> Tensor:
     """h = input + residual, unfused, in the dtype the fused op gives h."""
     h_dtype = residual_stream_dtype(input.dtype, residual.dtype, residual_in_fp32)
+    if input.dtype == h_dtype and residual.dtype == h_dtype:  # (no no-op casts: host time)
+        return input + residual
     return input.to(h_dtype) + residual.to(h_dtype)
 
 
@@ -565,8 +567,8 @@ def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_s
         return (y, h) if prenorm else y
     # Forward-mode AD and torch.func transforms run torch's ops (the kernels have no jvp or
     # batching rule), as in every other fastnorm op.
-    if _backend.transformed(input, residual, weight, bias) or \
-            _backend.resolve(input, name) == "torch":
+    if _backend.torch_selected(input) or _backend.transformed(input, residual, weight, bias) \
+            or _backend.resolve(input, name) == "torch":
         if residual is not None:
             h = _add_residual(input, residual, residual_in_fp32)
         src = h if residual is not None else input

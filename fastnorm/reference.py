@@ -155,11 +155,14 @@ def norm_reference(src: Tensor, shape: Sequence[int], weight: Optional[Tensor],
         x_hat = F.rms_norm(src.to(torch.float32 if src.dtype != torch.float64 else src.dtype),
                            shape, None, eps).to(out_dtype)
         return x_hat if weight is None else (weight * x_hat).to(out_dtype)
-    w = None if weight is None else weight.to(src.dtype)
-    if is_rms:
-        return F.rms_norm(src, shape, w, eps).to(out_dtype)
-    b = None if bias is None else bias.to(src.dtype)
-    return F.layer_norm(src, shape, w, b, eps).to(out_dtype)
+    w, b = _cast(weight, src.dtype), _cast(None if is_rms else bias, src.dtype)
+    y = F.rms_norm(src, shape, w, eps) if is_rms else F.layer_norm(src, shape, w, b, eps)
+    return _cast(y, out_dtype)
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in dtype; no op when it already is (the unfused path runs per call on CPU "auto")."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
