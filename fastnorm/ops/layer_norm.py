@@ -32,7 +32,8 @@ from .._layout import row_view, rows
 from ..reference import norm_reference
 from . import _checks
 from ._common import (autograd_function, bump_versions, c_apply, cuda_autocast_fp32, eager,
-                      needs_grad, register_fp32_autocast, to_fp32, torch_autocasts, torch_grads, viewed_call)
+                      needs_grad, register_fp32_autocast, to_fp32, torch_autocasts, torch_grads,
+                      viewed_call)
 from ._router import kernel
 from .gns import sink_grad
 
