@@ -85,7 +85,9 @@ def compile_one(spec: list, cc: int, stats: bool) -> dict[str, Any]:
     divisible = spec[5] if len(spec) > 5 else []
     fn = getattr(importlib.import_module("fastnorm.triton." + module), kernel)
     consts = {k: getattr(tl, v) if k == "ACC" else v for k, v in constexprs.items()}
-    sig = dict(signature, **{k: "constexpr" for k in consts})
+    # In the kernel's parameter order: Triton 3.3 types the parameters by the signature's
+    # order, not its names.
+    sig = {name: "constexpr" if name in consts else signature[name] for name in fn.arg_names}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     out: dict[str, Any] = {"error": None}
     try:

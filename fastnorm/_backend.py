@@ -33,15 +33,14 @@ BACKENDS = ("auto", "triton", "cuda", "reference", "torch")
 
 _peek_transform = torch._C._functorch.peek_interpreter_stack  # None outside torch.func transforms
 
-_TRUE_WORDS = ("1", "true", "on", "yes", "y")  # Triton 3.6's getenv_bool, case-insensitive
-
-
 def _interpret_env() -> bool:
-    """TRITON_INTERPRET as Triton itself reads it (its knobs when present, else its rule)."""
+    """TRITON_INTERPRET as Triton itself reads it: its knobs where they exist (Triton >= 3.4:
+    "1", "true", "on", "yes", "y", any case), else the older releases' rule, exactly "1" (Triton
+    3.3's JITFunction; with "true" it compiles, so fastnorm must not assume the interpreter)."""
     try:
         from triton import knobs
     except ImportError:  # no triton, or a release before triton.knobs
-        return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_WORDS
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return bool(knobs.runtime.interpret)
 
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnorm
@@ -246,6 +247,10 @@ def _triton_spec(arg):
     return native_specialize_impl(BaseBackend, arg, False, True, True)
 
 
+@pytest.mark.skipif(
+    ".".join(triton.__version__.split(".")[:2]) not in _launch._DIRECT_RELEASES,
+    reason="the cached launch (and its key) exists for the Triton releases in "
+           "_launch._DIRECT_RELEASES only; other releases launch through Triton's JIT")
 def test_launch_key_separates_what_triton_specializes():
     """Equal keys must mean equal Triton specializations (else a cached launch would run the
     binary of another specialization). Checked pairwise with Triton's own specialization
