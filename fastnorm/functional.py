@@ -19,7 +19,7 @@ from .ops import batch_norm as _bn_ops
 from .ops import group_norm as _gn_ops
 from .ops import layer_norm as _ln_ops
 from .ops import layer_norm_2d as _ln2d_ops
-from ._dtypes import residual_stream_dtype, stats_dtype
+from ._dtypes import cast, residual_stream_dtype, stats_dtype
 from ._layout import batch_norm_relu, channel_view, group_norm_activation
 from .reference import norm_reference
 
@@ -526,9 +526,7 @@ def _check_residual(name: str, input: Tensor, residual: Tensor) -> None:
 def _add_residual(input: Tensor, residual: Tensor, residual_in_fp32: bool) -> Tensor:
     """h = input + residual, unfused, in the dtype the fused op gives h."""
     h_dtype = residual_stream_dtype(input.dtype, residual.dtype, residual_in_fp32)
-    if input.dtype == h_dtype and residual.dtype == h_dtype:  # (no no-op casts: host time)
-        return input + residual
-    return input.to(h_dtype) + residual.to(h_dtype)
+    return cast(input, h_dtype) + cast(residual, h_dtype)
 
 
 def _add_norm(name: str, input: Tensor, residual: Optional[Tensor], normalized_shape: _shape_t,

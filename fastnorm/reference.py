@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dtypes import residual_stream_dtype, stats_dtype
+from ._dtypes import cast, residual_stream_dtype, stats_dtype
 from ._layout import canonical, empty_if_none, param_grad
 
 __all__ = [
@@ -155,14 +155,9 @@ def norm_reference(src: Tensor, shape: Sequence[int], weight: Optional[Tensor],
         x_hat = F.rms_norm(src.to(torch.float32 if src.dtype != torch.float64 else src.dtype),
                            shape, None, eps).to(out_dtype)
         return x_hat if weight is None else (weight * x_hat).to(out_dtype)
-    w, b = _cast(weight, src.dtype), _cast(None if is_rms else bias, src.dtype)
+    w, b = cast(weight, src.dtype), cast(None if is_rms else bias, src.dtype)
     y = F.rms_norm(src, shape, w, eps) if is_rms else F.layer_norm(src, shape, w, b, eps)
-    return _cast(y, out_dtype)
-
-
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """t in dtype; no op when it already is (the unfused path runs per call on CPU "auto")."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+    return cast(y, out_dtype)
 
 
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],

@@ -24,7 +24,8 @@ import subprocess
 import sys
 
 import pytest
-import triton
+
+from fastnorm.triton._launch import TRITON_RELEASE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ _SPILLS_BY_RELEASE = {
     "3.3": {("_layer_norm_bwd_kernel", 16, "*fp16", _PE_8192),
             ("_layer_norm_bwd_kernel", 16, "*bf16", _PE_8192)},
 }
-KNOWN_SPILLS: set = _SPILLS_BY_RELEASE.get(".".join(triton.__version__.split(".")[:2]), set())
+KNOWN_SPILLS: set = _SPILLS_BY_RELEASE.get(TRITON_RELEASE, set())
 
 
 def config_key(row: dict) -> tuple:

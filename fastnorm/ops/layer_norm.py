@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dtypes import residual_stream_dtype, stats_dtype
+from .._dtypes import cast, residual_stream_dtype, stats_dtype
 from .._layout import row_view, rows
 from ..reference import norm_reference
 from . import _checks
@@ -495,11 +495,9 @@ def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
         bwd = _add_layer_norm_bwd if eager((dy, dh, h)) else add_layer_norm_bwd
         dh_total, dw, db = bwd(dy, dh, h, weight, bias, mean, rstd, ctx.is_rms, ctx.rounding)
     # d(x + r)/dx = d(x + r)/dr = 1: both get the gradient of h, each in its own dtype (the
-    # same tensor when both dtypes are h's; a dtype test costs less than a no-op .to).
-    h_dtype = dh_total.dtype
-    return (None if not need[0] else dh_total if x_dtype == h_dtype else dh_total.to(x_dtype),
-            None if not (ctx.has_residual and need[1]) else
-            dh_total if r_dtype == h_dtype else dh_total.to(r_dtype),
+    # same tensor when both dtypes are h's).
+    return (cast(dh_total, x_dtype) if need[0] else None,
+            cast(dh_total, r_dtype) if ctx.has_residual and need[1] else None,
             dw if weight is not None and need[2] else None,
             db if bias is not None and not ctx.is_rms and need[3] else None,
             None, None, None, None, None)

@@ -35,9 +35,10 @@ from .._backend import triton_interpreted
 # order: the calling convention of the Triton release listed here (read from its source; the
 # GPU machines run 3.6). Other releases keep the JIT path until checked.
 _DIRECT_RELEASES = ("3.6",)
+TRITON_RELEASE = ".".join(triton.__version__.split(".")[:2])  # "3.6"
 # FASTNORM_TRITON_LAUNCH_CACHE=0 (read at import) keeps every launch on the JIT path.
 _DIRECT = (not triton_interpreted() and torch.cuda.is_available()
-           and ".".join(triton.__version__.split(".")[:2]) in _DIRECT_RELEASES
+           and TRITON_RELEASE in _DIRECT_RELEASES
            and os.environ.get("FASTNORM_TRITON_LAUNCH_CACHE", "1") != "0")
 
 # Launches issued through `launch` (cached or not): the deterministic guard of the host path
