@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime
 import math
+import queue as queue_module
 import socket
+import time
 
 import pytest
 import torch
@@ -287,8 +289,23 @@ def two_ranks():
     for p in procs:
         p.start()
     results = {}
-    for _ in range(WORLD):
-        rank, value = queue.get(timeout=120)
+    # Poll rather than block: a rank that dies without reporting (killed, crashed in C++) fails
+    # the fixture at once with its exit code instead of after the whole timeout.
+    deadline, grace = time.monotonic() + 300, None
+    while len(results) < WORLD:
+        try:
+            rank, value = queue.get(timeout=1)
+        except queue_module.Empty:
+            # A rank that exited with 0 has put its result: the queue holds it. One that failed
+            # may have put its error just before exiting: read the queue a few seconds more.
+            dead = {i: p.exitcode for i, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and i not in results}
+            grace = grace or (time.monotonic() + 5 if dead else None)
+            if (grace and time.monotonic() > grace) or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                pytest.fail(f"ranks without results: exit codes {dead or 'none (timed out)'}")
+            continue
         assert not isinstance(value, str), f"rank {rank} failed: {value}"
         results[rank] = value
     for p in procs:
