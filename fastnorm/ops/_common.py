@@ -175,9 +175,12 @@ def c_apply(fn: type) -> Callable:
     return apply.__get__(None, fn) if apply is not None else fn.apply
 
 
+_increment_version = torch._C._increment_version
+
+
 def bump_versions(*tensors: Tensor) -> None:
     """What the dispatcher does for an op that mutates its arguments: bump their version
-    counters, so autograd notices a saved tensor changed in place."""
-    for t in tensors:
-        if t is not None and not t.is_inference():
-            torch.autograd.graph.increment_version(t)
+    counters, so autograd notices a saved tensor changed in place. One C call for all of them
+    (`torch.autograd.graph.increment_version` wraps it per tensor); inference tensors, which
+    have no counter, are skipped by torch."""
+    _increment_version(tensors)
