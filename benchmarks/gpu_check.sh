@@ -11,8 +11,9 @@
 #      convert on the real timm models, and which timm norm classes convert
 #   5. issue 16's acceptance first, while the lease is young: the host cost per call on CUDA
 #      tensors next to torch's (bench_overhead.py) and real models' training steps, torch norms
-#      vs fastnorm.convert, eager (bench_models.py); then the bandwidth benchmarks at the anchor
-#      shapes of benchmarks/anchors-h100.md and the self-test's own bandwidth mode
+#      vs fastnorm.convert, eager (bench_models.py: the issue's four models); then the bandwidth
+#      benchmarks at the anchor shapes of benchmarks/anchors-h100.md, the other models and the
+#      self-test's own bandwidth mode
 #   6. measured vs predicted per case (benchmarks/static_report.py --compare): the kernel-only
 #      times (CUDA-graph replay) vs the byte model's ceiling, and the eager times vs
 #      max(device, host) with the host cost per launch that bench_overhead.py measured; and the
@@ -132,9 +133,9 @@ stage "host cost per call (bench_overhead.py --device cuda)"
 timeout "$(cap 90)" $PY benchmarks/bench_overhead.py --device cuda --repeats 20 \
   --out "$OUT/results/overhead" >> "$OUT/bench.log" 2>&1 \
   || echo "bench_overhead.py exited with $?" | tee -a "$OUT/bench.log"
-stage "real models, one training step, eager (bench_models.py)"
+stage "real models, one training step, eager (bench_models.py: the issue's four)"
 timeout "$(cap 150)" $PY benchmarks/bench_models.py --no-compile --steps 20 --warmup 5 \
-  --out "$OUT/results" >> "$OUT/bench.log" 2>&1 \
+  --models resnet50,gn_stack,llama,vit --out "$OUT/results" >> "$OUT/bench.log" 2>&1 \
   || echo "bench_models.py exited with $?" | tee -a "$OUT/bench.log"
 stage "bandwidth benchmarks"
 for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py benchmarks/bench_batch_norm.py \
@@ -143,6 +144,10 @@ for bench in benchmarks/bench_layer_norm.py benchmarks/bench_group_norm.py bench
   timeout "$(cap 80)" $PY "$bench" --out "$OUT/results" --max-seconds 55 >> "$OUT/bench.log" 2>&1 \
     || echo "$bench exited with $?" | tee -a "$OUT/bench.log"
 done
+stage "more models (bench_models.py: Qwen2, Gemma, timm ConvNeXt-T and ViT-B)"
+timeout "$(cap 90)" $PY benchmarks/bench_models.py --no-compile --steps 20 --warmup 5 \
+  --models qwen2,gemma,convnext,timm_vit --out "$OUT/results" >> "$OUT/bench.log" 2>&1 \
+  || echo "bench_models.py exited with $?" | tee -a "$OUT/bench.log"
 if [ -x "$SELFTEST" ]; then
   timeout "$(cap 45)" "$SELFTEST" bench 2>&1 | tee -a "$OUT/bench.log"
 fi

@@ -752,7 +752,9 @@ def compare(report: dict, results_dir: str, host: HostModel | None = None) -> li
             continue
         with open(os.path.join(results_dir, name)) as f:
             data = json.load(f)
-        if "results" not in data:
+        # Only the bandwidth harness's files (bench_<op>.py: they record the copy bandwidth);
+        # bench_models.py's and bench_overhead.py's land in the same folder.
+        if "results" not in data or "copy_gbs" not in data.get("meta", {}):
             continue
         device = data["meta"].get("device", "")
         copy_gbs = data["meta"]["copy_gbs"]

@@ -80,8 +80,16 @@ def build_table(result_files: list[str]) -> dict:
     for path in result_files:
         with open(path) as f:
             data = json.load(f)
+        # bench_models.py's and bench_overhead.py's results sit next to the harness's (a glob
+        # over the folder passes them too): only bench_<op>.py files record the copy bandwidth.
+        if "results" not in data or "copy_gbs" not in data.get("meta", {}):
+            print(f"write_auto_table: skipped {path} (not a bench_<op>.py result)")
+            continue
         metas.append(data["meta"])
         rows.extend(data["results"])
+    if not metas:
+        raise SystemExit("write_auto_table: no bench_<op>.py results among "
+                         f"{len(result_files)} file(s)")
     cards = {m["device"] for m in metas}
     if len(cards) != 1 or next(iter(cards)).startswith("CPU"):
         raise SystemExit(f"write_auto_table: results must come from one GPU, got {sorted(cards)}")

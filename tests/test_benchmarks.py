@@ -110,11 +110,27 @@ def test_auto_table_writer_picks_the_faster_kernel_set(tmp_path):
         "layer_norm_bwd:bfloat16:rows:65536": "triton",   # (5.5 - 1) > (5 - 2)
         "batch_norm_fwd:bfloat16:cl:256": "triton"}
     meta = dict(device="CPU (x86_64, 2 cores)", date="2026-12-01T00:00:00+00:00", torch="2",
-                triton="3", cuda=None)
+                triton="3", cuda=None, copy_gbs=20.0)
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"meta": meta, "results": rows}))
     with pytest.raises(SystemExit, match="one GPU"):
         writer.build_table([str(path)])
+
+    # gpu_check.sh passes every JSON of its results folder: bench_models.py's and
+    # bench_overhead.py's files are skipped, not read as bandwidth results.
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    (gpu / "layer_norm.json").write_text(json.dumps(
+        {"meta": dict(meta, device="NVIDIA H200", copy_gbs=4200.0), "results": rows}))
+    (gpu / "models-cuda-2026-12-01T000000.json").write_text(json.dumps(
+        {"meta": dict(device="NVIDIA H200", date=meta["date"]),
+         "results": [dict(model="resnet50", speedup=1.1)]}))
+    (gpu / "overhead.json").write_text(json.dumps(
+        {"meta": dict(device="NVIDIA H200"), "rows": [], "launch_us": 4.0}))
+    table = writer.build_table(sorted(str(p) for p in gpu.iterdir()))
+    assert table["card"] == "NVIDIA H200" and table["entries"] == writer.entries_from_results(rows)
+    with pytest.raises(SystemExit, match="no bench_<op>.py results"):
+        writer.build_table([str(gpu / "overhead.json")])
 
 
 def test_gpu_check_script_parses_and_names_existing_tests():

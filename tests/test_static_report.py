@@ -387,6 +387,11 @@ def test_compare_checks_kernel_only_times_and_the_eager_bound(tmp_path):
         _result("1024x1024", "fwd", 2 * tiny, 0.030, copy, graph_ms=0.002),
         _result("1024x1024", "fwd", 2 * tiny, 0.010, copy, provider="torch", graph_ms=0.001),
     ], copy)
+    # bench_models.py writes its results into the same folder (gpu_check.sh): not bandwidth
+    # rows, so not compared.
+    import json
+    (tmp_path / "models-cuda-2026-12-05T000000.json").write_text(json.dumps(
+        {"meta": {"device": "NVIDIA H200"}, "results": [{"model": "resnet50", "speedup": 1.1}]}))
     host = static_report.host_model(str(tmp_path))
     assert (host.launch_us, host.call_us) == (static_report.DEFAULT_LAUNCH_US, {})
     rows = static_report.compare(report, str(tmp_path), host)
