@@ -12,7 +12,7 @@ alignment of its data pointer) (what Triton specializes a pointer on), bools and
 floats as "a float" (Triton never specializes a float on its value), every constexpr and launch
 option by value, and the current device. Equal keys therefore mean equal Triton specializations,
 so the cached binary is the one the JIT would pick; different ints that Triton would share a
-binary for only cost one more JIT call, the first time they are seen. tests/test_launch.py
+binary for only cost one more JIT call, the first time they are seen. tests/test_host_path.py
 checks the key against Triton's own specialization function.
 
 The JIT path stays for the first call of a key, under the CPU interpreter, when a launch hook
