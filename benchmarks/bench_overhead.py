@@ -19,7 +19,10 @@ inside the call than in a loop of their own (colder caches after the op layer's 
 "op-layer" counts that difference too; "math-in-call" times the kernels where they run, inside
 fastnorm's calls (each call of a kernel the router hands out, timed with perf_counter_ns), and
 "op-layer-in-call" subtracts that instead. "fastnorm-auto" on CPU is torch's op behind one
-Python frame. On CUDA, "fastnorm-triton" / "fastnorm-cuda" are the kernel backends.
+Python frame. "fastnorm-triton-dry" (CPU, where Triton's interpreter is on; the script turns it
+on without CUDA) is backend "triton" with every launch counted but not run: the Triton path's
+host work without the launches, what on a GPU costs launches x `launch_us` more. On CUDA,
+"fastnorm-triton" / "fastnorm-cuda" are the kernel backends.
 
 Next to each time: kernel launches per call issued through fastnorm's Triton launcher (a
 deterministic count; the C++ kernels and torch's own ops are not counted). On CUDA also
@@ -29,6 +32,7 @@ nothing (benchmarks/static_report.py --compare prices an eager call's launches w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -40,9 +44,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+# Without CUDA, Triton's interpreter lets backend "triton" take CPU tensors (set before any
+# kernel is defined): the "fastnorm-triton-dry" provider runs that backend's host path there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastnorm  # noqa: E402
@@ -218,34 +227,56 @@ def _launches(fn: Callable[[], object]) -> int:
     return _launch.launches - before
 
 
-def measure(device: str, calls: int, repeats: int,
-            backends: Optional[list[str]] = None) -> list[dict]:
-    """Rows of {case, mode, provider, us, launches}, plus on CPU the op-layer cost."""
+def _selected(backend: Optional[str], dry: bool) -> contextlib.ExitStack:
+    """The provider's backend selected (None: the current one), and for the dry provider the
+    launcher's dry run (launches counted, not run)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(fastnorm.use_backend(backend or fastnorm.get_backend()))
+    if dry:
+        stack.enter_context(_launch.dry_run())
+    return stack
+
+
+def measure(device: str, calls: int, repeats: int, backends: Optional[list[str]] = None,
+            dry: Optional[bool] = None) -> list[dict]:
+    """Rows of {case, mode, provider, us, launches}, plus on CPU the op-layer cost and, where
+    Triton's interpreter is on, "fastnorm-triton-dry": backend "triton" on the CPU tensors with
+    every launch counted but not run (`_launch.dry_run`), i.e. that backend's host path (checks,
+    route, router, plans, outputs and workspace, launcher bookkeeping) without the launches; on
+    a GPU add launches x `launch_us` for an estimate. No interpreted kernel runs. `dry`: that
+    provider or not (default: where it can run)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if backends is None:
         backends = ["triton", "auto"] + (["cuda"] if "cuda" in fastnorm.available_backends()
                                          else []) if device == "cuda" else ["reference", "auto"]
+    if dry is None:
+        dry = device == "cpu" and fastnorm._backend.triton_interpreted()
     rows = []
     for case in cases(device):
         for mode in MODES:
-            fns = {"torch": (None, _step(case.torch_fn, case.inputs, mode))}
+            fns = {"torch": (None, False, _step(case.torch_fn, case.inputs, mode))}
             for name in backends:
-                with fastnorm.use_backend(name):  # (selected again around each timing below)
-                    fns[f"fastnorm-{name}"] = (name, _step(case.fastnorm_fn, case.inputs, mode))
+                with _selected(name, False):  # (selected again around each timing below)
+                    fns[f"fastnorm-{name}"] = (name, False,
+                                               _step(case.fastnorm_fn, case.inputs, mode))
+            if dry:
+                with _selected("triton", True):
+                    fns["fastnorm-triton-dry"] = ("triton", True,
+                                                  _step(case.fastnorm_fn, case.inputs, mode))
             if device == "cpu" and case.ref_fwd is not None:
                 ref = case.ref_fwd if mode == "fwd" else \
                     (lambda f=case.ref_fwd, b=case.ref_bwd: (f(), b()))
-                fns["reference-math"] = (None, ref)
+                fns["reference-math"] = (None, False, ref)
             best = {p: float("inf") for p in fns}
             launches = {}
-            for provider, (backend, fn) in fns.items():
-                with fastnorm.use_backend(backend or fastnorm.get_backend()):
+            for provider, (backend, is_dry, fn) in fns.items():
+                with _selected(backend, is_dry):
                     for _ in range(3):  # warm-up: compile kernels, fill the plan caches
                         fn()
                     launches[provider] = _launches(fn) if backend else None
             for _ in range(repeats):
-                for provider, (backend, fn) in fns.items():
-                    with fastnorm.use_backend(backend or fastnorm.get_backend()):
+                for provider, (backend, is_dry, fn) in fns.items():
+                    with _selected(backend, is_dry):
                         best[provider] = min(best[provider], _timer(fn, calls, sync))
             for provider, us in best.items():
                 rows.append({"case": case.name, "mode": mode, "provider": provider,
@@ -255,7 +286,7 @@ def measure(device: str, calls: int, repeats: int,
                              "us": best["fastnorm-reference"] - best["reference-math"],
                              "launches": None})
                 with fastnorm.use_backend("reference"):
-                    in_call = math_in_call(fns["fastnorm-reference"][1], calls, repeats)
+                    in_call = math_in_call(fns["fastnorm-reference"][2], calls, repeats)
                 rows.append({"case": case.name, "mode": mode, "provider": "math-in-call",
                              "us": in_call, "launches": None})
                 rows.append({"case": case.name, "mode": mode, "provider": "op-layer-in-call",

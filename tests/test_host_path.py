@@ -328,7 +328,7 @@ def test_bench_overhead_runs():
         import bench_overhead
     finally:
         sys.path.pop(0)
-    rows = bench_overhead.measure("cpu", calls=2, repeats=1)
+    rows = bench_overhead.measure("cpu", calls=2, repeats=1, dry=False)
     cases = {r["case"].split()[0] for r in rows}
     assert cases == {"layer_norm", "rms_norm", "rms_norm+residual", "group_norm", "batch_norm"}
     providers = {r["provider"] for r in rows}
@@ -338,6 +338,26 @@ def test_bench_overhead_runs():
     # every case's kernels were timed inside its calls (the router's kernels were wrapped)
     assert len([r for r in rows if r["provider"] == "math-in-call"]) == 12
     assert "| layer_norm 4x64 | fwd |" in bench_overhead.table(rows)
+
+
+@pytest.mark.interpreter
+def test_bench_overhead_triton_dry_run():
+    """bench_overhead.py's "fastnorm-triton-dry" provider (CPU tensors under the interpreter):
+    backend "triton" with launches counted and not run, for every case and mode; the counts are
+    the host-path guard's (test_launches_and_torch_ops_per_call)."""
+    sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
+    try:
+        import bench_overhead
+    finally:
+        sys.path.pop(0)
+    rows = bench_overhead.measure("cpu", calls=2, repeats=1, backends=[])
+    dry = {(r["case"], r["mode"]): r for r in rows if r["provider"] == "fastnorm-triton-dry"}
+    assert len(dry) == 12 and all(r["us"] > 0 for r in dry.values())
+    launches = {key: r["launches"] for key, r in dry.items()}
+    assert launches[("layer_norm 4x64", "fwd")] == 1
+    assert launches[("layer_norm 4x64", "fwd+bwd")] == 3
+    assert launches[("batch_norm eval 2x32x4x4", "fwd+bwd")] == 4
+    assert "fastnorm-triton-dry us" in bench_overhead.table(rows)
 
 
 def test_bench_overhead_registration_routes():
