@@ -1,5 +1,8 @@
-"""Shared test helpers: one tolerance table, and comparison against a float64 reference."""
+"""Shared test helpers: one tolerance table, comparison against a float64 reference, and a free
+port for the multi-process tests."""
 from __future__ import annotations
+
+import socket
 
 import torch
 
@@ -69,3 +72,10 @@ def assert_within_rounding(out: torch.Tensor, ref64: torch.Tensor, terms: torch.
             f"{factor} eps * sum|terms|; worst at {list(idx)}: got {out[idx].item()!r}, "
             f"reference {ref64[idx].item()!r}, sum|terms| {terms[idx].item():.3e} "
             f"({ratio[idx].item():.2f}x the bound)")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import math
 import queue as queue_module
-import socket
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from torch import nn
 
 import fastnorm.nn as fnn
 from fastnorm.train import simclr
-from helpers import assert_within_rounding
+from helpers import assert_within_rounding, free_port
 
 
 def _reference_nt_xent(z1, z2, temperature):
@@ -224,12 +223,6 @@ WORLD = 2
 N_LOCAL = 4  # images per rank
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _model(norm: str) -> nn.Module:
     layer = {"bn": lambda c: fnn.BatchNorm2d(c), "syncbn": lambda c: fnn.SyncBatchNorm(c),
              "gn": lambda c: fnn.GroupNorm(2, c), "ln": lambda c: fnn.GroupNorm(1, c)}[norm]
@@ -284,7 +277,7 @@ def _worker(rank: int, port: int, queue) -> None:
 def two_ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()

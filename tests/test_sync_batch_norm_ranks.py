@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -21,15 +20,10 @@ from torch import nn
 
 import fastnorm
 import fastnorm.sync_batch_norm
+from helpers import free_port
 
 C = 3
 SPATIAL = (2, 3)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _device() -> torch.device:
@@ -206,7 +200,7 @@ def _spawn(world_size, scenarios, monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    mp.spawn(_worker, args=(world_size, _free_port(), scenarios), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), scenarios), nprocs=world_size, join=True)
 
 
 # The Triton kernels on CUDA, or through the interpreter on CPU; "torch" runs the same

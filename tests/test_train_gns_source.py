@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from fastnorm.gns import GNSEstimator
 from fastnorm.train import ConfigError, parse_args, train
 from fastnorm.train import loop as loop_mod
+from helpers import free_port
 
 TINY = ["--width", "8", "--eval-every", "0", "--plots", "false"]
 NORM = ["--norm", "ln", "--gns-source", "norm-layers"]
@@ -176,12 +176,6 @@ def test_one_micro_batch_is_enough_for_norm_layers():
 
 # --- 2 gloo ranks --------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -193,7 +187,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_log_both_estimates(tmp_path):
     run = str(tmp_path / "run")
-    mp.spawn(_worker, args=(2, _free_port(), run), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), run), nprocs=2)
     steps = _rows(run)
     assert len(steps) >= 6
     # Several ranks: the DDP comm hook updates the whole-model estimate at every step. Either

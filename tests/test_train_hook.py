@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -15,12 +14,7 @@ from torch import nn
 
 from fastnorm.train.dist import GNSHook
 from fastnorm.train.loop import grad_sq_norm
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def _model() -> nn.Module:
@@ -94,7 +88,7 @@ def test_comm_hook_two_ranks(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_one_process_micro_batch_prefix_norms():

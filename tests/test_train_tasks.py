@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from fastnorm.train import ConfigError, make_batch_sampler, parse_args, train
 from fastnorm.train import loop as loop_mod
 from fastnorm.train.data import load_digits_split
+from helpers import free_port
 
 TINY = ["--width", "8", "--plots", "false", "--eval-every", "0"]
 
@@ -105,12 +105,6 @@ def test_resume_continues_identically(tmp_path, monkeypatch, flags):
 
 # --- simclr on 2 gloo ranks --------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, ports: list[int], root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1")
@@ -127,7 +121,7 @@ def _worker(rank: int, world: int, ports: list[int], root: str) -> None:
 
 
 def test_two_ranks_stratified_and_simclr_every_norm(tmp_path):
-    mp.spawn(_worker, args=(2, [_free_port() for _ in range(5)], str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, [free_port() for _ in range(5)], str(tmp_path)), nprocs=2)
     steps = _rows(str(tmp_path / "stratified"))
     assert len(steps) >= 4 and len({r["global_batch"] for r in steps}) > 1
     assert all(r["class_counts"] == {"3": 3, "8": 2} for r in steps)   # summed over ranks
