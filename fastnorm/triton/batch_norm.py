@@ -534,8 +534,8 @@ def _reduce(x: torch.Tensor, dy: torch.Tensor | None, mean: torch.Tensor | None,
     plan = specs.plan
     out1 = torch.empty(c, dtype=dtype, device=x.device)
     out2 = torch.empty(c, dtype=dtype, device=x.device)
-    partial1 = torch.empty((plan.groups, c), dtype=dtype, device=x.device)
-    partial2 = torch.empty((plan.groups, c), dtype=dtype, device=x.device)
+    partial1 = torch.empty(plan.groups, c, dtype=dtype, device=x.device)
+    partial2 = torch.empty(plan.groups, c, dtype=dtype, device=x.device)
     # Unused pointer arguments still need a tensor; out1 stands in for them.
     sizes = (n * s, c) if channels_last else (n, c, s)
     run(specs.reduce, x, dy if backward else out1, mean if backward else out1,

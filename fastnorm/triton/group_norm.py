@@ -635,8 +635,8 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     g = num_groups
     stats_dtype = acc_dtype(x.dtype)
     y = torch.empty_like(x)
-    mean = torch.empty((n, g), dtype=stats_dtype, device=x.device)
-    rstd = torch.empty((n, g), dtype=stats_dtype, device=x.device)
+    mean = torch.empty(n, g, dtype=stats_dtype, device=x.device)
+    rstd = torch.empty(n, g, dtype=stats_dtype, device=x.device)
     if n == 0 or c == 0:
         return y, mean, rstd
     if hw == 0:  # as torch's native_group_norm: zero mean, NaN rstd, empty output
@@ -655,7 +655,7 @@ def group_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         return y, mean, rstd
     plan = specs.plan
     stats_dtype = mean.dtype
-    p_mean = torch.empty((n * plan.num_splits, c), dtype=stats_dtype, device=x.device)
+    p_mean = torch.empty(n * plan.num_splits, c, dtype=stats_dtype, device=x.device)
     p_m2 = torch.empty_like(p_mean)
     # Per chunk of samples (views; groups never cross samples): the apply pass re-reads only
     # the chunk the stats pass just read, which the chunk size keeps within the L2 window.
@@ -781,14 +781,14 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
                        activation, split_size]
     if specs.plan is None:
         # One row of dweight/dbias partials per sample.
-        p1 = torch.empty((n, c), dtype=partial_dtype, device=x.device)
+        p1 = torch.empty(n, c, dtype=partial_dtype, device=x.device)
         p2 = torch.empty_like(p1)
         run(specs.chunks[0][2], x, dy, dx, w, b, mean, rstd, p1, p2, c, hw, g, group_size)
     else:
         plan = specs.plan
-        p1 = torch.empty((n * plan.num_splits, c), dtype=partial_dtype, device=x.device)
+        p1 = torch.empty(n * plan.num_splits, c, dtype=partial_dtype, device=x.device)
         p2 = torch.empty_like(p1)
-        c1 = torch.empty((n, g), dtype=partial_dtype, device=x.device)
+        c1 = torch.empty(n, g, dtype=partial_dtype, device=x.device)
         c2 = torch.empty_like(c1)
         # Per chunk of samples, as in the forward; each chunk fills its own rows of P1/P2.
         for n0, n1, (reduce, combine, dx_spec) in specs.chunks:

@@ -1009,8 +1009,8 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor],
     has_residual = residual is not None
     store_residual = has_residual and (store_residual or inplace)
     stats_dtype = acc_dtype(x.dtype)
-    y = x if inplace else out if out is not None else torch.empty((M, N), dtype=x.dtype,
-                                                                 device=device)
+    y = x if inplace else out if out is not None else torch.empty(M, N, dtype=x.dtype,
+                                                                  device=device)
     rstd = torch.empty(M, dtype=stats_dtype, device=device)
     mean = torch.empty(0 if is_rms else M, dtype=stats_dtype, device=device)
     if M == 0 or N == 0:
@@ -1094,7 +1094,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     dtype; None where there is no weight / bias, and without rows_per_example)."""
     M, N = x.shape
     device = x.device
-    dx = torch.empty((M, N), dtype=dx_dtype or x.dtype, device=device)
+    dx = torch.empty(M, N, dtype=dx_dtype or x.dtype, device=device)
     has_dresidual = dresidual is not None
     has_weight = weight is not None
     has_bias = bias is not None
@@ -1111,17 +1111,17 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     # column-chunked kernels store their rows; the persistent rows kernel zeroes its partial
     # rows and stores a slot row at its example's first row), so no fill launch.
     # Unused pointers still need a tensor argument; rstd stands in for them.
-    dw_partial = torch.empty((groups, N), dtype=partial_dtype, device=device) \
+    dw_partial = torch.empty(groups, N, dtype=partial_dtype, device=device) \
         if has_weight else rstd
-    db_partial = torch.empty((groups, N), dtype=partial_dtype, device=device) \
+    db_partial = torch.empty(groups, N, dtype=partial_dtype, device=device) \
         if has_bias else rstd
     rpe = max(rows_per_example, 1)
     slots = bwd.slots
     pe_dw = pe_db = rstd  # written only with PER_EXAMPLE
     if rows_per_example and has_weight:
-        pe_dw = torch.empty((bwd.slot_rows, N), dtype=partial_dtype, device=device)
+        pe_dw = torch.empty(bwd.slot_rows, N, dtype=partial_dtype, device=device)
     if rows_per_example and has_bias:
-        pe_db = torch.empty((bwd.slot_rows, N), dtype=partial_dtype, device=device)
+        pe_db = torch.empty(bwd.slot_rows, N, dtype=partial_dtype, device=device)
     w = weight if has_weight else rstd
     mean_arg = rstd if is_rms else mean
     dres_arg = dresidual if has_dresidual else rstd

@@ -450,7 +450,7 @@ def layer_norm_2d_fwd(x: torch.Tensor, weight: Optional[torch.Tensor],
     _check_sample_size(c, s)
     stats_dtype = acc_dtype(x.dtype)
     y = torch.empty_like(x)
-    rstd = torch.empty((n, s), dtype=stats_dtype, device=x.device)
+    rstd = torch.empty(n, s, dtype=stats_dtype, device=x.device)
     mean = torch.empty((0,) if is_rms else (n, s), dtype=stats_dtype, device=x.device)
     if n == 0 or s == 0:
         return y, mean, rstd
