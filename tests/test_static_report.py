@@ -369,6 +369,8 @@ def test_compare_checks_kernel_only_times_and_the_eager_bound(tmp_path):
     """A big case is device bound (eager = modeled bytes at copy speed), a tiny one host bound
     (eager = per-call overhead + launches x launch cost); the kernel-only column is the CUDA-
     graph replay where there is one, else the profiled kernels' sum."""
+    import json
+
     import static_report
 
     copy = 4000.0
@@ -389,7 +391,6 @@ def test_compare_checks_kernel_only_times_and_the_eager_bound(tmp_path):
     ], copy)
     # bench_models.py writes its results into the same folder (gpu_check.sh): not bandwidth
     # rows, so not compared.
-    import json
     (tmp_path / "models-cuda-2026-12-05T000000.json").write_text(json.dumps(
         {"meta": {"device": "NVIDIA H200"}, "results": [{"model": "resnet50", "speedup": 1.1}]}))
     host = static_report.host_model(str(tmp_path))
